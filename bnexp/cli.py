@@ -1,0 +1,176 @@
+"""The `bnexp` command line: parse, call one function per verb, turn user errors into exit status 2.
+
+Commands that create a run or comparison directory print its path as the last line of stdout, so scripts
+can do `run=$(bnexp train ... | tail -n 1)`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+try:  # recent typer vendors its own click
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - typer releases that depend on click
+    from click import exceptions as click_exc
+
+import bnexp
+from bnexp.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Experiments on batch normalization (Ioffe & Szegedy 2015): train, compare, check, bench.",
+)
+
+ConfigOpt = typer.Option(..., "--config", "-c", help="YAML experiment config.", show_default=False)
+SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
+                      help="Override a config key, e.g. --set model.norm=none (repeatable; value parsed as YAML).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bnexp {bnexp.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML experiment config.",
+                                          show_default=False),
+    set_: Optional[List[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to create (must not exist). "
+                                       "Default: <out_dir>/<name>/<timestamp>-s<seed>/."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run in RUN_DIR.",
+                                          metavar="RUN_DIR"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Train one network from a config; write a run directory and print its path."""
+    from bnexp import config as cfgmod
+    from bnexp import train as trainmod
+    from bnexp.runs import create_run_dir
+
+    if resume is not None:
+        if config is not None or set_ or out is not None:
+            raise UserError("--resume takes the run's own config.yaml: do not combine it with --config/--set/--out")
+        summary = _interruptible(lambda: trainmod.resume(resume, quiet=quiet), resume)
+        _report(summary, resume)
+        return
+    if config is None:
+        raise UserError("missing option --config (or --resume RUN_DIR)")
+    cfg = cfgmod.load(config, set_ or [])
+    data = trainmod.prepare(cfg)
+    run_dir = create_run_dir(cfg.out_dir, cfg.name, cfg.seed, out)
+    summary = _interruptible(lambda: trainmod.train(cfg, run_dir, quiet=quiet, data=data), run_dir)
+    _report(summary, run_dir)
+
+
+def _interruptible(fn, run_dir: Path):
+    from bnexp.train import Interrupted
+
+    try:
+        return fn()
+    except Interrupted as sig:
+        typer.echo(f"interrupted by {sig}: checkpoint written; continue with bnexp train --resume {run_dir}",
+                   err=True)
+        typer.echo(str(run_dir))
+        raise typer.Exit(sig.exit_code)
+
+
+def _report(summary: dict, run_dir: Path) -> None:
+    acc = summary.get("test_accuracy")
+    line = f"{summary['status']} after {summary['steps']} steps"
+    if acc is not None:
+        line += f", test accuracy {acc:.4f}"
+    typer.echo(line, err=True)
+    typer.echo(str(run_dir))
+
+
+@app.command()
+def validate(config: Path = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Print the resolved config (file + overrides + defaults), exactly what `train` would run."""
+    from bnexp import config as cfgmod
+
+    typer.echo(cfgmod.to_yaml(cfgmod.load(config, set_ or [])), nl=False)
+
+
+@app.command()
+def compare(
+    run_dirs: Optional[List[Path]] = typer.Argument(None, help="Existing run directories to report on "
+                                                    "(instead of --config)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Comparison config (YAML).",
+                                          show_default=False),
+    set_: Optional[List[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Comparison directory to create."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs trained in parallel worker processes."),
+    resume: Optional[Path] = typer.Option(None, "--resume", metavar="COMPARISON_DIR",
+                                          help="Finish the runs of a comparison that did not complete."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Run arms x seeds and write a report (table, CSV, plots); or report on existing runs."""
+    from bnexp import compare as comparemod
+
+    path = comparemod.main(config=config, overrides=set_ or [], out=out, jobs=jobs, resume=resume,
+                           run_dirs=run_dirs or [], quiet=quiet)
+    typer.echo(str(path))
+
+
+@app.command()
+def check(seed: int = typer.Option(0, help="Seed of the random cases.")) -> None:
+    """Compare bnexp's BN layer with torch.nn.BatchNorm*d on random cases; exit 1 if any case fails."""
+    from bnexp.check import run_check
+
+    if not run_check(seed=seed):
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="Few repeats: a smoke test of the benchmark."),
+    only: Optional[List[str]] = typer.Option(None, "--only", help="Sections to run: layer, loop, memory "
+                                             "(repeatable; default all)."),
+) -> None:
+    """Measure speed and memory as ratios against references run side by side in this process."""
+    from bnexp import bench as benchmod
+
+    benchmod.main(quick=quick, only=only or [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: every user error is one line on stderr and exit status 2, never a traceback."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv if argv is not None else sys.argv[1:], prog_name="bnexp",
+                          standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    except typer.Exit as e:
+        return e.exit_code
+    except click_exc.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help() if e.ctx else "")
+        return 0
+    except click_exc.UsageError as err:
+        msg = err.format_message().replace("\n", " ")
+        hint = f" (see: {err.ctx.command_path if err.ctx else 'bnexp'} --help)"
+        typer.echo(f"error: {msg}{hint}", err=True)
+        return 2
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

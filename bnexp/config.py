@@ -1,0 +1,215 @@
+"""Experiment configuration: a pydantic schema, YAML loading and `--set` overrides.
+
+Every user mistake here becomes a `ConfigError` whose message is one line naming the dotted key, so the
+CLI can print it and exit 2 before anything is written to disk.
+"""
+
+from __future__ import annotations
+
+from bnexp.errors import UserError
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(UserError):
+    """A user error in a config file or override: reported as one line, exit status 2."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo such as `model.nrom` must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Strict):
+    num_samples: int = Field(2000, ge=4, description="total points, split into train and test")
+    num_features: int = Field(32, ge=1)
+    num_classes: int = Field(4, ge=2)
+    separation: float = Field(2.0, gt=0, description="distance scale between class means")
+
+
+class DataConfig(_Strict):
+    dataset: Literal["digits", "mnist1d", "synthetic", "mnist", "fashion_mnist", "cifar10"] = "digits"
+    batch_size: int = Field(60, ge=1)
+    seed: int = Field(0, ge=0, description="fixes the split, subsets and synthetic data across run seeds")
+    root: str = "data"
+    download: bool = False
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    train_size: Optional[int] = Field(None, ge=2)
+    test_size: Optional[int] = Field(None, ge=1)
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class BNConfig(_Strict):
+    eps: float = Field(1e-5, gt=0)
+    momentum: Optional[float] = Field(0.1, gt=0, le=1)
+    affine: bool = True
+    running_var_init: float = Field(1.0, ge=0)
+    unbiased_normalize: bool = False
+
+
+class ModelConfig(_Strict):
+    kind: Literal["mlp", "cnn"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [100, 100, 100], min_length=1)
+    channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)
+    activation: Literal["sigmoid", "relu", "tanh", "gelu"] = "sigmoid"
+    norm: Literal["none", "bnexp", "torch"] = "bnexp"
+    bn_position: Literal["before_activation", "after_activation"] = "before_activation"
+    bn: BNConfig = BNConfig()
+
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _positive_widths(cls, widths: list[int]) -> list[int]:
+        if any(w < 1 for w in widths):
+            raise ValueError("every width must be >= 1")
+        return widths
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "momentum", "adam"] = "sgd"
+    lr: float = Field(0.5, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    step_every: int = Field(1000, ge=1)
+    step_gamma: float = Field(0.1, gt=0, le=1)
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(2000, ge=1)
+    eval_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+
+
+class ProbesConfig(_Strict):
+    enabled: bool = True
+    every: int = Field(100, ge=1)
+    population_batches: int = Field(10, ge=1)
+    running_stats: bool = True
+    gap: bool = True
+    activations: bool = True
+    units_per_layer: int = Field(3, ge=1)
+    histogram_every: int = Field(500, ge=1)
+    grad_norms: bool = True
+
+
+class Config(_Strict):
+    name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    probes: ProbesConfig = ProbesConfig()
+
+    @model_validator(mode="after")
+    def _bn_needs_two_values(self) -> "Config":
+        # Training BN with one value per channel has zero variance: the paper's estimate is undefined.
+        if self.model.norm != "none" and self.data.batch_size < 2:
+            raise ValueError("data.batch_size: must be >= 2 when model.norm uses batch normalization")
+        if self.model.norm == "torch":
+            bn = self.model.bn
+            for key, default in (("running_var_init", 1.0), ("unbiased_normalize", False)):
+                if getattr(bn, key) != default:
+                    raise ValueError(f"model.bn.{key}: only available with model.norm: bnexp (torch's layer "
+                                     f"has no such option)")
+        return self
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    # Cross-field validators raise "Value error, <key>: ..." with the key already in the message.
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+        if not loc:
+            return msg
+    if first["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
+        return f"{loc}: {msg} (got {first['input']!r})"
+    return f"{loc or '<top>'}: {msg}"
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Validate a plain dict (already merged with overrides) into a Config."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of keys to values, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config: {_format_validation_error(err)}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(err, "problem", None) or "malformed YAML"
+        raise ConfigError(f"malformed YAML in {path}{at}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must contain a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `a.b=value`; the value is parsed as YAML so `--set optim.lr=0.1` gives a float."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"bad --set {text!r}: expected KEY=VALUE with a dotted key, e.g. model.norm=none")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"bad --set {text!r}: the value of {key} is not valid YAML") from None
+    return key, parsed
+
+
+def apply_override(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Return a copy of `raw` with the dotted `key` set to `value`."""
+    out = copy.deepcopy(raw)
+    node = out
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"bad --set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+    pairs = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for key, value in pairs:
+        raw = apply_override(raw, key, value)
+    return raw
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    raw = read_yaml(path) if path is not None else {}
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,189 @@
+"""Datasets as in-memory tensors on the training device, and deterministic batching by index.
+
+These datasets are small enough to live on the device whole, so there is no DataLoader: a batch is an
+index gather, and the data order is a seeded permutation that can be saved and restored exactly.
+"""
+
+from __future__ import annotations
+
+from bnexp.errors import UserError
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bnexp.config import DataConfig
+
+
+class DataError(UserError):
+    """A user-facing data problem (missing files offline, impossible sizes): one line, exit status 2."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor  # float32, (N, *input_shape)
+    y_train: torch.Tensor  # int64, (N,)
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """(features,) for tabular data, (C, L) for 1-D signals, (C, H, W) for images."""
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device: torch.device) -> "Dataset":
+        return Dataset(self.name, self.x_train.to(device), self.y_train.to(device),
+                       self.x_test.to(device), self.y_test.to(device), self.num_classes)
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+
+
+def _digits(cfg: DataConfig):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # 8x8 images with values 0..16: scale to [0, 1] like image pixels, keep the image shape for the CNN.
+    x = (d.images / 16.0).astype(np.float32)[:, None, :, :]
+    x_tr, x_te, y_tr, y_te = _split(x, d.target, cfg.test_fraction, cfg.seed)
+    return x_tr, y_tr, x_te, y_te, 10
+
+
+def _mnist1d(cfg: DataConfig):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    # The published defaults (4,000 train / 1,000 test signals of length 40), generated, never downloaded.
+    # Generation takes ~2 s, so the result is cached next to the other datasets.
+    cache = Path(cfg.root) / "mnist1d" / "mnist1d_default.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            x_tr, y_tr, x_te, y_te = z["x"], z["y"], z["x_test"], z["y_test"]
+    else:
+        # make_dataset reseeds numpy's global generator: keep the caller's stream unchanged.
+        saved = np.random.get_state()
+        try:
+            d = make_dataset(get_dataset_args())
+        finally:
+            np.random.set_state(saved)
+        x_tr, y_tr, x_te, y_te = d["x"], d["y"], d["x_test"], d["y_test"]
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp.npz")
+            np.savez(tmp, x=x_tr, y=y_tr, x_test=x_te, y_test=y_te)
+            tmp.replace(cache)
+        except OSError:
+            pass  # a read-only data root only costs the regeneration next time
+    as_signal = lambda a: a.astype(np.float32)[:, None, :]  # noqa: E731 - (N, 1, 40) for Conv1d
+    return as_signal(x_tr), y_tr, as_signal(x_te), y_te, 10
+
+
+def _synthetic(cfg: DataConfig):
+    s = cfg.synthetic
+    rng = np.random.default_rng(cfg.seed)
+    means = rng.normal(size=(s.num_classes, s.num_features)) * s.separation / np.sqrt(s.num_features) * 2
+    y = rng.integers(0, s.num_classes, size=s.num_samples)
+    x = (means[y] + rng.normal(size=(s.num_samples, s.num_features))).astype(np.float32)
+    n_test = max(1, int(round(s.num_samples * cfg.test_fraction)))
+    return x[n_test:], y[n_test:], x[:n_test], y[:n_test], s.num_classes
+
+
+_TORCHVISION = {
+    # name: (torchvision class name, folder torchvision expects under root, classes)
+    "mnist": ("MNIST", "MNIST/raw", 10),
+    "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw", 10),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", 10),
+}
+
+
+def _torchvision(cfg: DataConfig):
+    import torchvision.datasets as tvd
+
+    cls_name, folder, classes = _TORCHVISION[cfg.dataset]
+    cls = getattr(tvd, cls_name)
+    try:
+        train = cls(cfg.root, train=True, download=cfg.download)
+        test = cls(cfg.root, train=False, download=cfg.download)
+    except RuntimeError as err:
+        where = Path(cfg.root) / folder
+        if cfg.download:
+            raise DataError(f"could not download {cfg.dataset} into {where}: {err}") from None
+        raise DataError(
+            f"{cfg.dataset} not found: expected its files in {where} (set data.download: true to fetch them)"
+        ) from None
+    except OSError as err:  # a download with no network
+        raise DataError(f"could not download {cfg.dataset} into {Path(cfg.root) / folder}: {err}") from None
+
+    def images(ds) -> np.ndarray:
+        x = np.asarray(ds.data, dtype=np.float32) / 255.0
+        # MNIST is (N, H, W); CIFAR is (N, H, W, C): both become (N, C, H, W).
+        return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+
+    return images(train), np.asarray(train.targets), images(test), np.asarray(test.targets), classes
+
+
+_LOADERS = {"digits": _digits, "mnist1d": _mnist1d, "synthetic": _synthetic,
+            **{name: _torchvision for name in _TORCHVISION}}
+
+
+def _subset(x: np.ndarray, y: np.ndarray, size: int | None, seed: int, what: str):
+    if size is None:
+        return x, y
+    if size > len(y):
+        raise DataError(f"data.{what}_size: {size} is more than the {len(y)} examples available")
+    keep = np.random.default_rng(seed).permutation(len(y))[:size]
+    return x[keep], y[keep]
+
+
+def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
+    x_tr, y_tr, x_te, y_te, classes = _LOADERS[cfg.dataset](cfg)
+    x_tr, y_tr = _subset(x_tr, y_tr, cfg.train_size, cfg.seed, "train")
+    x_te, y_te = _subset(x_te, y_te, cfg.test_size, cfg.seed + 1, "test")
+    if cfg.batch_size > len(y_tr):
+        raise DataError(f"data.batch_size: {cfg.batch_size} is larger than the training set ({len(y_tr)})")
+    as_t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt)  # noqa: E731
+    ds = Dataset(cfg.dataset, as_t(x_tr, torch.float32), as_t(y_tr, torch.int64),
+                 as_t(x_te, torch.float32), as_t(y_te, torch.int64), classes)
+    return ds.to(torch.device(device))
+
+
+class BatchSampler:
+    """Batches of exactly `batch_size` indices, a fresh seeded permutation each epoch.
+
+    The tail of an epoch that does not fill a batch is dropped, so every batch has the same m: BN's
+    statistics (and the probes' population estimate) assume a fixed batch size.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu"):
+        self.n, self.batch_size, self.device = n, batch_size, torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        self._perm: torch.Tensor | None = None
+        self._pos = 0
+
+    def _new_epoch(self) -> None:
+        self._perm = torch.randperm(self.n, generator=self.generator).to(self.device)
+        self._pos = 0
+        self.epoch += 1
+
+    def next(self) -> torch.Tensor:
+        if self._perm is None or self._pos + self.batch_size > self.n:
+            self._new_epoch()
+        idx = self._perm[self._pos:self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "epoch": self.epoch, "pos": self._pos,
+                "perm": None if self._perm is None else self._perm.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.epoch, self._pos = state["epoch"], state["pos"]
+        self._perm = None if state["perm"] is None else state["perm"].to(self.device)

@@ -1,0 +1,397 @@
+"""The training loop: steps, evaluation, probes, logging, checkpoint/resume, divergence and signals.
+
+Step s means "after s optimizer updates"; step 0 is the network at initialisation, evaluated and probed
+so curves start where training does. The hot path does no host-device synchronisation: per-step losses
+stay on the device and are read once per log interval.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnexp import checkpoint
+from bnexp.config import Config, OptimConfig, to_yaml
+from bnexp.data import BatchSampler, Dataset, load_dataset
+from bnexp.models import build_model
+from bnexp.runs import CONFIG, MetricsLog, RunDirError, read_summary, versions, write_atomic, write_summary
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived: the checkpoint is written and the run marked interrupted."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from bnexp.config import ConfigError
+
+        raise ConfigError("device: cuda was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    momentum = cfg.momentum if cfg.name == "momentum" else 0.0
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base lr after `step` updates: linear warm-up, then the schedule."""
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "cosine":
+            span = max(1, total_steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+        if cfg.schedule == "step":
+            return cfg.step_gamma ** (step // cfg.step_every)
+        return 1.0
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
+    """Test loss and accuracy in eval mode (running statistics), the way the network is deployed."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=x.device, dtype=torch.float64)
+    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    for i in range(0, len(y), chunk):
+        out = model(x[i:i + chunk])
+        loss += F.cross_entropy(out, y[i:i + chunk], reduction="sum").double()
+        correct += (out.argmax(1) == y[i:i + chunk]).sum()
+    model.train(was_training)
+    n = len(y)
+    return loss.item() / n, correct.item() / n
+
+
+@contextmanager
+def _catch_signals() -> Iterator[list[int]]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps, so a step is never cut in half."""
+    received: list[int] = []
+
+    def handler(signum, _frame):
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class _Progress:
+    """A rich progress bar on stderr (stdout is kept for the run directory's path)."""
+
+    def __init__(self, total: int, start: int, quiet: bool):
+        self.bar = None
+        if quiet:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                            console=Console(stderr=True), transient=False)
+        self.task = self.bar.add_task("train", total=total, completed=start, info="")
+        self.bar.start()
+
+    def update(self, step: int, info: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _tb_writer(run_dir: Path, purge_step: int | None):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+
+
+def _base_layout() -> dict[str, dict[str, list]]:
+    return {"train vs test": {"loss": ["Multiline", ["train/loss", "test/loss"]],
+                              "accuracy": ["Multiline", ["train/accuracy", "test/accuracy"]]}}
+
+
+def _merge_layouts(*layouts: dict) -> dict:
+    merged: dict[str, dict] = {}
+    for layout in layouts:
+        for category, charts in layout.items():
+            merged.setdefault(category, {}).update(charts)
+    return merged
+
+
+def _write_hparams(writer, cfg: Config, summary: dict[str, Any]) -> None:
+    from torch.utils.tensorboard.summary import hparams
+
+    hp = {"model.kind": cfg.model.kind, "model.norm": cfg.model.norm, "model.activation": cfg.model.activation,
+          "data.dataset": cfg.data.dataset, "data.batch_size": cfg.data.batch_size, "optim.name": cfg.optim.name,
+          "optim.lr": cfg.optim.lr, "seed": cfg.seed, "train.steps": cfg.train.steps}
+    keys = ("test_accuracy", "best_test_accuracy", "gap_accuracy", "running_mean_err", "running_var_err")
+    metrics = {f"hparam/{k}": float(summary[k]) for k in keys
+               if isinstance(summary.get(k), (int, float)) and math.isfinite(summary[k])}
+    # Written into this run's own event file (SummaryWriter.add_hparams would start a sub-run per call).
+    exp, ssi, sei = hparams(hp, metrics)
+    fw = writer._get_file_writer()
+    for s in (exp, ssi, sei):
+        fw.add_summary(s)
+    for k, v in metrics.items():
+        writer.add_scalar(k, v, summary["steps"])
+
+
+class Trainer:
+    """One run: owns the model, optimizer, data order and logs of a run directory."""
+
+    def __init__(self, cfg: Config, run_dir: Path, data: Dataset, *, quiet: bool = True):
+        self.cfg, self.run_dir, self.quiet = cfg, run_dir, quiet
+        self.device = resolve_device(cfg.device)
+        self.data = data.to(self.device)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, data.input_shape, data.num_classes).to(self.device)
+        self.model.train()
+        self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
+        self.scheduler = None
+        if cfg.optim.schedule != "constant" or cfg.optim.warmup_steps:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                               lr_factor(cfg.optim, cfg.train.steps))
+        # The data order has its own generator: probes and evaluation never draw from it.
+        self.sampler = BatchSampler(len(data.y_train), cfg.data.batch_size, cfg.seed, self.device)
+        self.probes = None
+        if cfg.probes.enabled:
+            from bnexp.probes import Probes
+
+            self.probes = Probes(cfg, self.model, self.data)
+        self.step = 0
+        self.best_test_accuracy = float("-inf")
+        self.last_eval: dict[str, float] = {}
+        self.elapsed = 0.0  # wall time of earlier sessions of a resumed run
+        self._losses: list[torch.Tensor] = []
+        self._correct: list[torch.Tensor] = []
+
+    # --- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "probes": None if self.probes is None else self.probes.state_dict(),
+            "best_test_accuracy": self.best_test_accuracy,
+            "last_eval": self.last_eval,
+            "elapsed": self.elapsed + (time.perf_counter() - self._t0),
+            "pending_losses": [t.cpu() for t in self._losses],
+            "pending_correct": [t.cpu() for t in self._correct],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.probes is not None and state["probes"] is not None:
+            self.probes.load_state_dict(state["probes"])
+        self.best_test_accuracy = state["best_test_accuracy"]
+        self.last_eval = dict(state["last_eval"])
+        self.elapsed = state["elapsed"]
+        self._losses = [t.to(self.device) for t in state["pending_losses"]]
+        self._correct = [t.to(self.device) for t in state["pending_correct"]]
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        self._t0 = time.perf_counter()
+        start = self.step
+        # A resumed run rewrites everything after its checkpoint (all of it if it had none): TensorBoard
+        # purges those steps and metrics.jsonl drops those rows, so nothing is doubled.
+        self.writer = _tb_writer(self.run_dir, purge_step=(start + 1 if start else 0) if resume else None)
+        self.metrics = MetricsLog(self.run_dir, resume_step=(start if start else -1) if resume else None)
+        layout = _base_layout() if self.probes is None else _merge_layouts(_base_layout(), self.probes.layout())
+        self.writer.add_custom_scalars(layout)
+        progress = _Progress(cfg.train.steps, start, self.quiet)
+        status, diverged_step = "completed", None
+        try:
+            with _catch_signals() as received:
+                if start == 0:
+                    self._log_step(0, {})
+                diverged_step = self._loop(start, received, progress)
+                if diverged_step is not None:
+                    status = "diverged"
+        except Interrupted:
+            self._finish("interrupted", None)
+            raise
+        finally:
+            progress.close()
+        return self._finish(status, diverged_step)
+
+    def _loop(self, start: int, received: list[int], progress: _Progress) -> int | None:
+        cfg, model, opt = self.cfg, self.model, self.optimizer
+        x_all, y_all = self.data.x_train, self.data.y_train
+        log_every, eval_every, ckpt_every = cfg.train.log_every, cfg.train.eval_every, cfg.train.checkpoint_every
+        for step in range(start + 1, cfg.train.steps + 1):
+            idx = self.sampler.next()
+            x, y = x_all[idx], y_all[idx]
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            probing = self.probes is not None and self.probes.due(step)
+            if probing:
+                self.probes.after_backward(step, model)
+            opt.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self._losses.append(loss.detach())
+            self._correct.append((out.detach().argmax(1) == y).sum())
+            self.step = step
+
+            last = step == cfg.train.steps
+            row: dict[str, float] = {}
+            if step % log_every == 0 or last:
+                bad = self._flush_train_metrics(step, row)
+                if bad is not None:
+                    self._log_step(bad, {"train/diverged": 1.0})
+                    return bad
+            if step % eval_every == 0 or last or probing:
+                self._log_step(step, row, evaluate_now=step % eval_every == 0 or last, probe=probing)
+            elif row:
+                self._write_row(step, row)
+            if row or step % 50 == 0:
+                progress.update(step, self._progress_info())
+            if step % ckpt_every == 0 or last or received:
+                checkpoint.save(self.run_dir, step, self.state_dict())
+            if received:
+                raise Interrupted(received[0])
+        return None
+
+    def _flush_train_metrics(self, step: int, row: dict[str, float]) -> int | None:
+        """Move the interval's losses to the host; return the first step whose loss was not finite."""
+        losses = torch.stack(self._losses).double().cpu()
+        correct = torch.stack(self._correct).sum().item()
+        n = len(self._losses)
+        self._losses, self._correct = [], []
+        finite = torch.isfinite(losses)
+        if not finite.all():
+            return step - n + 1 + int((~finite).nonzero()[0])
+        # A finite loss with an overflowing gradient shows up as non-finite weights after the update.
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            return step
+        row["train/loss"] = losses.mean().item()
+        row["train/accuracy"] = correct / (n * self.cfg.data.batch_size)
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        return None
+
+    def _log_step(self, step: int, row: dict[str, float], evaluate_now: bool = True, probe: bool = True) -> None:
+        if evaluate_now:
+            test_loss, test_acc = evaluate(self.model, self.data.x_test, self.data.y_test)
+            row["test/loss"], row["test/accuracy"] = test_loss, test_acc
+            self.last_eval = {"test_loss": test_loss, "test_accuracy": test_acc}
+            if math.isfinite(test_loss):
+                self.best_test_accuracy = max(self.best_test_accuracy, test_acc)
+        if probe and self.probes is not None:
+            row.update(self.probes.measure(step, self.model, self.writer))
+        self._write_row(step, row)
+
+    def _write_row(self, step: int, row: dict[str, float]) -> None:
+        for tag, value in row.items():
+            self.writer.add_scalar(tag, value, step)
+        self.metrics.write({"step": step, **row})
+
+    def _progress_info(self) -> str:
+        acc = self.last_eval.get("test_accuracy")
+        return "" if acc is None else f"test acc {acc:.3f}"
+
+    def _finish(self, status: str, diverged_step: int | None) -> dict[str, Any]:
+        cfg = self.cfg
+        if status != "interrupted" and (not self.last_eval or status == "diverged"):
+            test_loss, test_acc = evaluate(self.model, self.data.x_test, self.data.y_test)
+            self.last_eval = {"test_loss": test_loss, "test_accuracy": test_acc}
+        summary: dict[str, Any] = {
+            "status": status,
+            "steps": diverged_step if diverged_step is not None else self.step,
+            "test_accuracy": self.last_eval.get("test_accuracy"),
+            "test_loss": self.last_eval.get("test_loss"),
+            "best_test_accuracy": None if self.best_test_accuracy == float("-inf") else self.best_test_accuracy,
+            "wall_time_s": self.elapsed + (time.perf_counter() - self._t0),
+            "seed": cfg.seed,
+            "name": cfg.name,
+            "versions": versions(),
+        }
+        if diverged_step is not None:
+            summary["diverged_step"] = diverged_step
+        if self.probes is not None:
+            summary.update(self.probes.summary())
+        write_summary(self.run_dir, summary)
+        if status != "interrupted":
+            _write_hparams(self.writer, cfg, summary)
+        self.writer.close()
+        self.metrics.close()
+        return summary
+
+
+def prepare(cfg: Config) -> Dataset:
+    """Everything that can fail on user input, done before any directory exists."""
+    resolve_device(cfg.device)
+    return load_dataset(cfg.data)
+
+
+def train(cfg: Config, run_dir: Path, *, quiet: bool = True, data: Dataset | None = None) -> dict[str, Any]:
+    """Train a fresh run in an existing, empty run directory."""
+    data = prepare(cfg) if data is None else data
+    write_atomic(run_dir / CONFIG, to_yaml(cfg))
+    trainer = Trainer(cfg, run_dir, data, quiet=quiet)
+    write_summary(run_dir, {"status": "running", "steps": 0, "seed": cfg.seed, "name": cfg.name,
+                            "versions": versions()})
+    return trainer.run()
+
+
+def resume(run_dir: Path, *, quiet: bool = True) -> dict[str, Any]:
+    """Continue an interrupted run in its own directory, from its newest complete checkpoint."""
+    from bnexp.config import load as load_config
+    from bnexp.runs import is_run_dir
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory not found: {run_dir}")
+    if not is_run_dir(run_dir):
+        raise RunDirError(f"not a bnexp run directory (no config.yaml and summary.json): {run_dir}")
+    status = read_summary(run_dir).get("status")
+    if status in ("completed", "diverged"):
+        raise RunDirError(f"run {run_dir} already ended ({status}); nothing to resume")
+    cfg = load_config(run_dir / CONFIG)
+    state = checkpoint.load_latest(run_dir) if checkpoint.list_checkpoints(run_dir) else None
+    data = prepare(cfg)
+    trainer = Trainer(cfg, run_dir, data, quiet=quiet)
+    if state is None:
+        # Killed before its first checkpoint: the run starts over in place.
+        return trainer.run(resume=True)
+    trainer.load_state_dict(state)
+    return trainer.run(resume=True)
