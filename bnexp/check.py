@@ -1,0 +1,163 @@
+"""`bnexp check`: our BatchNorm layer against torch.nn.BatchNorm*d, side by side, on random cases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from bnexp import norm
+
+_OURS = {2: norm.BatchNorm1d, 3: norm.BatchNorm1d, 4: norm.BatchNorm2d, 5: norm.BatchNorm3d}
+_TORCH = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+
+# Errors are measured relative to the reference tensor's scale (max(1, max|ref|)). The float32 bound
+# leaves room for different summation orders over a few thousand values; a wrong formula is off by
+# O(1), so it cannot hide under it.
+_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+_TRAIN_STEPS = 3
+# output, ∂ℓ/∂x, ∂ℓ/∂γ, ∂ℓ/∂β (max over the training steps), running mean/var after them, eval output.
+_COLUMNS = ("out", "dx", "dγ", "dβ", "run μ", "run σ²", "eval")
+
+
+@dataclass
+class _Case:
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    kwargs: dict = field(default_factory=dict)
+    channels_last: bool = False
+
+    @property
+    def name(self) -> str:
+        short = {"momentum": "m", "affine": "affine", "bias": "bias", "track_running_stats": "track"}
+        opts = [f"{short[k]}={'F' if v is False else v}" for k, v in self.kwargs.items()]
+        if self.channels_last:
+            opts.append("chlast")
+        dt = {torch.float32: "f32", torch.float64: "f64"}[self.dtype]
+        rank = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(self.shape)]
+        return " ".join([rank, "(" + ",".join(map(str, self.shape)) + ")", dt, *opts])
+
+
+def _cases(gen: torch.Generator) -> list[_Case]:
+    """A fixed spread of layouts and options; sizes drawn from the seed so reruns probe new shapes."""
+
+    def r(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    f32, f64 = torch.float32, torch.float64
+    return [
+        _Case((r(2, 64), r(1, 32)), f32),
+        _Case((r(2, 64), r(1, 32)), f64, {"momentum": None}),
+        _Case((r(2, 16), r(1, 16), r(1, 20)), f32, {"momentum": 0.7}),
+        _Case((r(2, 16), r(1, 16), r(1, 20)), f64, {"affine": False}),
+        _Case((r(2, 8), r(1, 16), r(1, 9), r(1, 9)), f32),
+        _Case((r(2, 8), r(1, 16), r(1, 9), r(1, 9)), f64, {"bias": False}),
+        _Case((r(2, 8), r(1, 16), r(1, 9), r(1, 9)), f32, {"track_running_stats": False}),
+        _Case((r(2, 8), r(1, 16), r(2, 9), r(2, 9)), f32, {}, channels_last=True),
+        _Case((r(2, 8), r(1, 16), r(1, 9), r(1, 9)), f64, {"affine": False, "momentum": None}),
+        _Case((r(2, 4), r(1, 8), r(1, 5), r(1, 5), r(1, 5)), f32),
+        _Case((r(2, 4), r(1, 8), r(1, 5), r(1, 5), r(1, 5)), f64, {"momentum": 0.7, "bias": False}),
+        _Case((64, 32, 8, 8), f32),
+    ]
+
+
+def _err(ours: torch.Tensor | None, ref: torch.Tensor | None) -> float:
+    """Max abs error relative to max(1, max|ref|); a missing-vs-present mismatch is infinitely wrong."""
+    if ours is None and ref is None:
+        return 0.0
+    if ours is None or ref is None or ours.shape != ref.shape:
+        return float("inf")
+    if ref.numel() == 0:
+        return 0.0
+    scale = max(1.0, ref.abs().max().item())
+    return (ours.double() - ref.double()).abs().max().item() / scale
+
+
+def _run_case(case: _Case, gen: torch.Generator) -> dict[str, float]:
+    rank = len(case.shape)
+    c = case.shape[1]
+    ours = _OURS[rank](c, dtype=case.dtype, **case.kwargs)
+    ref = _TORCH[rank](c, dtype=case.dtype, **case.kwargs)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    ref.load_state_dict(ours.state_dict())
+
+    def batch():
+        # Shifted and scaled so that centring and the running statistics are exercised.
+        x = torch.randn(case.shape, generator=gen, dtype=case.dtype) * 3.0 + 2.0
+        g = torch.randn(case.shape, generator=gen, dtype=case.dtype)
+        if case.channels_last and rank == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, g
+
+    errs = dict.fromkeys(_COLUMNS, 0.0)
+
+    def worst(key, value):
+        errs[key] = max(errs[key], value)
+
+    for _ in range(_TRAIN_STEPS):
+        x, g = batch()
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(x1), ref(x2)
+        y1.backward(g)
+        y2.backward(g)
+        worst("out", _err(y1, y2))
+        worst("dx", _err(x1.grad, x2.grad))
+        worst("dγ", _err(ours.weight.grad if ours.weight is not None else None,
+                                  ref.weight.grad if ref.weight is not None else None))
+        worst("dβ", _err(ours.bias.grad if ours.bias is not None else None,
+                                ref.bias.grad if ref.bias is not None else None))
+        ours.zero_grad()
+        ref.zero_grad()
+    worst("run μ", _err(ours.running_mean, ref.running_mean))
+    worst("run σ²", _err(ours.running_var, ref.running_var))
+    if ours.num_batches_tracked is not None and not torch.equal(ours.num_batches_tracked, ref.num_batches_tracked):
+        errs["run μ"] = float("inf")
+    ours.eval()
+    ref.eval()
+    x, _ = batch()
+    with torch.no_grad():
+        worst("eval", _err(ours(x), ref(x)))
+    return errs
+
+
+def _fmt(e: float) -> str:
+    """Compact scientific notation: 2e-7, 0, inf."""
+    if e == 0.0 or e == float("inf"):
+        return f"{e:g}"
+    mant, exp = f"{e:.0e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
+def run_check(seed: int = 0, console: Console | None = None) -> bool:
+    """Compare bnexp.norm with torch.nn.BatchNorm*d; print a table; True when every case passes."""
+    console = console if console is not None else Console()
+    gen = torch.Generator().manual_seed(seed)
+    table = Table(title=f"bnexp.norm vs torch.nn.BatchNorm*d (seed {seed}, {_TRAIN_STEPS} training steps)",
+                  caption="max |ours − torch| / max(1, max |torch|)", box=box.SIMPLE_HEAD)
+    # The numbers never wrap; on a narrow terminal the case name does.
+    table.add_column("case", ratio=1, overflow="fold")
+    for col in _COLUMNS:
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    all_ok = True
+    for case in _cases(gen):
+        try:
+            errs = _run_case(case, gen)
+            ok = all(e <= _TOL[case.dtype] for e in errs.values())
+            cells = [_fmt(e) if e <= _TOL[case.dtype] else f"[red]{_fmt(e)}[/red]" for e in errs.values()]
+        except Exception as exc:  # a crash is a failed comparison, reported in its row
+            ok = False
+            cells = [f"[red]{type(exc).__name__}: {exc}[/red]"] + [""] * (len(_COLUMNS) - 1)
+        all_ok &= ok
+        table.add_row(case.name, *cells, "[green]PASS[/green]" if ok else "[bold red]FAIL[/bold red]")
+    console.print(table)
+    tol = ", ".join(f"{str(k).removeprefix('torch.')} ≤ {v:g}" for k, v in _TOL.items())
+    console.print(("[green]all cases pass[/green]" if all_ok else "[bold red]some cases FAIL[/bold red]")
+                  + f" (tolerance {tol})")
+    return all_ok
