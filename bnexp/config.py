@@ -10,52 +10,69 @@ from bnexp.errors import UserError
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator,
+                      model_validator)
 
 
 class ConfigError(UserError):
     """A user error in a config file or override: reported as one line, exit status 2."""
 
 
+def _not_a_bool(value: Any) -> Any:
+    # YAML reads `true`/`yes`/`on` as booleans and pydantic would take them as 1: `seed: yes` is a mistake.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+# Counts and seeds take only integers (not 2.5, not true); rates take any finite number, and also a string
+# such as "1e-5", which YAML 1.1 does not read as a float.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
+
+
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo such as `model.nrom` must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are refused so that `optim.lr: .inf` fails here rather than as a diverged run; a name that
+    # YAML reads as a number (`--set name=2024`) is still a name.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              coerce_numbers_to_str=True)
 
 
 class SyntheticConfig(_Strict):
-    num_samples: int = Field(2000, ge=4, description="total points, split into train and test")
-    num_features: int = Field(32, ge=1)
-    num_classes: int = Field(4, ge=2)
-    separation: float = Field(2.0, gt=0, description="distance scale between class means")
+    num_samples: Int = Field(2000, ge=4, description="total points, split into train and test")
+    num_features: Int = Field(32, ge=1)
+    num_classes: Int = Field(4, ge=2)
+    separation: Float = Field(2.0, gt=0, description="distance scale between class means")
 
 
 class DataConfig(_Strict):
     dataset: Literal["digits", "mnist1d", "synthetic", "mnist", "fashion_mnist", "cifar10"] = "digits"
-    batch_size: int = Field(60, ge=1)
-    seed: int = Field(0, ge=0, description="fixes the split, subsets and synthetic data across run seeds")
+    batch_size: Int = Field(60, ge=1)
+    seed: Int = Field(0, ge=0, description="fixes the split, subsets and synthetic data across run seeds")
     root: str = "data"
     download: bool = False
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    train_size: Optional[int] = Field(None, ge=2)
-    test_size: Optional[int] = Field(None, ge=1)
+    test_fraction: Float = Field(0.2, gt=0, lt=1)
+    train_size: Optional[Int] = Field(None, ge=2)
+    test_size: Optional[Int] = Field(None, ge=1)
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
 class BNConfig(_Strict):
-    eps: float = Field(1e-5, gt=0)
-    momentum: Optional[float] = Field(0.1, gt=0, le=1)
+    eps: Float = Field(1e-5, gt=0)
+    momentum: Optional[Float] = Field(0.1, gt=0, le=1)
     affine: bool = True
-    running_var_init: float = Field(1.0, ge=0)
+    running_var_init: Float = Field(1.0, ge=0)
     unbiased_normalize: bool = False
 
 
 class ModelConfig(_Strict):
     kind: Literal["mlp", "cnn"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [100, 100, 100], min_length=1)
-    channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)
+    hidden: list[Int] = Field(default_factory=lambda: [100, 100, 100], min_length=1)
+    channels: list[Int] = Field(default_factory=lambda: [16, 32], min_length=1)
     activation: Literal["sigmoid", "relu", "tanh", "gelu"] = "sigmoid"
     norm: Literal["none", "bnexp", "torch"] = "bnexp"
     bn_position: Literal["before_activation", "after_activation"] = "before_activation"
@@ -71,37 +88,37 @@ class ModelConfig(_Strict):
 
 class OptimConfig(_Strict):
     name: Literal["sgd", "momentum", "adam"] = "sgd"
-    lr: float = Field(0.5, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: Float = Field(0.5, gt=0)
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    weight_decay: Float = Field(0.0, ge=0)
     schedule: Literal["constant", "cosine", "step"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    step_every: int = Field(1000, ge=1)
-    step_gamma: float = Field(0.1, gt=0, le=1)
+    warmup_steps: Int = Field(0, ge=0)
+    step_every: Int = Field(1000, ge=1)
+    step_gamma: Float = Field(0.1, gt=0, le=1)
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(2000, ge=1)
-    eval_every: int = Field(100, ge=1)
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
+    steps: Int = Field(2000, ge=1)
+    eval_every: Int = Field(100, ge=1)
+    log_every: Int = Field(10, ge=1)
+    checkpoint_every: Int = Field(500, ge=1)
 
 
 class ProbesConfig(_Strict):
     enabled: bool = True
-    every: int = Field(100, ge=1)
-    population_batches: int = Field(10, ge=1)
+    every: Int = Field(100, ge=1)
+    population_batches: Int = Field(10, ge=1)
     running_stats: bool = True
     gap: bool = True
     activations: bool = True
-    units_per_layer: int = Field(3, ge=1)
-    histogram_every: int = Field(500, ge=1)
+    units_per_layer: Int = Field(3, ge=1)
+    histogram_every: Int = Field(500, ge=1)
     grad_norms: bool = True
 
 
 class Config(_Strict):
     name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    seed: int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out_dir: str = "runs"
     data: DataConfig = DataConfig()
