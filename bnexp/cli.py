@@ -7,6 +7,7 @@ can do `run=$(bnexp train ... | tail -n 1)`.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -57,34 +58,40 @@ def train(
     quiet: bool = QuietOpt,
 ) -> None:
     """Train one network from a config; write a run directory and print its path."""
-    from bnexp import config as cfgmod
-    from bnexp import train as trainmod
-    from bnexp.runs import create_run_dir
+    from bnexp.interrupt import catch_signals
 
-    if resume is not None:
-        if config is not None or set_ or out is not None:
-            raise UserError("--resume takes the run's own config.yaml: do not combine it with --config/--set/--out")
-        summary = _interruptible(lambda: trainmod.resume(resume, quiet=quiet), resume)
-        _report(summary, resume)
-        return
-    if config is None:
+    if resume is not None and (config is not None or set_ or out is not None):
+        raise UserError("--resume takes the run's own config.yaml: do not combine it with --config/--set/--out")
+    if resume is None and config is None:
         raise UserError("missing option --config (or --resume RUN_DIR)")
-    cfg = cfgmod.load(config, set_ or [])
-    data = trainmod.prepare(cfg)
-    run_dir = create_run_dir(cfg.out_dir, cfg.name, cfg.seed, out)
-    summary = _interruptible(lambda: trainmod.train(cfg, run_dir, quiet=quiet, data=data), run_dir)
+    # Installed before torch is imported: a signal during start-up ends the command cleanly (see
+    # bnexp.interrupt), one during training checkpoints and marks the run interrupted.
+    with catch_signals(), _interruptible(resume):
+        from bnexp import config as cfgmod
+        from bnexp import train as trainmod
+
+        if resume is not None:
+            summary, run_dir = trainmod.resume(resume, quiet=quiet), resume
+        else:
+            run_dir, summary = trainmod.start(cfgmod.load(config, set_ or []), out, quiet=quiet)
     _report(summary, run_dir)
 
 
-def _interruptible(fn, run_dir: Path):
-    from bnexp.train import Interrupted
+@contextmanager
+def _interruptible(resume: Optional[Path]):
+    from bnexp.interrupt import Interrupted
 
     try:
-        return fn()
+        yield
     except Interrupted as sig:
-        typer.echo(f"interrupted by {sig}: checkpoint written; continue with bnexp train --resume {run_dir}",
-                   err=True)
-        typer.echo(str(run_dir))
+        if sig.run_dir is not None:
+            typer.echo(f"interrupted by {sig}: checkpoint written; continue with "
+                       f"bnexp train --resume {sig.run_dir}", err=True)
+            typer.echo(str(sig.run_dir))
+        elif resume is not None:
+            typer.echo(f"interrupted by {sig} before {resume} resumed; nothing in it changed", err=True)
+        else:
+            typer.echo(f"interrupted by {sig} during start-up; no run directory was created", err=True)
         raise typer.Exit(sig.exit_code)
 
 
@@ -160,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as e:
         return e.exit_code
     except click_exc.NoArgsIsHelpError as e:
-        typer.echo(e.ctx.get_help() if e.ctx else "")
+        # With rich installed, typer prints the help while building this error and leaves the message
+        # empty; without rich the message is the help text. Print it once either way.
+        if e.format_message().strip():
+            typer.echo(e.format_message())
         return 0
     except click_exc.UsageError as err:
         msg = err.format_message().replace("\n", " ")
