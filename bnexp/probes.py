@@ -4,15 +4,18 @@ Everything here runs under `torch.no_grad()` on probe sets fixed once from the r
 of our own, so a run measures the same examples and units at every probe step and training is untouched:
 weights, buffers, optimizer state and the RNG streams are the same with probes on or off.
 
-Per probe step the work is: K train-mode forwards over the population batches (batch statistics, no
-running-stat updates) for the population statistics and Batch Renorm's d and r; ceil(N_test/m) train-mode
-forwards over the test set for f_train; one eval-mode forward over the test set that serves both f_eval
-and the activation percentiles.
+A probe step is two forward passes. One in training mode over the K population batches and the test set
+in batches of m, each batch normalized by its own statistics and no running statistic touched: it gives
+the population statistics, Batch Renorm's d and r, and f_train. One in eval mode over the test set: it
+gives f_eval and the activations. Running the K + N_test/m batches as one forward instead of one forward
+each is what keeps the probes cheap on small networks, where a forward's cost is mostly per call.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -22,13 +25,15 @@ from torch import nn
 
 from bnexp.config import Config
 from bnexp.data import Dataset
-from bnexp.models import Block, bn_layers, hidden_blocks
+from bnexp.models import Block, bn_layers, hidden_blocks, is_batchnorm
 
 # Offsets the probe generator's seed from the BatchSampler's (which is seeded with cfg.seed itself), so
 # the probe batches are not the first training batches.
 _SEED_OFFSET = 0x5EED_0B5E
+_PERCENTILES = ("p15", "p50", "p85")
 _QUANTILES = (0.15, 0.50, 0.85)
-_EVAL_CHUNK = 4096
+_CHUNK = 4096  # rows per forward, as in train.evaluate: bounds the memory of large test sets
+_QUANTILE_MAX = 2 ** 24  # torch.quantile's input size limit
 
 
 def _layer_width(block: Block) -> int:
@@ -39,32 +44,153 @@ def _layer_width(block: Block) -> int:
     return int(width)
 
 
-def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel mean, biased variance and count of a BN input (channels on dim 1)."""
-    dims = [0, *range(2, x.dim())]
-    return x.mean(dims), x.var(dims, correction=0), x.numel() // x.shape[1]
-
-
 def _unit_values(x: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
     """(units, values): a unit of a conv layer is a channel, all positions pooled."""
     x = x.index_select(1, units)
     return x.transpose(0, 1).reshape(len(units), -1)
 
 
-def cover_in_batches(n: int, m: int) -> list[tuple[int, int, int]]:
-    """Cover n test examples with batches of exactly m: (start, stop, first new row in the batch).
+def _quantiles(vals: torch.Tensor) -> torch.Tensor:
+    """(3, units): the 15th, 50th and 85th percentiles of each row (torch.quantile, linear interpolation)."""
+    q = torch.tensor(_QUANTILES, dtype=vals.dtype, device=vals.device)
+    if vals.numel() <= _QUANTILE_MAX:
+        return torch.quantile(vals, q, dim=1)
+    # Past torch's limit (a big conv layer over a big test set): row by row, and a row too large for it
+    # is thinned evenly, which moves a percentile by about one rank per stride.
+    rows = [r[:: math.ceil(r.numel() / _QUANTILE_MAX)] for r in vals]
+    return torch.stack([torch.quantile(r, q) for r in rows], dim=1)
+
+
+def _population(s: dict) -> dict[str, torch.Tensor]:
+    """Algorithm 2: μ_pop = mean_B μ_B, σ²_pop = n/(n−1) · mean_B σ²_B (n values per channel per batch)."""
+    n = s["n"]
+    return {"mean": s["mean"].mean(0), "var": s["var"].mean(0) * (n / (n - 1))}
+
+
+def cover_in_batches(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cover n test examples with batches of exactly m: indices (G, m) and a mask of the rows that count.
 
     The last batch is the final m examples, overlapping its predecessor, so every example gets a
-    train-mode prediction from a batch of the training batch size and is counted once. A test set
-    smaller than m is one batch.
+    train-mode prediction from a batch of the training batch size and is counted once; the kept rows, in
+    order, are examples 0..n-1. A test set smaller than m is one batch of n.
     """
     if n <= m:
-        return [(0, n, 0)]
-    out = [(s, s + m, 0) for s in range(0, n - m + 1, m)]
-    covered = out[-1][1]
+        return torch.arange(n).view(1, n), torch.ones(n, dtype=torch.bool)
+    starts = list(range(0, n - m + 1, m))
+    covered = starts[-1] + m
     if covered < n:
-        out.append((n - m, n, covered - (n - m)))
-    return out
+        starts.append(n - m)
+    idx = torch.stack([torch.arange(s, s + m) for s in starts])
+    keep = torch.ones_like(idx, dtype=torch.bool)
+    if covered < n:
+        keep[-1, : covered - (n - m)] = False  # already predicted by the batch before
+    return idx, keep.flatten()
+
+
+def _bn_modules(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
+    """(layer name as in bn_layers, full module name, module) of every BN layer."""
+    for full, mod in model.named_modules():
+        if is_batchnorm(mod):
+            yield full.rsplit(".norm", 1)[0], full, mod
+
+
+class _GroupedBN(nn.Module):
+    """Stands in for a BN layer during the training-mode probe pass: its input is G batches of s rows
+    stacked, and each batch is normalized by its own statistics.
+
+    The G batches are folded into channels, (G·s, C, …) → (s, G·C, …), and go through a twin of the layer
+    (same class and options, γ and β tiled G times, no running estimates): the layer's own code does the
+    normalization, per batch, and the real layer's buffers are never touched. The statistics of the
+    leading `record` batches are kept for the population estimate.
+    """
+
+    def __init__(self, bn: nn.Module, s: int, twins: dict[int, nn.Module]):
+        super().__init__()
+        self.s, self.record, self.twins = s, 0, twins
+        self.stats: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        object.__setattr__(self, "bn", bn)  # not a submodule: the real layer stays out of this one's tree
+
+    def _twin(self, groups: int) -> nn.Module:
+        bn, twin = self.bn, self.twins.get(groups)
+        if twin is None:
+            # Built once per layer and batch count (deepcopy keeps every option of ours or torch's layer).
+            twin = copy.deepcopy(bn)
+            twin.num_features = groups * bn.num_features
+            twin.track_running_stats = False
+            twin.running_mean = twin.running_var = twin.num_batches_tracked = None
+            for name in ("weight", "bias"):
+                p = getattr(bn, name)
+                if p is not None:
+                    setattr(twin, name, nn.Parameter(p.detach().repeat(groups), requires_grad=False))
+            self.twins[groups] = twin.train()
+        for name in ("weight", "bias"):  # this step's γ and β
+            p = getattr(bn, name)
+            if p is not None:
+                getattr(twin, name).copy_(p.detach().repeat(groups))
+        return twin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, shape = self.s, x.shape[1:]
+        g = x.shape[0] // s
+        c = shape[0]
+        folded = x.view(g, s, *shape).transpose(0, 1).reshape(s, g * c, *shape[1:])
+        if self.record:
+            # Reduced in the folded layout: over dim 0 (and positions), which is contiguous and fast.
+            xr = folded[:, : self.record * c]
+            var, mean = torch.var_mean(xr, [0, *range(2, xr.dim())], correction=0)
+            self.stats.append((mean.view(self.record, c).double(), var.view(self.record, c).double(),
+                               xr.numel() // xr.shape[1]))
+        y = self._twin(g)(folded)
+        return y.view(s, g, *shape).transpose(0, 1).reshape(x.shape)
+
+
+@contextmanager
+def _grouped_bn(model: nn.Module, s: int, twins: weakref.WeakKeyDictionary) -> Iterator[dict[str, _GroupedBN]]:
+    swapped = []
+    try:
+        for layer, full, bn in list(_bn_modules(model)):
+            parent_name, _, attr = full.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            wrapper = _GroupedBN(bn, s, twins.setdefault(bn, {}))
+            setattr(parent, attr, wrapper)
+            swapped.append((parent, attr, bn, layer, wrapper))
+        yield {layer: wrapper for _, _, _, layer, wrapper in swapped}
+    finally:
+        for parent, attr, bn, _, _ in swapped:
+            setattr(parent, attr, bn)
+
+
+def _grouped_forward(model: nn.Module, parts: list[tuple[torch.Tensor, torch.Tensor]], record: int,
+                     twins: weakref.WeakKeyDictionary):
+    """Training-mode forward of batches given as (source tensor, (G, s) indices) parts, all of size s.
+
+    Returns the outputs (ΣG, s, classes) and, per BN layer, the float64 batch statistics of its input for
+    the first `record` batches: {"mean": (record, C), "var": (record, C), "n": values per channel}.
+    """
+    s = parts[0][1].shape[1]
+    offsets, total = [], 0
+    for _, idx in parts:
+        offsets.append(total)
+        total += len(idx)
+    per_chunk = max(1, _CHUNK // s)
+    outs = []
+    model.train()
+    with _grouped_bn(model, s, twins) as wrappers:
+        for c0 in range(0, total, per_chunk):
+            c1 = min(total, c0 + per_chunk)
+            pieces = [src[idx[max(c0, off) - off:min(c1, off + len(idx)) - off].flatten()]
+                      for (src, idx), off in zip(parts, offsets) if max(c0, off) < min(c1, off + len(idx))]
+            for w in wrappers.values():
+                w.record = max(0, min(record, c1) - c0)
+            outs.append(model(pieces[0] if len(pieces) == 1 else torch.cat(pieces)))
+    logits = torch.cat(outs)
+    logits = logits.view(total, s, *logits.shape[1:])
+    stats = {}
+    for layer, w in wrappers.items():
+        if w.stats:
+            stats[layer] = {"mean": torch.cat([m for m, _, _ in w.stats]),
+                            "var": torch.cat([v for _, v, _ in w.stats]), "n": w.stats[0][2]}
+    return logits, stats
 
 
 class Probes:
@@ -80,9 +206,11 @@ class Probes:
         gen = torch.Generator().manual_seed(cfg.seed + _SEED_OFFSET)
         self.population_idx = self._draw_batches(gen, len(data.y_train), self.pcfg.population_batches, self.m)
         self.population_idx = self.population_idx.to(device)
+        self.test_idx, self.test_keep = (t.to(device) for t in cover_in_batches(len(data.y_test), self.m))
         self.units = {name: torch.randperm(_layer_width(block), generator=gen)[: self.pcfg.units_per_layer]
                       .sort().values.to(device)
                       for name, block in hidden_blocks(model).items()}
+        self._twins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # BN layer -> {G: twin}
         self._grads: dict[str, torch.Tensor] = {}
         self._grads_step: int | None = None
         self._last: dict[str, float] = {}
@@ -138,120 +266,131 @@ class Probes:
 
     @torch.no_grad()
     def measure(self, step: int, model: nn.Module, writer=None) -> dict[str, float]:
+        """All scalar probe values of this step, keyed by TensorBoard tag; histograms go to `writer`."""
         was_training = model.training
         values: dict[str, torch.Tensor] = {}
         try:
             if self._grads_step == step:
                 values.update({f"grad_norm/{name}": g for name, g in self._grads.items()})
             self._grads, self._grads_step = {}, None
-            has_bn = bool(bn_layers(model))
-            if has_bn and (self.pcfg.running_stats or self.pcfg.gap):
-                values.update(self._running_stats_and_renorm(model))
-            if has_bn and self.pcfg.gap:
-                values.update(self._gap_and_activations(model, step, writer))
-            elif self.pcfg.activations:
-                values.update(self._gap_and_activations(model, step, writer, gap=False))
+            has_bn = any(True for _ in _bn_modules(model))
+            # Batch statistics need two values per channel: a one-example test set has no f_train.
+            gap = has_bn and self.pcfg.gap and len(self.data.y_test) >= 2
+            stats, test_logits = {}, None
+            if has_bn and (self.pcfg.running_stats or gap):
+                stats, test_logits = self.train_mode_pass(model, with_test=gap)
+                values.update(self._running_stat_values(model, stats))
+            if gap or self.pcfg.activations:
+                f_eval, acts = self.eval_pass(model)
+                if self.pcfg.activations:
+                    values.update(self._activation_values(acts, step, writer))
+                if test_logits is not None:
+                    values.update(self._gap_values(test_logits, f_eval))
         finally:
             model.train(was_training)
         if not values:
             return {}
         # One host transfer for the whole step.
-        scalars = torch.stack([v.detach().reshape(()).double().cpu() for v in values.values()]).tolist()
+        scalars = torch.stack([v.detach().reshape(()).double() for v in values.values()]).cpu().tolist()
         out = dict(zip(values, scalars))
         self._last = dict(out)
         return out
 
-    # --- the quantities -----------------------------------------------------------------------------
-    def population_statistics(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-        """Per BN layer with running estimates: Algorithm 2's μ_pop and σ²_pop over the K probe batches,
-        and Batch Renorm's d and r of each batch against the current running estimates, averaged."""
-        tracked = {n: b for n, b in bn_layers(model).items() if getattr(b, "running_mean", None) is not None}
-        per_batch: dict[str, list[tuple]] = {name: [] for name in tracked}
+    # --- the two forward passes ---------------------------------------------------------------------
+    @torch.no_grad()
+    def train_mode_pass(self, model: nn.Module, with_test: bool = True):
+        """Training-mode forwards with batch statistics and no running-statistic updates.
 
-        def hook_for(name: str, bn: nn.Module):
-            inv_run = (bn.running_var + bn.eps).rsqrt()
+        Returns ({layer: {"mean", "var": (K, C) float64 batch statistics of the BN input over the K probe
+        batches, "n": values per channel}}, the logits of the test batches (G, m, classes) or None). Every batch is normalized
+        by its own statistics, but all batches go through the network in one forward (see _GroupedBN).
+        """
+        x_tr, x_te = self.data.x_train, self.data.x_test
+        parts = [(x_tr, self.population_idx)]
+        test_apart = with_test and self.test_idx.shape[1] != self.m  # a test set smaller than m
+        if with_test and not test_apart:
+            parts.append((x_te, self.test_idx))
+        logits, stats = _grouped_forward(model, parts, len(self.population_idx), self._twins)
+        test_logits = None
+        if test_apart:
+            test_logits, _ = _grouped_forward(model, [(x_te, self.test_idx)], 0, self._twins)
+        elif with_test:
+            test_logits = logits[len(self.population_idx):]
+        return stats, test_logits
 
-            def hook(_mod, inputs, _output):
-                mean, var, n = _channel_stats(inputs[0])
-                d = ((mean - bn.running_mean).abs() * inv_run).mean()
-                r = ((var + bn.eps).sqrt() * inv_run).mean()
-                per_batch[name].append((mean.double(), var.double(), n, d, r))
-            return hook
+    @torch.no_grad()
+    def eval_pass(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One eval-mode forward over the test set: f_eval, and each hidden layer's input to the
+        nonlinearity for the fixed units, as (units, values) (conv: a channel, all positions pooled)."""
+        x = self.data.x_test
+        captured: dict[str, list[torch.Tensor]] = {name: [] for name in self.units}
 
-        x = self.data.x_train
-        with _batch_stats_mode(model), _hooks(tracked, hook_for, kind="forward"):
-            for idx in self.population_idx:
-                model(x[idx])
-        out = {}
-        for name, rows in per_batch.items():
-            means, variances, counts, ds, rs = zip(*rows)
-            n = counts[0]
-            out[name] = {"mean": torch.stack(means).mean(0),
-                         "var": torch.stack(variances).mean(0) * (n / (n - 1)),
-                         "d": torch.stack(ds).mean(), "r": torch.stack(rs).mean()}
-        return out
-
-    def _running_stats_and_renorm(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        bns = bn_layers(model)
-        for name, pop in self.population_statistics(model).items():
-            bn = bns[name]
-            rm, rv = bn.running_mean.double(), bn.running_var.double()
-            if self.pcfg.running_stats:
-                out[f"running_stats/{name}/mean_err"] = ((rm - pop["mean"]).abs() / (pop["var"] + bn.eps).sqrt()).mean()
-                out[f"running_stats/{name}/var_err"] = torch.log((rv + bn.eps) / (pop["var"] + bn.eps)).abs().mean()
-            if self.pcfg.gap:
-                out[f"gap/{name}/d"], out[f"gap/{name}/r"] = pop["d"], pop["r"]
-        return out
-
-    def _gap_and_activations(self, model: nn.Module, step: int, writer, gap: bool = True) -> dict[str, torch.Tensor]:
-        x, y = self.data.x_test, self.data.y_test
-        out: dict[str, torch.Tensor] = {}
-        acts = self.pcfg.activations
-        captured: dict[str, list[torch.Tensor]] = {name: [] for name in self.blocks}
-
-        def hook_for(name: str, _block):
+        def hook_for(name: str, _act):
             units = self.units[name]
 
             def pre_hook(_mod, inputs):
                 captured[name].append(_unit_values(inputs[0], units))
             return pre_hook
 
-        # f_eval, and the activations on the same forward.
         model.eval()
-        acts_modules = {name: mod.act for name, mod in hidden_blocks(model).items()} if acts else {}
-        with _hooks(acts_modules, hook_for, kind="forward_pre"):
-            f_eval = torch.cat([model(x[i:i + _EVAL_CHUNK]) for i in range(0, len(y), _EVAL_CHUNK)])
-        if acts:
-            hist = writer is not None and self._histogram_due(step)
-            for name, chunks in captured.items():
-                vals = torch.cat(chunks, dim=1)
-                for row, unit in enumerate(self.units[name].tolist()):
-                    q = torch.quantile(vals[row], torch.tensor(_QUANTILES, dtype=vals.dtype, device=vals.device))
-                    for p, v in zip(("p15", "p50", "p85"), q):
-                        out[f"activations/{name}/u{unit}/{p}"] = v
-                    if hist:
-                        finite = vals[row][torch.isfinite(vals[row])]
-                        if finite.numel():
-                            writer.add_histogram(f"activations/{name}/u{unit}", finite, step)
-        if not gap or len(y) < 2:
-            return out
+        acts = {name: block.act for name, block in hidden_blocks(model).items()} if self.pcfg.activations else {}
+        with _hooks(acts, hook_for, kind="forward_pre"):
+            f_eval = torch.cat([model(x[i:i + _CHUNK]) for i in range(0, len(x), _CHUNK)])
+        return f_eval, {name: torch.cat(chunks, dim=1) for name, chunks in captured.items() if chunks}
 
-        # f_train: batch statistics over test batches of the training batch size, no running-stat updates.
-        f_train = torch.empty_like(f_eval)
-        ratios = []
-        with _batch_stats_mode(model):
-            for start, stop, new in cover_in_batches(len(y), self.m):
-                logits = model(x[start:stop])
-                ev = f_eval[start:stop]
-                ratios.append(torch.linalg.norm(logits - ev) / torch.linalg.norm(ev))
-                f_train[start + new:stop] = logits[new:]
+    # --- the quantities -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def population_statistics(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        """Algorithm 2's estimate per BN layer: μ_pop = mean_B μ_B, σ²_pop = n/(n−1)·mean_B σ²_B."""
+        stats, _ = self.train_mode_pass(model, with_test=False)
+        return {name: _population(s) for name, s in stats.items()}
+
+    def _running_stat_values(self, model: nn.Module, stats: dict) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        bns = bn_layers(model)
+        for name, s in stats.items():
+            bn = bns[name]
+            if getattr(bn, "running_mean", None) is None:
+                continue  # a layer without running estimates has nothing to converge
+            eps = bn.eps
+            rm, rv = bn.running_mean.double(), bn.running_var.double()
+            pop = _population(s)
+            if self.pcfg.running_stats:
+                out[f"running_stats/{name}/mean_err"] = ((rm - pop["mean"]).abs() / (pop["var"] + eps).sqrt()).mean()
+                out[f"running_stats/{name}/var_err"] = torch.log((rv + eps) / (pop["var"] + eps)).abs().mean()
+            if self.pcfg.gap:
+                # Batch Renorm's d and r per probe batch, channel-averaged, then averaged over the batches.
+                inv_run = (rv + eps).rsqrt()
+                out[f"gap/{name}/d"] = ((s["mean"] - rm).abs() * inv_run).mean()
+                out[f"gap/{name}/r"] = ((s["var"] + eps).sqrt() * inv_run).mean()
+        return out
+
+    def _gap_values(self, test_logits: torch.Tensor, f_eval: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.data.y_test
+        # ‖f_train − f_eval‖_F / ‖f_eval‖_F per test batch as it was run, then the mean over batches.
+        tr = test_logits
+        ev = f_eval[self.test_idx.flatten()].view_as(tr)
+        f_train = tr.reshape(-1, tr.shape[-1])[self.test_keep]  # each test example once, in order
+        ratio = torch.linalg.vector_norm(tr - ev, dim=(1, 2)) / torch.linalg.vector_norm(ev, dim=(1, 2))
         acc_train = (f_train.argmax(1) == y).double().mean()
         acc_eval = (f_eval.argmax(1) == y).double().mean()
         log_train, log_eval = F.log_softmax(f_train.double(), 1), F.log_softmax(f_eval.double(), 1)
         kl = F.kl_div(log_eval, log_train, log_target=True, reduction="none").sum(1).mean()
-        out.update({"gap/accuracy": acc_train - acc_eval, "gap/logits": torch.stack(ratios).mean(),
-                    "gap/kl": kl, "gap/train_mode_accuracy": acc_train, "gap/eval_mode_accuracy": acc_eval})
+        return {"gap/accuracy": acc_train - acc_eval, "gap/logits": ratio.mean(), "gap/kl": kl,
+                "gap/train_mode_accuracy": acc_train, "gap/eval_mode_accuracy": acc_eval}
+
+    def _activation_values(self, acts: dict[str, torch.Tensor], step: int, writer) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        hist = writer is not None and self._histogram_due(step)
+        for name, vals in acts.items():
+            q = _quantiles(vals)
+            for row, unit in enumerate(self.units[name].tolist()):
+                for col, p in enumerate(_PERCENTILES):
+                    out[f"activations/{name}/u{unit}/{p}"] = q[col, row]
+                if hist:
+                    finite = vals[row][torch.isfinite(vals[row])]
+                    if finite.numel():  # a diverged run still gets its scalars (NaN), not a crash
+                        writer.add_histogram(f"activations/{name}/u{unit}", finite, step)
         return out
 
     # --- outputs ------------------------------------------------------------------------------------
@@ -299,24 +438,9 @@ class Probes:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.data.x_train.device
         self.population_idx = state["population_idx"].to(device)
+        self.test_idx, self.test_keep = (t.to(device) for t in cover_in_batches(len(data.y_test), self.m))
         self.units = {name: u.to(device) for name, u in state["units"].items()}
         self._last = dict(state["last"])
-
-
-@contextmanager
-def _batch_stats_mode(model: nn.Module) -> Iterator[None]:
-    """Train mode with running-statistic updates off: BN normalizes with batch statistics and leaves its
-    buffers (running_mean, running_var, num_batches_tracked) alone, for torch's layer and ours."""
-    bns = list(bn_layers(model).values())
-    saved = [bn.track_running_stats for bn in bns]
-    model.train()
-    try:
-        for bn in bns:
-            bn.track_running_stats = False
-        yield
-    finally:
-        for bn, flag in zip(bns, saved):
-            bn.track_running_stats = flag
 
 
 @contextmanager

@@ -1,0 +1,440 @@
+"""The BN probes (DESIGN.md section 2): each quantity against an independent computation, and the
+guarantee that probing never changes training."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnexp import checkpoint
+from bnexp.config import apply_overrides, validate
+from bnexp.data import load_dataset
+from bnexp.models import bn_layers, build_model, hidden_blocks
+from bnexp.probes import Probes, cover_in_batches
+from bnexp.runs import read_metrics, read_summary
+from bnexp.train import Trainer, resume
+
+NORMS = ["torch", "bnexp"]
+# Conv2d + BatchNorm2d on 8x8 images (the synthetic task is tabular).
+DIGITS_CNN = {"model.kind": "cnn", "model.channels": [3, 4], "data.dataset": "digits", "data.train_size": 200,
+              "data.test_size": 50}
+
+
+def make_cfg(tmp_path: Path, **overrides):
+    """A small synthetic task: fast enough to probe at every step."""
+    base = {
+        "seed": 3, "device": "cpu", "out_dir": str(tmp_path),
+        "data": {"dataset": "synthetic", "batch_size": 16,
+                 "synthetic": {"num_samples": 400, "num_features": 8, "num_classes": 3}},
+        "model": {"kind": "mlp", "hidden": [12, 10], "norm": "torch", "activation": "sigmoid"},
+        "optim": {"name": "momentum", "lr": 0.2},
+        "train": {"steps": 20, "eval_every": 10, "log_every": 5, "checkpoint_every": 10},
+        "probes": {"every": 5, "population_batches": 4, "units_per_layer": 3, "histogram_every": 10},
+    }
+    return validate(apply_overrides(base, overrides))
+
+
+def setup(tmp_path: Path, **overrides):
+    cfg = make_cfg(tmp_path, **overrides)
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.data)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    return cfg, data, model
+
+
+def train_a_little(model, data, steps: int = 5, lr: float = 0.3, m: int = 16) -> None:
+    """Move the weights and running statistics away from their initial values."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randperm(len(data.y_train), generator=g)[:m]
+        opt.zero_grad()
+        F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
+        opt.step()
+
+
+def bn_input_stats(model, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per BN layer, the (mean, biased variance) of its input for the batch x in training mode, computed
+    the straightforward way: one module forward with running-statistic tracking switched off."""
+    stats, handles = {}, []
+    bns = bn_layers(model)
+    for name, bn in bns.items():
+        def hook(_m, inputs, _o, name=name):
+            h = inputs[0].double()
+            dims = [0, *range(2, h.dim())]
+            stats[name] = (h.mean(dims), h.var(dims, unbiased=False))
+        handles.append(bn.register_forward_hook(hook))
+    was = model.training
+    saved = {n: b.track_running_stats for n, b in bns.items()}
+    model.train()
+    for b in bns.values():
+        b.track_running_stats = False
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for n, b in bns.items():
+            b.track_running_stats = saved[n]
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return stats, out
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- probes never change training -------------------------------------------------------------------
+
+def _train(tmp_path: Path, name: str, **overrides) -> tuple[Trainer, torch.Tensor]:
+    cfg = make_cfg(tmp_path, **overrides)
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    trainer = Trainer(cfg, run_dir, load_dataset(cfg.data))
+    trainer.run()
+    return trainer, torch.get_rng_state()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [
+    {"model.norm": "torch"},
+    {"model.norm": "bnexp"},
+    {"model.norm": "none"},
+    {"model.norm": "bnexp", **DIGITS_CNN},
+], ids=["torch", "bnexp", "none", "bnexp-cnn"])
+def test_probes_never_change_training(tmp_path, variant):
+    probed, rng_probed = _train(tmp_path, "on", **variant, **{"probes.every": 1, "probes.histogram_every": 1})
+    plain, rng_plain = _train(tmp_path, "off", **variant, **{"probes.enabled": False})
+    assert probed.probes is not None and plain.probes is None
+    rows = read_metrics(tmp_path / "on")
+    assert sum(any(k.startswith("activations/") for k in r) for r in rows) == probed.cfg.train.steps + 1
+
+    a, b = probed.model.state_dict(), plain.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:  # weights and buffers: running_mean, running_var, num_batches_tracked
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = probed.optimizer.state_dict(), plain.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys() and sa["state"]
+    for i in sa["state"]:
+        assert torch.equal(sa["state"][i]["momentum_buffer"], sb["state"][i]["momentum_buffer"])
+    assert torch.equal(rng_probed, rng_plain)  # the global RNG was not drawn from
+    assert probed.sampler.state_dict()["epoch"] == plain.sampler.state_dict()["epoch"]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_measure_leaves_model_as_it_found_it(tmp_path, norm):
+    cfg, data, model = setup(tmp_path, **{"model.norm": norm})
+    train_a_little(model, data)
+    probes = Probes(cfg, model, data)
+    before = snapshot(model)
+    modules = dict(model.named_modules())
+    for training in (True, False):
+        model.train(training)
+        probes.measure(0, model)
+        assert all(m.training == training for m in model.modules())
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert dict(model.named_modules()) == modules  # the stand-in layers are gone again
+    assert all(b.track_running_stats for b in bn_layers(model).values())
+
+
+# --- each quantity against an independent computation -------------------------------------------------
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_population_statistics_from_the_data(tmp_path, norm, kind):
+    # One BN layer right after the first linear/conv map: its input is W x (no bias before BN),
+    # so the population statistics follow from the data and W alone.
+    cfg, data, model = setup(tmp_path, **{"model.norm": norm, "model.hidden": [7],
+                                          **(DIGITS_CNN if kind == "cnn" else {}), "model.channels": [5]})
+    train_a_little(model, data)
+    probes = Probes(cfg, model, data)
+    pop = probes.population_statistics(model)
+    assert list(pop) == ["h1"]
+
+    layer = model.h1.layer
+    means, variances = [], []
+    for idx in probes.population_idx:
+        x = data.x_train[idx].double()
+        if kind == "mlp":
+            h = x.flatten(1) @ layer.weight.double().T
+            dims = [0]
+        else:
+            h = F.conv2d(x, layer.weight.double(), padding=1)
+            dims = [0, 2, 3]
+        means.append(h.mean(dims))
+        variances.append(h.var(dims, unbiased=False))
+    n = h.numel() // h.shape[1]  # values per channel: m for an MLP, m·H·W for a conv layer
+    assert n == cfg.data.batch_size * (1 if kind == "mlp" else 8 * 8)
+    mu = torch.stack(means).mean(0)
+    var = torch.stack(variances).mean(0) * n / (n - 1)
+    torch.testing.assert_close(pop["h1"]["mean"], mu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pop["h1"]["var"], var, rtol=1e-5, atol=1e-6)
+
+
+def test_probe_batches_are_fixed_by_the_seed_and_distinct(tmp_path):
+    cfg, data, model = setup(tmp_path)
+    p1, p2 = Probes(cfg, model, data), Probes(cfg, model, data)
+    assert torch.equal(p1.population_idx, p2.population_idx)
+    assert all(p1.units[k].tolist() == p2.units[k].tolist() for k in p1.units)
+    k, m = p1.population_idx.shape
+    assert (k, m) == (cfg.probes.population_batches, cfg.data.batch_size)
+    assert all(len(set(row.tolist())) == m for row in p1.population_idx)
+    other = Probes(make_cfg(tmp_path, seed=4), model, data)
+    assert not torch.equal(p1.population_idx, other.population_idx)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_running_stat_errors(tmp_path, norm):
+    cfg, data, model = setup(tmp_path, **{"model.norm": norm})
+    train_a_little(model, data)
+    probes = Probes(cfg, model, data)
+    pop = probes.population_statistics(model)
+    bns = bn_layers(model)
+    # Running statistics equal to the population statistics: no error.
+    for name, bn in bns.items():
+        bn.running_mean.copy_(pop[name]["mean"])
+        bn.running_var.copy_(pop[name]["var"])
+    values = probes.measure(0, model)
+    for name in bns:
+        assert values[f"running_stats/{name}/mean_err"] == pytest.approx(0, abs=1e-6)
+        assert values[f"running_stats/{name}/var_err"] == pytest.approx(0, abs=1e-6)
+    # Off by half a population std in every mean, and by a factor e in every (var + eps): errors 1/2 and 1.
+    for name, bn in bns.items():
+        eps, var = bn.eps, pop[name]["var"]
+        bn.running_mean.copy_(pop[name]["mean"] + 0.5 * (var + eps).sqrt())
+        bn.running_var.copy_((var + eps) * math.e - eps)
+    values = probes.measure(0, model)
+    for name in bns:
+        assert values[f"running_stats/{name}/mean_err"] == pytest.approx(0.5, rel=1e-5)
+        assert values[f"running_stats/{name}/var_err"] == pytest.approx(1.0, rel=1e-5)
+    summary = probes.summary()
+    assert summary["running_mean_err"] == pytest.approx(0.5, rel=1e-5)
+    assert summary["running_var_err"] == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_gap_is_zero_when_running_stats_are_the_batch_stats(tmp_path, norm):
+    # The test set is one batch of m. Its running statistics are set to that batch's statistics, layer by
+    # layer. The running variance is the *biased* batch variance: training mode normalizes with the
+    # biased σ²_B while eval mode uses running_var as it is, so that is what makes the two modes agree.
+    cfg, data, model = setup(tmp_path, **{"model.norm": norm, "data.test_size": 16})
+    train_a_little(model, data)
+    assert len(data.y_test) == cfg.data.batch_size
+    stats, _ = bn_input_stats(model, data.x_test)
+    for name, bn in bn_layers(model).items():
+        bn.running_mean.copy_(stats[name][0])
+        bn.running_var.copy_(stats[name][1])
+    values = Probes(cfg, model, data).measure(0, model)
+    assert values["gap/accuracy"] == 0
+    assert values["gap/train_mode_accuracy"] == values["gap/eval_mode_accuracy"]
+    assert values["gap/logits"] == pytest.approx(0, abs=1e-5)
+    assert values["gap/kl"] == pytest.approx(0, abs=1e-9)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("test_size", [75, 10])  # 75: last batch overlaps its predecessor; 10 < m: one batch
+def test_gap_against_per_batch_forwards(tmp_path, norm, test_size):
+    cfg, data, model = setup(tmp_path, **{"model.norm": norm, "data.test_size": test_size})
+    train_a_little(model, data, steps=8)
+    probes = Probes(cfg, model, data)
+    values = probes.measure(0, model)
+
+    x, y, m = data.x_test, data.y_test, cfg.data.batch_size
+    model.eval()
+    with torch.no_grad():
+        f_eval = model(x)
+    # f_train the obvious way: one module forward per test batch, as the probes define the batches.
+    idx, keep = cover_in_batches(len(y), m)
+    assert idx.flatten()[keep].tolist() == list(range(len(y)))
+    f_train = torch.empty_like(f_eval)
+    ratios = []
+    for row, keep_row in zip(idx, keep.view(idx.shape)):
+        _, out = bn_input_stats(model, x[row])
+        ratios.append((torch.linalg.norm(out - f_eval[row]) / torch.linalg.norm(f_eval[row])).item())
+        f_train[row[keep_row]] = out[keep_row]
+    acc_train = (f_train.argmax(1) == y).double().mean().item()
+    acc_eval = (f_eval.argmax(1) == y).double().mean().item()
+    p = F.softmax(f_train.double(), 1)
+    kl = (p * (p.log() - F.log_softmax(f_eval.double(), 1))).sum(1).mean().item()
+    assert values["gap/train_mode_accuracy"] == pytest.approx(acc_train)
+    assert values["gap/eval_mode_accuracy"] == pytest.approx(acc_eval)
+    assert values["gap/accuracy"] == pytest.approx(acc_train - acc_eval, abs=1e-12)
+    assert values["gap/logits"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-4)
+    assert values["gap/kl"] == pytest.approx(kl, rel=1e-3, abs=1e-7)
+    assert values["gap/kl"] > 0 and values["gap/logits"] > 0
+
+    # Batch Renorm's d and r over the probe batches, from per-batch forwards.
+    for name, bn in bn_layers(model).items():
+        rm, rv, eps = bn.running_mean.double(), bn.running_var.double(), bn.eps
+        ds, rs = [], []
+        for row in probes.population_idx:
+            stats, _ = bn_input_stats(model, data.x_train[row])
+            mean, var = stats[name]
+            ds.append(((mean - rm).abs() / (rv + eps).sqrt()).mean().item())
+            rs.append(((var + eps).sqrt() / (rv + eps).sqrt()).mean().item())
+        assert values[f"gap/{name}/d"] == pytest.approx(sum(ds) / len(ds), rel=1e-4)
+        assert values[f"gap/{name}/r"] == pytest.approx(sum(rs) / len(rs), rel=1e-4)
+
+
+@pytest.mark.parametrize("variant", [
+    {"model.norm": "bnexp"}, {"model.norm": "none"},
+    {"model.norm": "bnexp", "model.bn_position": "after_activation"},
+    {"model.norm": "torch", **DIGITS_CNN},
+], ids=["bnexp", "none", "bn-after-act", "cnn"])
+def test_activation_percentiles_against_torch_quantile(tmp_path, variant):
+    cfg, data, model = setup(tmp_path, **variant)
+    train_a_little(model, data)
+    probes = Probes(cfg, model, data)
+    values = probes.measure(0, model)
+
+    captured, handles = {}, []
+    for name, block in hidden_blocks(model).items():
+        handles.append(block.act.register_forward_pre_hook(
+            lambda _m, inp, name=name: captured.__setitem__(name, inp[0].detach().clone())))
+    model.eval()
+    with torch.no_grad():
+        model(data.x_test)
+    for h in handles:
+        h.remove()
+    assert set(probes.units) == set(captured) and len(captured) == len(hidden_blocks(model))
+    q = torch.tensor([0.15, 0.5, 0.85])
+    for name, act in captured.items():
+        assert len(probes.units[name]) == cfg.probes.units_per_layer
+        for unit in probes.units[name].tolist():
+            v = act[:, unit].flatten()  # conv: one channel, every position of every test example
+            assert v.numel() == len(data.y_test) * (act[0, 0].numel())
+            expect = torch.quantile(v, q).tolist()
+            got = [values[f"activations/{name}/u{unit}/{p}"] for p in ("p15", "p50", "p85")]
+            assert got == pytest.approx(expect, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("norm", ["bnexp", "none"])
+def test_grad_norms_against_the_gradients(tmp_path, norm):
+    cfg, data, model = setup(tmp_path, **{"model.norm": norm})
+    probes = Probes(cfg, model, data)
+    model.train()
+    F.cross_entropy(model(data.x_train[:16]), data.y_train[:16]).backward()
+    probes.after_backward(5, model)
+    values = probes.measure(5, model)
+    layers = {"h1": model.h1.layer.weight, "h2": model.h2.layer.weight, "out": model.out.weight}
+    assert {k for k in values if k.startswith("grad_norm/")} == {f"grad_norm/{k}" for k in layers}
+    for name, w in layers.items():
+        assert values[f"grad_norm/{name}"] == pytest.approx(w.grad.norm().item(), rel=1e-6)
+    # Gradients belong to the step they were taken at: step 0 (no backward yet) has none.
+    assert not any(k.startswith("grad_norm/") for k in probes.measure(0, model))
+
+
+def test_due_steps(tmp_path):
+    cfg, data, model = setup(tmp_path, **{"train.steps": 23, "probes.every": 5})
+    probes = Probes(cfg, model, data)
+    assert [s for s in range(24) if probes.due(s)] == [0, 5, 10, 15, 20, 23]
+
+
+# --- runs on disk -----------------------------------------------------------------------------------
+
+def _run(tmp_path: Path, name: str, **overrides) -> Path:
+    cfg = make_cfg(tmp_path, **overrides)
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    Trainer(cfg, run_dir, load_dataset(cfg.data)).run()
+    return run_dir
+
+
+def _no_nan(path: Path) -> None:
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text and "null" not in text, path
+
+
+@pytest.mark.slow
+def test_run_without_bn_has_no_bn_keys(tmp_path):
+    run_dir = _run(tmp_path, "plain", **{"model.norm": "none"})
+    rows = read_metrics(run_dir)
+    keys = set().union(*rows)
+    assert not any(k.startswith(("running_stats/", "gap/")) for k in keys)
+    assert {"grad_norm/h1", "grad_norm/out"} <= keys
+    assert any(k.startswith("activations/h2/") and k.endswith("/p50") for k in keys)
+    summary = read_summary(run_dir)
+    assert not {"gap_accuracy", "gap_logits", "gap_kl", "running_mean_err", "running_var_err"} & set(summary)
+    _no_nan(run_dir / "metrics.jsonl")
+    _no_nan(run_dir / "summary.json")
+
+
+@pytest.mark.slow
+def test_run_with_bn_logs_everything_and_summarizes_the_last_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = _run(tmp_path, "bn", **{"model.norm": "bnexp", "train.steps": 23})
+    rows = {r["step"]: r for r in read_metrics(run_dir)}
+    probe_steps = [s for s, r in sorted(rows.items()) if "gap/accuracy" in r]
+    assert probe_steps == [0, 5, 10, 15, 20, 23]
+    last = rows[23]
+    summary = read_summary(run_dir)
+    assert summary["gap_accuracy"] == last["gap/accuracy"]
+    assert summary["gap_logits"] == last["gap/logits"]
+    assert summary["gap_kl"] == last["gap/kl"]
+    assert summary["running_mean_err"] == pytest.approx(
+        (last["running_stats/h1/mean_err"] + last["running_stats/h2/mean_err"]) / 2)
+    assert summary["running_var_err"] == pytest.approx(
+        (last["running_stats/h1/var_err"] + last["running_stats/h2/var_err"]) / 2)
+    for key in ("gap/h1/d", "gap/h2/r", "grad_norm/out", "running_stats/h2/var_err"):
+        assert key in last
+    _no_nan(run_dir / "metrics.jsonl")
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"histograms": 0, "scalars": 0})
+    acc.Reload()
+    hist_tags = acc.Tags()["histograms"]
+    assert len(hist_tags) == 2 * 3 and all(t.startswith("activations/h") for t in hist_tags)
+    # histogram_every=10 with every=5: steps 0, 10, 20 and the last.
+    assert [e.step for e in acc.Histograms(hist_tags[0])] == [0, 10, 20, 23]
+    assert [e.step for e in acc.Scalars("gap/eval_mode_accuracy")] == probe_steps
+
+
+def test_layout_groups_the_lines_that_belong_together(tmp_path):
+    cfg, data, model = setup(tmp_path, **{"model.norm": "bnexp"})
+    probes = Probes(cfg, model, data)
+    layout = probes.layout()
+    charts = {title: tags for category in layout.values() for title, (kind, tags) in category.items()}
+    tags = set(probes.measure(0, model))
+    # Every literal tag of a chart is one the probes log.
+    literal = [t for ts in charts.values() for t in ts if not t.endswith(".*")]
+    assert set(literal) <= tags
+    assert ["gap/train_mode_accuracy", "gap/eval_mode_accuracy"] in charts.values()
+    assert ["running_stats/h2/mean_err", "running_stats/h2/var_err"] in charts.values()
+    unit = probes.units["h1"][0].item()
+    assert [f"activations/h1/u{unit}/{p}" for p in ("p15", "p50", "p85")] in charts.values()
+    plain_cfg, plain_data, plain = setup(tmp_path, **{"model.norm": "none"})
+    plain_layout = Probes(plain_cfg, plain, plain_data).layout()
+    assert not any("gap" in t or "running_stats" in t for c in plain_layout.values()
+                   for _, ts in c.values() for t in ts)
+
+
+@pytest.mark.slow
+def test_resumed_run_has_bit_identical_probe_values(tmp_path):
+    full = _run(tmp_path, "full", **{"model.norm": "bnexp", "train.steps": 20, "train.checkpoint_every": 10})
+    # Make a copy that looks killed right after its step-10 checkpoint, then resume it.
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for ckpt in checkpoint.list_checkpoints(cut):
+        if int(ckpt.stem.split("-")[1]) > 10:
+            ckpt.unlink()
+    summary = json.loads((cut / "summary.json").read_text())
+    (cut / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    resume(cut)
+    a, b = read_metrics(full), read_metrics(cut)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    probe_keys = [k for k in a[-1] if k.startswith(("gap/", "running_stats/", "activations/", "grad_norm/"))]
+    assert probe_keys
+    for ra, rb in zip(a, b):
+        assert {k: ra.get(k) for k in probe_keys} == {k: rb.get(k) for k in probe_keys}
+    for k in ("gap_accuracy", "gap_kl", "running_mean_err", "running_var_err"):
+        assert read_summary(full)[k] == read_summary(cut)[k]
