@@ -1,0 +1,152 @@
+"""The command line: help and version, `validate`, and every user error as one line with exit status 2."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+import bnexp
+from bnexp.config import Config
+from conftest import DEFAULT_CONFIG, TINY
+
+
+def _files(root) -> set[str]:
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs} | \
+           {os.path.relpath(os.path.join(d, s), root) for d, ss, _ in os.walk(root) for s in ss}
+
+
+def test_help_and_version(cli):
+    r = cli("--help")
+    assert r.code == 0 and "train" in r.out and "validate" in r.out and "compare" in r.out
+    r = cli("--version")
+    assert r.code == 0 and r.out.strip() == f"bnexp {bnexp.__version__}"
+    r = cli()
+    assert r.code == 0 and r.out.count("Usage:") == 1
+
+
+@pytest.mark.parametrize("command, expect", [
+    ("train", "--config"), ("validate", "--config"), ("compare", "--config"), ("check", "--seed"),
+    ("bench", "--quick"),
+])
+def test_each_command_has_help(cli, command, expect):
+    r = cli(command, "--help")
+    assert r.code == 0 and expect in r.out and r.err == ""
+
+
+def test_console_script_help_version_and_user_error(tmp_path):
+    exe = shutil.which("bnexp") or pytest.skip("bnexp console script not on PATH")
+    run = lambda *a: subprocess.run([exe, *a], cwd=tmp_path, capture_output=True, text=True,  # noqa: E731
+                                    timeout=120)
+    assert run("--version").stdout.strip() == f"bnexp {bnexp.__version__}"
+    assert "Usage" in run("train", "--help").stdout
+    r = run("train", "--config", "missing.yaml")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == ["error: config file not found: missing.yaml"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_validate_prints_the_resolved_config(cli, write_config):
+    path = write_config({"model": {"norm": "torch"}})
+    r = cli("validate", "--config", path, "--set", "optim.lr=0.05", "--set", "model.hidden=[8]")
+    assert r.code == 0
+    resolved = Config.model_validate(yaml.safe_load(r.out))
+    expected = Config().model_dump()
+    expected["model"].update(norm="torch", hidden=[8])
+    expected["optim"]["lr"] = 0.05
+    assert resolved.model_dump() == expected
+
+
+# --- user errors: one line on stderr naming the problem, exit 2, no traceback, nothing written ----------
+
+def _assert_user_error(r, *needles: str) -> str:
+    assert r.code == 2, (r.out, r.err)
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.err
+    assert "Traceback" not in r.err and r.out == ""
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+BAD_FILES = {
+    "unknown_key": ({"model": {"nrom": "none"}}, "model.nrom"),
+    "wrong_type": ({"optim": {"lr": "fast"}}, "optim.lr"),
+    "lr_zero": ({"optim": {"lr": 0}}, "optim.lr"),
+    "lr_negative": ({"optim": {"lr": -0.5}}, "optim.lr"),
+    "batch_of_one_with_bn": ({"data": {"batch_size": 1}}, "data.batch_size"),
+    "steps_zero": ({"train": {"steps": 0}}, "train.steps"),
+    "unknown_dataset": ({"data": {"dataset": "imagenet"}}, "data.dataset"),
+    "unknown_model": ({"model": {"kind": "resnet"}}, "model.kind"),
+    "unknown_norm": ({"model": {"norm": "layernorm"}}, "model.norm"),
+    "batch_larger_than_data": ({"data": {"batch_size": 5000}}, "data.batch_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_config_file(cli, write_config, tmp_path, case):
+    data, key = BAD_FILES[case]
+    path = write_config(data)
+    r = cli("train", "--config", path, "--quiet")
+    _assert_user_error(r, f"{key}:")
+    assert _files(tmp_path) == {"config.yaml"}
+
+
+def test_malformed_yaml(cli, write_config, tmp_path):
+    path = write_config("model:\n  norm: torch\n   kind: mlp\n")
+    _assert_user_error(cli("train", "--config", path), "malformed YAML", "config.yaml", "line 3")
+    assert _files(tmp_path) == {"config.yaml"}
+
+
+def test_missing_config_file(cli, tmp_path):
+    _assert_user_error(cli("train", "--config", "nope.yaml"), "config file not found: nope.yaml")
+    assert _files(tmp_path) == set()
+
+
+@pytest.mark.parametrize("bad", ["model.norm", "=none", "a..b=1"])
+def test_bad_set_syntax(cli, tmp_path, bad):
+    _assert_user_error(cli("train", "--config", DEFAULT_CONFIG, "--set", bad), "bad --set", bad)
+    assert _files(tmp_path) == set()
+
+
+def test_set_is_validated_like_the_file(cli, tmp_path):
+    _assert_user_error(cli("train", "--config", DEFAULT_CONFIG, "--set", "model.norm=batch"), "model.norm:")
+    assert _files(tmp_path) == set()
+
+
+def test_bad_flag(cli, tmp_path):
+    _assert_user_error(cli("train", "--config", DEFAULT_CONFIG, "--bogus"), "--bogus")
+    _assert_user_error(cli("train", "--set"), "--set")
+    _assert_user_error(cli("frobnicate"), "frobnicate")
+    assert _files(tmp_path) == set()
+
+
+def test_existing_out_directory_is_never_touched(cli, tiny_config, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _assert_user_error(cli("train", "--config", tiny_config, "--out", out, "--quiet"), "already exists", "taken")
+    assert _files(tmp_path) == {"config.yaml", "taken", os.path.join("taken", "keep.txt")}
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_cuda_requested_without_cuda(cli, write_config, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = write_config({**TINY, "device": "cuda"})
+    _assert_user_error(cli("train", "--config", path), "device:")
+    assert _files(tmp_path) == {"config.yaml"}
+
+
+def test_run_directory_path_is_the_last_line_of_stdout(cli, tiny_config, tmp_path):
+    r = cli("train", "--config", tiny_config, "--quiet")
+    assert r.code == 0, r.err
+    run_dir = r.path
+    assert run_dir.parent == Path("runs") / "tiny"
+    assert run_dir.name.endswith("-s0") and (tmp_path / run_dir / "summary.json").is_file()

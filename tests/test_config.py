@@ -1,0 +1,156 @@
+"""The config schema, configs/default.yaml and --set overrides."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from bnexp.config import Config, ConfigError, apply_overrides, load, parse_override, to_yaml, validate
+from conftest import DEFAULT_CONFIG
+
+
+def _leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _leaf_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _commented_keys(text: str) -> dict[str, bool]:
+    """Dotted key of every `key:` line of a block-style YAML file -> whether the line has a comment."""
+    found: dict[str, bool] = {}
+    stack: list[tuple[int, str]] = []
+    for line in text.splitlines():
+        m = re.match(r"^( *)([A-Za-z_][A-Za-z0-9_]*):(.*)$", line)
+        if not m:
+            continue
+        indent, key, rest = len(m.group(1)), m.group(2), m.group(3)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, key))
+        found[".".join(k for _, k in stack)] = "#" in rest
+    return found
+
+
+def test_default_yaml_is_exactly_the_defaults():
+    assert load(DEFAULT_CONFIG) == Config()
+    assert yaml.safe_load(DEFAULT_CONFIG.read_text()) == Config().model_dump(mode="json")
+
+
+def test_every_schema_key_is_documented_in_default_yaml():
+    documented = _commented_keys(DEFAULT_CONFIG.read_text())
+    leaves = _leaf_keys(Config)
+    assert "model.bn.eps" in leaves and "data.synthetic.separation" in leaves  # the walk reaches nested keys
+    missing = [k for k in leaves if k not in documented]
+    uncommented = [k for k in leaves if k in documented and not documented[k]]
+    assert not missing, f"keys missing from configs/default.yaml: {missing}"
+    assert not uncommented, f"keys without a one-line comment in configs/default.yaml: {uncommented}"
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("seed", "7", 7),
+    ("data.dataset", "mnist1d", "mnist1d"),
+    ("data.batch_size", "32", 32),
+    ("model.kind", "cnn", "cnn"),
+    ("model.norm", "none", "none"),
+    ("model.activation", "relu", "relu"),
+    ("optim.lr", "0.1", 0.1),
+    ("train.steps", "10", 10),
+    ("train.eval_every", "5", 5),
+])
+def test_relied_on_dotted_keys_are_overridable(key, value, expected):
+    cfg = load(DEFAULT_CONFIG, [f"{key}={value}"])
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    assert node == expected and type(node) is type(expected)
+
+
+def test_override_values_are_yaml_and_later_ones_win():
+    cfg = load(None, ["model.hidden=[10, 20]", "optim.lr=1e-3", "model.bn.momentum=null",
+                      "optim.lr=0.25", "name=2024"])
+    assert cfg.model.hidden == [10, 20]
+    assert cfg.optim.lr == 0.25
+    assert cfg.model.bn.momentum is None
+    assert cfg.name == "2024"  # YAML reads it as a number; it is still a name
+
+
+def test_override_does_not_mutate_its_input():
+    raw = {"model": {"norm": "torch"}}
+    out = apply_overrides(raw, ["model.norm=none"])
+    assert raw == {"model": {"norm": "torch"}} and out == {"model": {"norm": "none"}}
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.nrom=none", "model.nrom"),
+    ("optim.lr=abc", "optim.lr"),
+    ("optim.lr=0", "optim.lr"),
+    ("optim.lr=-0.1", "optim.lr"),
+    ("optim.lr=.inf", "optim.lr"),
+    ("optim.lr=true", "optim.lr"),
+    ("seed=yes", "seed"),
+    ("train.steps=2.5", "train.steps"),
+    ("train.steps=0", "train.steps"),
+    ("model.hidden=[10, 0]", "model.hidden"),
+    ("data.batch_size=1", "data.batch_size"),
+])
+def test_overrides_are_validated_like_the_file(override, key):
+    with pytest.raises(ConfigError) as exc:
+        load(DEFAULT_CONFIG, [override])
+    msg = str(exc.value)
+    assert "\n" not in msg and f"{key}:" in msg
+
+
+def test_batch_of_one_is_fine_without_bn():
+    assert load(None, ["data.batch_size=1", "model.norm=none"]).data.batch_size == 1
+
+
+def test_torch_norm_refuses_bnexp_only_options():
+    with pytest.raises(ConfigError, match=r"model\.bn\.running_var_init"):
+        load(None, ["model.norm=torch", "model.bn.running_var_init=0"])
+
+
+@pytest.mark.parametrize("text", ["model.norm", "=none", "model..norm=none", ".x=1", "optim.lr=[1"])
+def test_bad_set_syntax(text):
+    with pytest.raises(ConfigError, match="bad --set"):
+        parse_override(text)
+
+
+def test_set_below_a_scalar_is_refused():
+    with pytest.raises(ConfigError, match=r"model\.norm is not a section"):
+        apply_overrides({}, ["model.norm=torch", "model.norm.x=1"])
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  norm: [torch\n")
+    with pytest.raises(ConfigError, match=r"malformed YAML in .*bad\.yaml at line \d+"):
+        load(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    with pytest.raises(ConfigError, match="must contain a mapping"):
+        load(scalar)
+    with pytest.raises(ConfigError, match="mapping"):
+        validate(["not", "a", "dict"])  # type: ignore[arg-type]
+
+
+def test_empty_file_is_all_defaults(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set\n")
+    assert load(empty) == Config()
+
+
+def test_to_yaml_round_trips(tmp_path):
+    cfg = load(DEFAULT_CONFIG, ["model.norm=torch", "model.bn.momentum=null", "optim.lr=1e-3"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load(path) == cfg
