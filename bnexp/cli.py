@@ -73,7 +73,11 @@ def train(
         if resume is not None:
             summary, run_dir = trainmod.resume(resume, quiet=quiet), resume
         else:
-            run_dir, summary = trainmod.start(cfgmod.load(config, set_ or []), out, quiet=quiet)
+            cfg = cfgmod.load(config, set_ or [])
+            if out is not None and (out.exists() or out.is_symlink()):
+                # Before any data is loaded: a refused run must not even write the mnist1d cache.
+                raise UserError(f"output directory already exists: {out} (bnexp never overwrites a run)")
+            run_dir, summary = trainmod.start(cfg, out, quiet=quiet)
     _report(summary, run_dir)
 
 
