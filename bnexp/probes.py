@@ -438,7 +438,6 @@ class Probes:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.data.x_train.device
         self.population_idx = state["population_idx"].to(device)
-        self.test_idx, self.test_keep = (t.to(device) for t in cover_in_batches(len(data.y_test), self.m))
         self.units = {name: u.to(device) for name, u in state["units"].items()}
         self._last = dict(state["last"])
 

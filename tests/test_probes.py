@@ -18,7 +18,7 @@ from bnexp.data import load_dataset
 from bnexp.models import bn_layers, build_model, hidden_blocks
 from bnexp.probes import Probes, cover_in_batches
 from bnexp.runs import read_metrics, read_summary
-from bnexp.train import Trainer, resume
+from bnexp.train import Trainer, resume, train
 
 NORMS = ["torch", "bnexp"]
 # Conv2d + BatchNorm2d on 8x8 images (the synthetic task is tabular).
@@ -346,7 +346,7 @@ def _run(tmp_path: Path, name: str, **overrides) -> Path:
     cfg = make_cfg(tmp_path, **overrides)
     run_dir = tmp_path / name
     run_dir.mkdir()
-    Trainer(cfg, run_dir, load_dataset(cfg.data)).run()
+    train(cfg, run_dir, data=load_dataset(cfg.data))
     return run_dir
 
 
