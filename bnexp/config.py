@@ -61,12 +61,33 @@ class DataConfig(_Strict):
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
+class RenormConfig(_Strict):
+    # Batch Renormalization's clipping schedule (Ioffe 2017, section 4) in steps: plain BN (r_max 1,
+    # d_max 0) for warmup_steps, then relaxed linearly to r_max at r_max_steps and d_max at d_max_steps.
+    # The defaults are the paper's schedule (5k, 40k, 25k steps) scaled by 1/40 to our 2000-step runs.
+    r_max: Float = Field(3.0, ge=1)
+    d_max: Float = Field(5.0, ge=0)
+    warmup_steps: Int = Field(125, ge=0)
+    r_max_steps: Int = Field(1000, ge=0)
+    d_max_steps: Int = Field(625, ge=0)
+
+
+class PreciseConfig(_Strict):
+    # PreciseBN (Wu & Johnson 2021): running statistics recomputed from K training batches.
+    when: Literal["never", "eval", "end"] = "never"
+    batches: Int = Field(20, ge=1)
+
+
 class BNConfig(_Strict):
     eps: Float = Field(1e-5, gt=0)
     momentum: Optional[Float] = Field(0.1, gt=0, le=1)
     affine: bool = True
     running_var_init: Float = Field(1.0, ge=0)
     unbiased_normalize: bool = False
+    variant: Literal["bn", "renorm", "ghost"] = "bn"
+    renorm: RenormConfig = RenormConfig()
+    ghost_batch_size: Optional[Int] = Field(None, ge=2)
+    precise: PreciseConfig = PreciseConfig()
 
 
 class ModelConfig(_Strict):
@@ -102,6 +123,10 @@ class TrainConfig(_Strict):
     eval_every: Int = Field(100, ge=1)
     log_every: Int = Field(10, ge=1)
     checkpoint_every: Int = Field(500, ge=1)
+    # Beyond a non-finite loss or weight (always divergence): the mean training loss over the last
+    # divergence_window steps above divergence_factor x ln(num_classes), the loss of a uniform guess.
+    divergence_factor: Optional[Float] = Field(1.5, gt=1)
+    divergence_window: Int = Field(200, ge=1)
 
 
 class ProbesConfig(_Strict):
@@ -138,6 +163,30 @@ class Config(_Strict):
                 if getattr(bn, key) != default:
                     raise ValueError(f"model.bn.{key}: only available with model.norm: bnexp (torch's layer "
                                      f"has no such option)")
+        return self
+
+    @model_validator(mode="after")
+    def _bn_variants(self) -> "Config":
+        bn, norm, m = self.model.bn, self.model.norm, self.data.batch_size
+        if bn.variant != "bn" and norm != "bnexp":
+            raise ValueError(f"model.bn.variant: {bn.variant} needs model.norm: bnexp (got {norm})")
+        if bn.variant == "ghost":
+            k = bn.ghost_batch_size
+            if k is None:
+                raise ValueError("model.bn.ghost_batch_size: required with model.bn.variant: ghost "
+                                 "(the virtual batch size)")
+            if m % k:
+                raise ValueError(f"data.batch_size: {m} is not a multiple of model.bn.ghost_batch_size ({k})")
+        elif bn.ghost_batch_size is not None:
+            raise ValueError(f"model.bn.ghost_batch_size: only used with model.bn.variant: ghost "
+                             f"(got variant {bn.variant})")
+        if bn.variant == "renorm":
+            for key in ("r_max_steps", "d_max_steps"):
+                if getattr(bn.renorm, key) < bn.renorm.warmup_steps:
+                    raise ValueError(f"model.bn.renorm.{key}: must be >= model.bn.renorm.warmup_steps "
+                                     f"({bn.renorm.warmup_steps})")
+        if bn.precise.when != "never" and norm == "none":
+            raise ValueError("model.bn.precise.when: needs batch normalization (model.norm is none)")
         return self
 
 
