@@ -9,8 +9,9 @@ import math
 import os
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -20,6 +21,7 @@ CONFIG = "config.yaml"
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
 
 
 class RunDirError(UserError):
@@ -32,20 +34,41 @@ def versions() -> dict[str, str]:
 
 def create_run_dir(out_dir: str | Path, name: str, seed: int, explicit: str | Path | None = None) -> Path:
     """Make a fresh directory; mkdir is atomic, so two runs racing for one name cannot share it."""
+    try:
+        return _create_run_dir(out_dir, name, seed, explicit)
+    except RunDirError:
+        raise
+    except (OSError, ValueError) as err:  # a parent that is a file, no permission, a NUL in the path
+        where = explicit if explicit is not None else Path(out_dir) / name
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise RunDirError(f"cannot create a run directory at {where}: {reason}") from None
+
+
+def refuse_existing(explicit: str | Path) -> None:
+    """An explicit --out must not exist: checked early (before data loads) and again at mkdir."""
+    path = Path(explicit)
+    if path.exists() or path.is_symlink():
+        what = "a run directory" if is_run_dir(path) else "a file" if not path.is_dir() else "a directory"
+        hint = f"; to continue it use --resume {path}" if is_run_dir(path) else ""
+        raise RunDirError(f"--out {path} already exists ({what}): bnexp never overwrites or merges runs{hint}")
+
+
+def _create_run_dir(out_dir: str | Path, name: str, seed: int, explicit: str | Path | None) -> Path:
     if explicit is not None:
         path = Path(explicit)
-        if path.exists():
-            raise RunDirError(f"output directory already exists: {path} (bnexp never overwrites a run)")
+        refuse_existing(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             path.mkdir()
-        except FileExistsError:
-            raise RunDirError(f"output directory already exists: {path} (bnexp never overwrites a run)") from None
+        except FileExistsError:  # created by someone else since the check
+            refuse_existing(path)
+            raise
         return path
     parent = Path(out_dir) / name
     parent.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for attempt in range(1, 10_000):
+        # Two runs started in the same second (a sweep, parallel workers) get -2, -3, ...
         suffix = "" if attempt == 1 else f"-{attempt}"
         path = parent / f"{stamp}-s{seed}{suffix}"
         try:
@@ -56,6 +79,29 @@ def create_run_dir(out_dir: str | Path, name: str, seed: int, explicit: str | Pa
     raise RunDirError(f"could not create a fresh run directory under {parent}")
 
 
+@contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold an advisory lock on the run directory while training writes to it.
+
+    A second `--resume` of a run that is still training (another terminal, a stale job) is refused rather
+    than interleaving two writers. The kernel drops the lock when the process dies, even by SIGKILL.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock (Windows): run unguarded
+        yield
+        return
+    fd = os.open(Path(run_dir) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(f"run {run_dir} is being trained by another process") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -63,6 +109,16 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    # A rename is durable only once the directory entry is on disk.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def json_safe(value: Any) -> Any:
@@ -84,11 +140,24 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / SUMMARY).read_text())
 
 
+def _parse_rows(text: str) -> list[dict[str, Any]]:
+    """Rows of metrics.jsonl; a torn last line (the process died mid-write) is dropped, not an error."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return rows
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_rows(path.read_text())
 
 
 def is_run_dir(path: Path) -> bool:
@@ -108,9 +177,8 @@ class MetricsLog:
         # Rows written after the checkpoint are replayed by the resumed run: drop them so none is doubled.
         if not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        write_atomic(self.path, "".join(line + "\n" for line in keep))
+        keep = [row for row in _parse_rows(self.path.read_text()) if row["step"] <= step]
+        write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def write(self, row: dict[str, Any]) -> None:
         self._f.write(json.dumps(json_safe(row)) + "\n")

@@ -2,43 +2,39 @@
 
 Step s means "after s optimizer updates"; step 0 is the network at initialisation, evaluated and probed
 so curves start where training does. The hot path does no host-device synchronisation: per-step losses
-stay on the device and are read once per log interval.
+stay on the device and are read once per log interval, which is also when divergence is detected (so a
+diverged run trains at most log_every - 1 steps past the step it records).
+
+Reliability: checkpoints hold everything that determines the rest of the run (model, optimizer,
+scheduler, the torch RNG, the data order, the probes, the pending loss interval), so an interrupted run
+resumed from one is bit-identical to an uninterrupted run on CPU. A resumed run rewrites everything after
+its checkpoint: TensorBoard purges those steps and metrics.jsonl drops those rows.
 """
 
 from __future__ import annotations
 
 import math
-import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnexp import checkpoint
-from bnexp.config import Config, OptimConfig, to_yaml
+from bnexp import checkpoint, interrupt
+from bnexp.config import Config, ConfigError, OptimConfig, to_yaml
 from bnexp.data import BatchSampler, Dataset, load_dataset
+from bnexp.interrupt import Interrupted  # noqa: F401 - re-exported: callers catch bnexp.train.Interrupted
 from bnexp.models import build_model
-from bnexp.runs import CONFIG, MetricsLog, RunDirError, read_summary, versions, write_atomic, write_summary
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived: the checkpoint is written and the run marked interrupted."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+from bnexp.runs import (CONFIG, MetricsLog, RunDirError, create_run_dir, locked, read_summary, refuse_existing,
+                        versions, write_atomic, write_summary)
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from bnexp.config import ConfigError
-
         raise ConfigError("device: cuda was requested but no CUDA device is available")
     return torch.device(name)
 
@@ -80,22 +76,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 40
     model.train(was_training)
     n = len(y)
     return loss.item() / n, correct.item() / n
-
-
-@contextmanager
-def _catch_signals() -> Iterator[list[int]]:
-    """Turn SIGINT/SIGTERM into a flag the loop checks between steps, so a step is never cut in half."""
-    received: list[int] = []
-
-    def handler(signum, _frame):
-        received.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 class _Progress:
@@ -188,6 +168,7 @@ class Trainer:
         self.elapsed = 0.0  # wall time of earlier sessions of a resumed run
         self._losses: list[torch.Tensor] = []
         self._correct: list[torch.Tensor] = []
+        self._window = torch.zeros(0, dtype=torch.float64)  # the last divergence_window losses, on the host
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -205,7 +186,17 @@ class Trainer:
             "elapsed": self.elapsed + (time.perf_counter() - self._t0),
             "pending_losses": [t.cpu() for t in self._losses],
             "pending_correct": [t.cpu() for t in self._correct],
+            "loss_window": self._window.clone(),
         }
+
+    def load_checkpoint(self, state: dict[str, Any], path: Path) -> None:
+        """load_state_dict for a file a user may have damaged or mixed up: a mismatch is a user error."""
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} does not fit the run's config.yaml: {first}") from None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
@@ -224,39 +215,47 @@ class Trainer:
         self.elapsed = state["elapsed"]
         self._losses = [t.to(self.device) for t in state["pending_losses"]]
         self._correct = [t.to(self.device) for t in state["pending_correct"]]
+        self._window = state["loss_window"].to(torch.float64)
 
     # --- the loop ----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
         cfg = self.cfg
         self._t0 = time.perf_counter()
         start = self.step
-        # A resumed run rewrites everything after its checkpoint (all of it if it had none): TensorBoard
-        # purges those steps and metrics.jsonl drops those rows, so nothing is doubled.
-        self.writer = _tb_writer(self.run_dir, purge_step=(start + 1 if start else 0) if resume else None)
-        self.metrics = MetricsLog(self.run_dir, resume_step=(start if start else -1) if resume else None)
-        layout = _base_layout() if self.probes is None else _merge_layouts(_base_layout(), self.probes.layout())
-        self.writer.add_custom_scalars(layout)
-        progress = _Progress(cfg.train.steps, start, self.quiet)
-        status, diverged_step = "completed", None
-        try:
-            with _catch_signals() as received:
+        with interrupt.catch_signals() as guard:
+            # From here on the run directory is being written: a signal is recorded and acted on between
+            # steps, never in the middle of a step, a checkpoint or a log row.
+            guard.defer()
+            # A resumed run rewrites everything after its checkpoint (all of it if it had none): TensorBoard
+            # purges those steps and metrics.jsonl drops those rows, so nothing is doubled.
+            self.writer = _tb_writer(self.run_dir, purge_step=(start + 1 if start else 0) if resume else None)
+            self.metrics = MetricsLog(self.run_dir, resume_step=(start if start else -1) if resume else None)
+            progress = _Progress(cfg.train.steps, start, self.quiet)
+            status, diverged_step = "completed", None
+            try:
                 if start == 0:
+                    # Once per run: a resumed run keeps the layout written at its step 0.
+                    layout = _base_layout() if self.probes is None else _merge_layouts(_base_layout(),
+                                                                                     self.probes.layout())
+                    self.writer.add_custom_scalars(layout)
                     self._log_step(0, {})
-                diverged_step = self._loop(start, received, progress)
+                diverged_step = self._loop(start, guard.received, progress)
                 if diverged_step is not None:
                     status = "diverged"
-        except Interrupted:
-            self._finish("interrupted", None)
-            raise
-        finally:
-            progress.close()
-        return self._finish(status, diverged_step)
+            except Interrupted:
+                self._finish("interrupted", None)
+                raise
+            finally:
+                progress.close()
+            return self._finish(status, diverged_step)
 
     def _loop(self, start: int, received: list[int], progress: _Progress) -> int | None:
         cfg, model, opt = self.cfg, self.model, self.optimizer
         x_all, y_all = self.data.x_train, self.data.y_train
         log_every, eval_every, ckpt_every = cfg.train.log_every, cfg.train.eval_every, cfg.train.checkpoint_every
         for step in range(start + 1, cfg.train.steps + 1):
+            if received:  # a signal during start-up or the step-0 evaluation: nothing trained since
+                self._interrupt(received[0])
             idx = self.sampler.next()
             x, y = x_all[idx], y_all[idx]
             out = model(x)
@@ -278,8 +277,8 @@ class Trainer:
             if step % log_every == 0 or last:
                 bad = self._flush_train_metrics(step, row)
                 if bad is not None:
-                    self._log_step(bad, {"train/diverged": 1.0})
-                    return bad
+                    self._write_row(bad[0], {"train/diverged": 1.0, "train/loss": bad[1]})
+                    return bad[0]
             if step % eval_every == 0 or last or probing:
                 self._log_step(step, row, evaluate_now=step % eval_every == 0 or last, probe=probing)
             elif row:
@@ -288,26 +287,55 @@ class Trainer:
                 progress.update(step, self._progress_info())
             if step % ckpt_every == 0 or last or received:
                 checkpoint.save(self.run_dir, step, self.state_dict())
-            if received:
-                raise Interrupted(received[0])
+            if received and not last:
+                raise Interrupted(received[0], self.run_dir)
         return None
 
-    def _flush_train_metrics(self, step: int, row: dict[str, float]) -> int | None:
-        """Move the interval's losses to the host; return the first step whose loss was not finite."""
+    def _interrupt(self, signum: int) -> None:
+        checkpoint.save(self.run_dir, self.step, self.state_dict())
+        raise Interrupted(signum, self.run_dir)
+
+    def _flush_train_metrics(self, step: int, row: dict[str, float]) -> tuple[int, float] | None:
+        """Move the interval's losses to the host (the one sync per log interval).
+
+        Returns (step, loss) of the first step that diverged: its loss was not finite or exceeded
+        train.divergence_loss (float32 cross-entropy via log-softmax rarely overflows; a blown-up network
+        shows as a huge finite loss instead), or its update made the weights non-finite.
+        """
         losses = torch.stack(self._losses).double().cpu()
         correct = torch.stack(self._correct).sum().item()
         n = len(self._losses)
         self._losses, self._correct = [], []
-        finite = torch.isfinite(losses)
-        if not finite.all():
-            return step - n + 1 + int((~finite).nonzero()[0])
-        # A finite loss with an overflowing gradient shows up as non-finite weights after the update.
+        bad = ~torch.isfinite(losses)
+        bad |= self._above_chance(losses)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            return step - n + 1 + i, float(losses[i])
+        # A non-finite gradient with a finite loss shows as non-finite weights after the update; any
+        # earlier step's would have made a later loss in this interval non-finite already.
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            return step
+            return step, float(losses[-1])
         row["train/loss"] = losses.mean().item()
         row["train/accuracy"] = correct / (n * self.cfg.data.batch_size)
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         return None
+
+    def _above_chance(self, losses: torch.Tensor) -> torch.Tensor:
+        """Per step of `losses`: whether the mean loss over the window ending there exceeds the limit."""
+        tc = self.cfg.train
+        history = torch.cat([self._window, losses])
+        self._window = history[-tc.divergence_window:]
+        if tc.divergence_factor is None:
+            return torch.zeros_like(losses, dtype=torch.bool)
+        limit = tc.divergence_factor * math.log(self.data.num_classes)
+        w = tc.divergence_window
+        # Window sums by differences of a cumulative sum; a window that would reach before step 1 is not
+        # full yet and never counts.
+        csum = torch.cat([torch.zeros(1, dtype=history.dtype), history.cumsum(0)])
+        ends = torch.arange(len(history) - len(losses), len(history)) + 1
+        full = ends >= w
+        sums = csum[ends] - csum[(ends - w).clamp(min=0)]
+        return full & (sums / w > limit)
 
     def _log_step(self, step: int, row: dict[str, float], evaluate_now: bool = True, probe: bool = True) -> None:
         if evaluate_now:
@@ -359,22 +387,52 @@ class Trainer:
 
 def prepare(cfg: Config) -> Dataset:
     """Everything that can fail on user input, done before any directory exists."""
-    resolve_device(cfg.device)
-    return load_dataset(cfg.data)
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.data)
+    # Building the network and running two examples through it is the last check on user input (widths
+    # against the data's shape and the machine's memory); the Trainer builds it again under the run's seed.
+    try:
+        model = build_model(cfg.model, data.input_shape, data.num_classes).to(device).eval()
+        with torch.no_grad():
+            model(data.x_train[:2].to(device))
+    except (RuntimeError, MemoryError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"model: this network cannot run on {cfg.data.dataset} inputs of shape "
+                          f"{tuple(data.input_shape)}: {first}") from None
+    return data
+
+
+def start(cfg: Config, out: str | Path | None = None, *, quiet: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Validate, create a fresh run directory (cfg.out_dir/... or exactly `out`), train; return both."""
+    if out is not None:
+        refuse_existing(out)  # before the data loads: a mistake here should cost no time
+    data = prepare(cfg)
+    # From here a signal no longer aborts at once: the loop checkpoints and marks the run interrupted, so a
+    # run directory is never left half-made.
+    interrupt.defer()
+    run_dir = create_run_dir(cfg.out_dir, cfg.name, cfg.seed, out)
+    return run_dir, train(cfg, run_dir, quiet=quiet, data=data)
 
 
 def train(cfg: Config, run_dir: Path, *, quiet: bool = True, data: Dataset | None = None) -> dict[str, Any]:
     """Train a fresh run in an existing, empty run directory."""
+    run_dir = Path(run_dir)
     data = prepare(cfg) if data is None else data
-    write_atomic(run_dir / CONFIG, to_yaml(cfg))
-    trainer = Trainer(cfg, run_dir, data, quiet=quiet)
-    write_summary(run_dir, {"status": "running", "steps": 0, "seed": cfg.seed, "name": cfg.name,
-                            "versions": versions()})
-    return trainer.run()
+    with interrupt.catch_signals() as guard, locked(run_dir):
+        guard.defer()
+        write_atomic(run_dir / CONFIG, to_yaml(cfg))
+        trainer = Trainer(cfg, run_dir, data, quiet=quiet)
+        write_summary(run_dir, {"status": "running", "steps": 0, "seed": cfg.seed, "name": cfg.name,
+                                "versions": versions()})
+        return trainer.run()
 
 
 def resume(run_dir: Path, *, quiet: bool = True) -> dict[str, Any]:
-    """Continue an interrupted run in its own directory, from its newest complete checkpoint."""
+    """Continue an interrupted (or killed) run in its own directory, from its newest complete checkpoint.
+
+    Nothing in the directory changes until every check has passed: a corrupted checkpoint or config is a
+    one-line user error and no file is deleted.
+    """
     from bnexp.config import load as load_config
     from bnexp.runs import is_run_dir
 
@@ -383,15 +441,19 @@ def resume(run_dir: Path, *, quiet: bool = True) -> dict[str, Any]:
         raise RunDirError(f"run directory not found: {run_dir}")
     if not is_run_dir(run_dir):
         raise RunDirError(f"not a bnexp run directory (no config.yaml and summary.json): {run_dir}")
-    status = read_summary(run_dir).get("status")
-    if status in ("completed", "diverged"):
-        raise RunDirError(f"run {run_dir} already ended ({status}); nothing to resume")
-    cfg = load_config(run_dir / CONFIG)
-    state = checkpoint.load_latest(run_dir) if checkpoint.list_checkpoints(run_dir) else None
-    data = prepare(cfg)
-    trainer = Trainer(cfg, run_dir, data, quiet=quiet)
-    if state is None:
-        # Killed before its first checkpoint: the run starts over in place.
+    with locked(run_dir):
+        try:
+            status = read_summary(run_dir).get("status")
+        except (ValueError, AttributeError):
+            raise RunDirError(f"corrupted {run_dir / 'summary.json'}: not a JSON object") from None
+        if status in ("completed", "diverged"):
+            raise RunDirError(f"run {run_dir} already ended ({status}); nothing to resume")
+        cfg = load_config(run_dir / CONFIG)
+        found = checkpoint.list_checkpoints(run_dir)
+        state = checkpoint.load(found[-1]) if found else None
+        data = prepare(cfg)
+        trainer = Trainer(cfg, run_dir, data, quiet=quiet)
+        if state is not None:
+            trainer.load_checkpoint(state, found[-1])
+        # else: killed before its first checkpoint; the run starts over in place.
         return trainer.run(resume=True)
-    trainer.load_state_dict(state)
-    return trainer.run(resume=True)
