@@ -1,0 +1,505 @@
+"""`bnexp compare`: one base experiment, several named arms (override sets), several seeds, one report.
+
+A BN claim is a comparison over seeds, so the unit of a result here is a comparison directory:
+
+    <out_dir>/compare/<name>/<timestamp>/compare.yaml        the resolved comparison (base inlined)
+                                        /<arm>/s<seed>/       ordinary run directories (bnexp.train.train)
+                                        /report.md, summary.csv, plots/
+
+Everything that can fail on user input (the comparison config, every arm x seed run config, the datasets)
+is checked before the directory exists, so a user error leaves nothing behind. A run that fails or diverges
+is recorded (its summary.json, or error.txt for an exception) and the comparison goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bnexp.config import (Config, ConfigError, _format_validation_error, apply_override, parse_override,
+                          read_yaml, validate)
+from bnexp.errors import UserError
+
+COMPARE_YAML = "compare.yaml"
+ERROR_FILE = "error.txt"  # a run that raised: the traceback, so the comparison can go on
+_NAME = r"^[A-Za-z0-9_.\-]+$"
+_SEED_DIR = re.compile(r"^s(\d+)$")
+# Keys of the comparison config that still mean something when reporting on existing run directories.
+_REPORT_KEYS = ("name", "target_accuracy", "baseline", "out_dir")
+
+
+class CompareError(UserError):
+    """A user error in a comparison config, its arms or the run directories given: one line, exit 2."""
+
+
+class CompareConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("compare", min_length=1, pattern=_NAME)
+    base: dict[str, Any] = Field(default_factory=dict)
+    arms: dict[str, Optional[dict[str, Any]]] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    target_accuracy: Optional[float] = Field(None, gt=0, le=1)
+    baseline: Optional[str] = None
+    out_dir: str = "runs"
+
+    @field_validator("arms")
+    @classmethod
+    def _arm_names(cls, arms: dict[str, Any]) -> dict[str, Any]:
+        if not arms:
+            raise ValueError("arms: at least one arm is needed (e.g. no_bn: {model.norm: none})")
+        for name in arms:
+            if not re.match(_NAME, str(name)):
+                raise ValueError(f"arms.{name}: an arm name must be letters, digits, '_', '.' or '-' "
+                                 f"(it names a directory)")
+        return arms
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if any(s < 0 for s in seeds):
+            raise ValueError("seeds: every seed must be >= 0")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds: each seed may appear once")
+        return seeds
+
+    @model_validator(mode="after")
+    def _baseline_is_an_arm(self) -> "CompareConfig":
+        if self.baseline is None:
+            self.baseline = next(iter(self.arms))
+        elif self.baseline not in self.arms:
+            raise ValueError(f"baseline: {self.baseline!r} is not an arm (arms: {', '.join(self.arms)})")
+        return self
+
+
+@dataclass
+class Job:
+    arm: str
+    seed: int
+    cfg: Config
+
+    @property
+    def rel(self) -> Path:
+        return Path(self.arm) / f"s{self.seed}"
+
+
+# --- configuration ----------------------------------------------------------------------------------------
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """An arm may be written with dotted keys ({model.norm: none}) or nested ({model: {norm: none}})."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _validate_compare(raw: dict[str, Any]) -> CompareConfig:
+    if "arms" not in raw:
+        raise CompareError("invalid comparison config: arms: missing (name at least one arm, "
+                           "e.g. no_bn: {model.norm: none})")
+    try:
+        cmp = CompareConfig.model_validate(raw)
+    except ValidationError as err:
+        raise CompareError(f"invalid comparison config: {_format_validation_error(err)}") from None
+    cmp.arms = {arm: _flatten(o or {}) for arm, o in cmp.arms.items()}
+    return cmp
+
+
+def load_compare(path: str | Path, overrides: list[str]) -> CompareConfig:
+    """Read a comparison file, inline its base config, apply `--set` overrides, validate.
+
+    The base is inlined before the overrides, so `--set base.train.steps=200` works whether `base:` is a
+    path or a mapping; `--set base=FILE` (relative to the working directory) swaps the base file itself.
+    """
+    path = Path(path)
+    raw = read_yaml(path)
+    pairs = [parse_override(o) for o in overrides]
+    base_dir = path.parent
+    for key, value in pairs:
+        if key == "base":
+            raw["base"], base_dir = value, Path.cwd()
+    base = raw.get("base", {})
+    if isinstance(base, str):
+        try:
+            raw["base"] = read_yaml(base_dir / base)
+        except ConfigError as err:
+            raise CompareError(f"base: {err}") from None
+    elif base is not None and not isinstance(base, dict):
+        raise CompareError("invalid comparison config: base: a path to a config file or a mapping of keys")
+    if raw.get("base") is None:
+        raw["base"] = {}
+    for key, value in pairs:
+        if key != "base":
+            raw = apply_override(raw, key, value)
+    return _validate_compare(raw)
+
+
+def _strip(msg: str) -> str:
+    return msg[len("invalid config: "):] if msg.startswith("invalid config: ") else msg
+
+
+def plan(cmp: CompareConfig) -> list[Job]:
+    """Every arm x seed run config, validated; the first problem names the arm (or base) and dotted key."""
+    jobs: list[Job] = []
+    for arm, overrides in cmp.arms.items():
+        for key in ("seed", "name"):
+            if key in overrides:
+                raise CompareError(f"arms.{arm}.{key}: set by the comparison ({'seeds' if key == 'seed' else 'the arm name'}), "
+                                   f"not by an arm")
+        for seed in cmp.seeds:
+            raw = dict(cmp.base)
+            try:
+                for key, value in overrides.items():
+                    raw = apply_override(raw, key, value)
+            except ConfigError as err:
+                raise CompareError(f"arms.{arm}: {err}") from None
+            raw["seed"], raw["name"] = seed, arm
+            try:
+                cfg = validate(raw)
+            except ConfigError as err:
+                msg = _strip(str(err))
+                try:
+                    validate({**cmp.base, "seed": seed, "name": arm})
+                    where = f"arms.{arm}"
+                except ConfigError as base_err:
+                    where = "base" if _strip(str(base_err)) == msg else f"arms.{arm}"
+                raise CompareError(f"invalid comparison config: {where}: {msg}") from None
+            jobs.append(Job(arm, seed, cfg))
+    return jobs
+
+
+def _data_key(cfg: Config) -> str:
+    return json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
+
+
+def _prepare_all(jobs: list[Job]) -> dict[str, Any]:
+    """Load each distinct dataset once (and surface missing data/devices before anything is created)."""
+    from bnexp.train import prepare
+
+    datasets: dict[str, Any] = {}
+    for job in jobs:
+        key = _data_key(job.cfg)
+        if key not in datasets:
+            datasets[key] = prepare(job.cfg)
+    return datasets
+
+
+def _resolved_yaml(cmp: CompareConfig) -> str:
+    import yaml
+
+    head = ("# The resolved comparison (base inlined, --set applied): `bnexp compare --resume` reads it.\n")
+    return head + yaml.safe_dump(cmp.model_dump(mode="json"), sort_keys=False)
+
+
+def _create_dir(parent: Path, explicit: Path | None) -> Path:
+    """A fresh directory: mkdir is atomic, so two comparisons started in the same second never share one."""
+    from bnexp.runs import RunDirError
+
+    if explicit is not None:
+        if explicit.exists():
+            raise RunDirError(f"output directory already exists: {explicit} (bnexp never overwrites a comparison)")
+        explicit.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            explicit.mkdir()
+        except FileExistsError:
+            raise RunDirError(f"output directory already exists: {explicit}") from None
+        return explicit
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 10_000):
+        path = parent / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RunDirError(f"could not create a fresh comparison directory under {parent}")
+
+
+# --- running ----------------------------------------------------------------------------------------------
+
+_WORKER_DATA: dict[str, Any] = {}
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    # An idle worker ignores Ctrl-C; a training one catches it (bnexp.train) and checkpoints first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_one(cfg: Config | dict, run_dir: str | Path, action: str, data: Any = None) -> dict[str, Any]:
+    """Train (action "fresh") or resume one run; an exception is written to error.txt, never raised."""
+    from bnexp import train as trainmod
+
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    try:
+        if isinstance(cfg, dict):
+            cfg = validate(cfg)
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)
+        if action == "resume":
+            summary = trainmod.resume(run_dir, quiet=True)
+        else:
+            if data is None:  # a worker process: one load per distinct dataset
+                key = _data_key(cfg)
+                if key not in _WORKER_DATA:
+                    _WORKER_DATA[key] = trainmod.prepare(cfg)
+                data = _WORKER_DATA[key]
+            run_dir.mkdir(parents=True, exist_ok=True)
+            summary = trainmod.train(cfg, run_dir, quiet=True, data=data)
+        return {"status": summary["status"], "test_accuracy": summary.get("test_accuracy"),
+                "wall_time_s": summary.get("wall_time_s")}
+    except trainmod.Interrupted as sig:
+        return {"status": "interrupted", "exit_code": sig.exit_code}
+    except Exception as err:  # noqa: BLE001 - one broken run must not end the comparison
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ERROR_FILE).write_text(traceback.format_exc())
+        return {"status": "failed", "error": f"{type(err).__name__}: {err}".splitlines()[0],
+                "wall_time_s": time.perf_counter() - t0}
+
+
+class _Log:
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.done, self.quiet = total, 0, quiet
+        self.console = None
+        if not quiet:
+            from rich.console import Console
+
+            self.console = Console(stderr=True, highlight=False)
+
+    def line(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, soft_wrap=True)
+
+    def finished(self, job: Job, outcome: dict[str, Any]) -> None:
+        self.done += 1
+        status = outcome["status"]
+        detail = ""
+        if outcome.get("test_accuracy") is not None:
+            detail = f", test accuracy {outcome['test_accuracy']:.4f}"
+        if outcome.get("error"):
+            detail = f": {outcome['error']}"
+        if outcome.get("wall_time_s") is not None:
+            detail += f" ({outcome['wall_time_s']:.1f} s)"
+        self.line(f"[{self.done}/{self.total}] {job.arm} seed {job.seed}: {status}{detail}")
+
+
+def _run_all(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, datasets: dict[str, Any],
+             quiet: bool) -> None:
+    log = _Log(len(todo), quiet)
+    if jobs <= 1 or len(todo) <= 1:
+        for job, action in todo:
+            data = datasets.get(_data_key(job.cfg))
+            outcome = run_one(job.cfg, comp_dir / job.rel, action, data)
+            log.finished(job, outcome)
+            if outcome["status"] == "interrupted":
+                _stop(comp_dir, outcome["exit_code"])
+        return
+    _run_parallel(todo, comp_dir, jobs, log)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _run_parallel(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, log: _Log) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    workers = min(jobs, len(todo))
+    threads = max(1, _cores() // workers)
+    log.line(f"{len(todo)} runs on {workers} worker processes, {threads} torch thread(s) each")
+    # spawn, not fork: a forked child would inherit this process's torch thread pool and locks.
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(threads,))
+    interrupted = None
+    try:
+        futures = {pool.submit(run_one, job.cfg.model_dump(mode="json"), str(comp_dir / job.rel), action): job
+                   for job, action in todo}
+        for fut in as_completed(futures):
+            outcome = fut.result()
+            log.finished(futures[fut], outcome)
+            if outcome["status"] == "interrupted" and interrupted is None:
+                interrupted = outcome["exit_code"]
+                pool.shutdown(wait=False, cancel_futures=True)
+    except KeyboardInterrupt:
+        interrupted = 130
+    finally:
+        # Workers that are training finish their checkpoint before they exit.
+        pool.shutdown(wait=True, cancel_futures=True)
+    if interrupted is not None:
+        _stop(comp_dir, interrupted)
+
+
+def _stop(comp_dir: Path, exit_code: int) -> None:
+    import typer
+
+    typer.echo(f"interrupted: checkpoints written; finish with bnexp compare --resume {comp_dir}", err=True)
+    typer.echo(str(comp_dir))
+    raise typer.Exit(exit_code)
+
+
+# --- collecting and reporting -----------------------------------------------------------------------------
+
+def _records_of(comp_dir: Path, jobs: list[Job]):
+    from bnexp.report import load_record
+
+    return [load_record(job.arm, job.seed, comp_dir / job.rel) for job in jobs]
+
+
+def _report(out_dir: Path, records, title: str, target: float | None, baseline: str | None,
+            arms: list[str], notes: list[str], quiet: bool) -> None:
+    from bnexp import report
+
+    table = report.write_report(out_dir, records, title=title, target=target, baseline=baseline, arms=arms,
+                                notes=notes)
+    if not quiet:
+        report.print_table(table, title=title)
+
+
+def _describe(cmp: CompareConfig, jobs: list[Job]) -> list[str]:
+    cfg = jobs[0].cfg
+    notes = [f"data: {cfg.data.dataset}, batch {cfg.data.batch_size}; model: {cfg.model.kind} "
+             f"{cfg.model.activation}; optimizer: {cfg.optim.name}, lr {cfg.optim.lr}; "
+             f"{cfg.train.steps} steps; seeds {', '.join(map(str, cmp.seeds))}"]
+    for arm, overrides in cmp.arms.items():
+        shown = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "the base config"
+        notes.append(f"arm `{arm}`: {shown}")
+    return notes
+
+
+def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, quiet: bool) -> Path:
+    plan_ = plan(cmp)
+    datasets = _prepare_all(plan_)
+    comp_dir = _create_dir(Path(cmp.out_dir) / "compare" / cmp.name, out)
+    from bnexp.runs import write_atomic
+
+    write_atomic(comp_dir / COMPARE_YAML, _resolved_yaml(cmp))
+    _run_all([(job, "fresh") for job in plan_], comp_dir, jobs, datasets, quiet)
+    _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
+            list(cmp.arms), _describe(cmp, plan_), quiet)
+    return comp_dir
+
+
+def resume_comparison(comp_dir: Path, jobs: int, quiet: bool) -> Path:
+    from bnexp.runs import is_run_dir, read_summary
+
+    if not (comp_dir / COMPARE_YAML).is_file():
+        raise CompareError(f"not a comparison directory (no {COMPARE_YAML}): {comp_dir}")
+    cmp = _validate_compare(read_yaml(comp_dir / COMPARE_YAML))
+    plan_ = plan(cmp)
+    todo: list[tuple[Job, str]] = []
+    for job in plan_:
+        run_dir = comp_dir / job.rel
+        if is_run_dir(run_dir):
+            status = read_summary(run_dir).get("status")
+            if status in ("completed", "diverged"):
+                continue
+            todo.append((job, "resume"))
+        else:
+            # Never got as far as config.yaml + summary.json: nothing of the run is worth keeping.
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            todo.append((job, "fresh"))
+    fresh = [job for job, action in todo if action == "fresh"]
+    datasets = _prepare_all(fresh) if jobs <= 1 else {}
+    if not quiet:
+        import typer
+
+        typer.echo(f"{len(todo)} of {len(plan_)} runs to finish in {comp_dir}", err=True)
+    _run_all(todo, comp_dir, jobs, datasets, quiet)
+    _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
+            list(cmp.arms), _describe(cmp, plan_), quiet)
+    return comp_dir
+
+
+def _arm_of(run_dir: Path) -> str:
+    """In a comparison layout (<arm>/s<seed>) the arm is the folder; otherwise the run's config name."""
+    if _SEED_DIR.match(run_dir.name):
+        return run_dir.parent.name
+    try:
+        return str(read_yaml(run_dir / "config.yaml").get("name") or run_dir.name)
+    except ConfigError:
+        return run_dir.name
+
+
+def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None, quiet: bool) -> Path:
+    from bnexp.report import load_record
+    from bnexp.runs import find_runs, read_summary
+
+    found: list[Path] = []
+    for p in run_dirs:
+        runs = find_runs([p])
+        if not runs:
+            what = "does not exist" if not p.exists() else "is not a bnexp run directory (no config.yaml and summary.json)"
+            raise CompareError(f"{p} {what}")
+        found.extend(r for r in runs if r not in found)
+    raw: dict[str, Any] = {"name": "report"}
+    # A report on runs of one comparison keeps its target and baseline unless --set says otherwise.
+    parents = {r.parent.parent / COMPARE_YAML for r in found if _SEED_DIR.match(r.name)}
+    if len(parents) == 1 and (src := parents.pop()).is_file():
+        try:
+            src_raw = read_yaml(src)
+            raw.update({k: src_raw[k] for k in ("target_accuracy", "baseline") if k in src_raw})
+        except ConfigError:
+            pass
+    set_keys = set()
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in _REPORT_KEYS:
+            raise CompareError(f"--set {key}: only {', '.join(_REPORT_KEYS)} apply when reporting on run directories")
+        raw[key] = value
+        set_keys.add(key)
+    records = []
+    for r in found:
+        m = _SEED_DIR.match(r.name)
+        records.append(load_record(_arm_of(r), int(m.group(1)) if m else read_summary(r).get("seed"), r))
+    arms = list(dict.fromkeys(rec.arm for rec in records))
+    raw["arms"] = {arm: {} for arm in arms}
+    if "baseline" not in set_keys and raw.get("baseline") not in arms:
+        raw.pop("baseline", None)  # the source comparison's baseline is not among these runs
+    cmp = _validate_compare(raw)
+    report_dir = _create_dir(Path(cmp.out_dir) / "compare" / cmp.name, out)
+    notes = [f"report on {len(found)} existing run directories"]
+    _report(report_dir, records, cmp.name, cmp.target_accuracy, cmp.baseline, arms, notes, quiet)
+    return report_dir
+
+
+def main(config: Path | None = None, overrides: list[str] | None = None, out: Path | None = None,
+         jobs: int = 1, resume: Path | None = None, run_dirs: list[Path] | None = None,
+         quiet: bool = False) -> Path:
+    """The `bnexp compare` command; returns the comparison (or report) directory."""
+    overrides, run_dirs = overrides or [], run_dirs or []
+    if jobs < 1:
+        raise CompareError("--jobs: must be >= 1")
+    if resume is not None:
+        if config is not None or overrides or out is not None or run_dirs:
+            raise CompareError("--resume takes the comparison's own compare.yaml: do not combine it with "
+                               "--config/--set/--out or run directories")
+        return resume_comparison(Path(resume), jobs, quiet)
+    if run_dirs:
+        if config is not None:
+            raise CompareError("give either --config or run directories, not both")
+        return report_runs([Path(p) for p in run_dirs], overrides, out, quiet)
+    if config is None:
+        raise CompareError("missing option --config (or --resume COMPARISON_DIR, or run directories to report on)")
+    return run_comparison(load_compare(config, overrides), out, jobs, quiet)
