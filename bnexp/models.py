@@ -11,7 +11,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from bnexp.config import ModelConfig
+from bnexp.config import ConfigError, ModelConfig
 
 _ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
@@ -21,14 +21,27 @@ def make_norm(cfg: ModelConfig, num_features: int, dims: int) -> nn.Module | Non
     if cfg.norm == "none":
         return None
     bn = cfg.bn
+    if bn.variant != "bn" and cfg.norm != "bnexp":
+        raise ConfigError(f"model.bn.variant: {bn.variant} needs model.norm: bnexp (got {cfg.norm})")
     if cfg.norm == "torch":
         cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
         return cls(num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine)
     from bnexp import norm as ours
 
+    kwargs = dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine, running_var_init=bn.running_var_init,
+                  unbiased_normalize=bn.unbiased_normalize)
+    if bn.variant == "renorm":
+        from bnexp.variants import RENORM
+
+        r = bn.renorm
+        return RENORM[dims](num_features, **kwargs, r_max=r.r_max, d_max=r.d_max, warmup_steps=r.warmup_steps,
+                            r_max_steps=r.r_max_steps, d_max_steps=r.d_max_steps)
+    if bn.variant == "ghost":
+        from bnexp.variants import GHOST
+
+        return GHOST[dims](num_features, **kwargs, ghost_batch_size=bn.ghost_batch_size)
     cls = {1: ours.BatchNorm1d, 2: ours.BatchNorm2d, 3: ours.BatchNorm3d}[dims]
-    return cls(num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-               running_var_init=bn.running_var_init, unbiased_normalize=bn.unbiased_normalize)
+    return cls(num_features, **kwargs)
 
 
 class Block(nn.Module):
