@@ -193,6 +193,21 @@ def _grouped_forward(model: nn.Module, parts: list[tuple[torch.Tensor, torch.Ten
     return logits, stats
 
 
+@torch.no_grad()
+def population_statistics(model: nn.Module, x: torch.Tensor, batches: torch.Tensor,
+                          twins: weakref.WeakKeyDictionary | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Algorithm 2's estimate per BN layer, {"mean", "var"} in float64, from training-mode forwards of the
+    (K, m) index `batches` of `x`, no running statistic touched: the probes' target, and PreciseBN's
+    (bnexp.precise). The model's mode is restored."""
+    was_training = model.training
+    try:
+        _, stats = _grouped_forward(model, [(x, batches)], len(batches),
+                                    weakref.WeakKeyDictionary() if twins is None else twins)
+    finally:
+        model.train(was_training)
+    return {name: _population(s) for name, s in stats.items()}
+
+
 class Probes:
     """Measures what BN does during training; see the module docstring and DESIGN.md section 2."""
 
@@ -342,8 +357,7 @@ class Probes:
     @torch.no_grad()
     def population_statistics(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
         """Algorithm 2's estimate per BN layer: μ_pop = mean_B μ_B, σ²_pop = n/(n−1)·mean_B σ²_B."""
-        stats, _ = self.train_mode_pass(model, with_test=False)
-        return {name: _population(s) for name, s in stats.items()}
+        return population_statistics(model, self.data.x_train, self.population_idx, self._twins)
 
     def _running_stat_values(self, model: nn.Module, stats: dict) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
