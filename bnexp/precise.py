@@ -1,0 +1,71 @@
+"""Precise population statistics (PreciseBN, Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm").
+
+The moving average of batch statistics lags: it mixes statistics of weights the network no longer has.
+PreciseBN replaces it, at evaluation time, by the population estimate of the current network: K training
+batches of the training batch size m through the network in training mode (no running statistic touched),
+then Algorithm 2's
+
+    running_mean ← mean_B μ_B          running_var ← m/(m−1) · mean_B σ²_B
+
+for every BN layer at once. This is exactly the probes' population statistics (bnexp.probes.
+population_statistics, the same code), only on batches of its own.
+
+The K batches are drawn like training batches (bnexp.data.BatchSampler) by a generator seeded from the
+run's seed and the step, never from the training data order or the torch RNG: recomputing changes no
+random stream, and a resumed run draws the same batches. `num_batches_tracked` is left alone (Batch
+Renorm's schedule reads it). With `when: eval` the estimate overwrites the moving average before every
+evaluation and probe measurement, and the moving average carries on from it (as pycls's precise BN
+does); with `when: end` once, after the last step, before the final evaluation and checkpoint.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from bnexp.config import Config
+from bnexp.data import BatchSampler, Dataset
+from bnexp.models import bn_layers
+from bnexp.probes import population_statistics
+
+# Keeps these batches apart from the training order (seeded with cfg.seed) and the probes' sets.
+_SEED_OFFSET = 0x9EC15E
+
+
+@torch.no_grad()
+def recompute(model: nn.Module, x: torch.Tensor, batches: torch.Tensor,
+              twins: weakref.WeakKeyDictionary | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Set every BN layer's running statistics to the population estimate from the (K, m) index `batches`
+    of `x`; return the estimates (float64) by layer name."""
+    pop = population_statistics(model, x, batches, twins)
+    for name, bn in bn_layers(model).items():
+        if getattr(bn, "running_mean", None) is None or name not in pop:
+            continue  # no running estimates to replace (track_running_stats=False)
+        bn.running_mean.copy_(pop[name]["mean"])
+        bn.running_var.copy_(pop[name]["var"])
+    return pop
+
+
+class PreciseStats:
+    """The training loop's PreciseBN: `due(step)` says when, `apply(model, step)` recomputes."""
+
+    def __init__(self, cfg: Config, data: Dataset):
+        precise = cfg.model.bn.precise
+        self.when, self.k, self.m = precise.when, precise.batches, cfg.data.batch_size
+        self.seed, self.last_step = cfg.seed, cfg.train.steps
+        self.x = data.x_train
+        self._twins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def due(self, step: int) -> bool:
+        return self.when == "eval" or (self.when == "end" and step == self.last_step)
+
+    def batches(self, step: int) -> torch.Tensor:
+        """(K, m) training indices for `step`: a function of (seed, step) alone, so nothing to checkpoint."""
+        seed = ((self.seed + _SEED_OFFSET) * 1_000_003 + step) % (2 ** 63)
+        sampler = BatchSampler(len(self.x), self.m, seed, self.x.device)
+        return torch.stack([sampler.next() for _ in range(self.k)])
+
+    def apply(self, model: nn.Module, step: int) -> dict[str, dict[str, torch.Tensor]]:
+        return recompute(model, self.x, self.batches(step), self._twins)
