@@ -162,6 +162,11 @@ class Trainer:
             from bnexp.probes import Probes
 
             self.probes = Probes(cfg, self.model, self.data)
+        self.precise = None  # PreciseBN: running statistics recomputed before evaluation (bnexp.precise)
+        if cfg.model.bn.precise.when != "never":
+            from bnexp.precise import PreciseStats
+
+            self.precise = PreciseStats(cfg, self.data)
         self.step = 0
         self.best_test_accuracy = float("-inf")
         self.last_eval: dict[str, float] = {}
@@ -338,6 +343,8 @@ class Trainer:
         return full & (sums / w > limit)
 
     def _log_step(self, step: int, row: dict[str, float], evaluate_now: bool = True, probe: bool = True) -> None:
+        if self.precise is not None and (evaluate_now or probe) and self.precise.due(step):
+            self.precise.apply(self.model, step)
         if evaluate_now:
             test_loss, test_acc = evaluate(self.model, self.data.x_test, self.data.y_test)
             row["test/loss"], row["test/accuracy"] = test_loss, test_acc
