@@ -88,6 +88,9 @@ class BNConfig(_Strict):
     renorm: RenormConfig = RenormConfig()
     ghost_batch_size: Optional[Int] = Field(None, ge=2)
     precise: PreciseConfig = PreciseConfig()
+    # Under data parallelism: normalize each process's shard by its own statistics (local, plain DDP) or
+    # by the whole global batch's (global, synchronized BN; bnexp.distributed).
+    stats: Literal["local", "global"] = "local"
 
 
 class ModelConfig(_Strict):
@@ -141,6 +144,12 @@ class ProbesConfig(_Strict):
     grad_norms: bool = True
 
 
+class DistConfig(_Strict):
+    # Data-parallel training on torch.distributed (bnexp.distributed); nproc 1 is a plain run.
+    nproc: Int = Field(1, ge=1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
 class Config(_Strict):
     name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     seed: Int = Field(0, ge=0)
@@ -151,6 +160,7 @@ class Config(_Strict):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     probes: ProbesConfig = ProbesConfig()
+    dist: DistConfig = DistConfig()
 
     @model_validator(mode="after")
     def _bn_needs_two_values(self) -> "Config":
@@ -187,6 +197,20 @@ class Config(_Strict):
                                      f"({bn.renorm.warmup_steps})")
         if bn.precise.when != "never" and norm == "none":
             raise ValueError("model.bn.precise.when: needs batch normalization (model.norm is none)")
+        return self
+
+    @model_validator(mode="after")
+    def _dist(self) -> "Config":
+        n, m, bn = self.dist.nproc, self.data.batch_size, self.model.bn
+        if m % n:
+            raise ValueError(f"data.batch_size: {m} does not split evenly over dist.nproc: {n} processes")
+        if bn.stats == "global" and (self.model.norm != "bnexp" or bn.variant != "bn"):
+            raise ValueError("model.bn.stats: global needs model.norm: bnexp with model.bn.variant: bn")
+        if self.model.norm != "none" and bn.stats == "local" and m // n < 2:
+            raise ValueError(f"data.batch_size: {m} over {n} processes leaves {m // n} example per process, "
+                             f"too few for model.bn.stats: local (use global or a larger batch)")
+        if self.dist.backend == "nccl" and self.device == "cpu":
+            raise ValueError("dist.backend: nccl needs device: cuda (use gloo or auto on CPU)")
         return self
 
 
