@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - typer releases that depend on click
     from click import exceptions as click_exc
 
 import bnexp
-from bnexp.errors import UserError
+from bnexp.errors import RunFailed, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -56,12 +56,17 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run in RUN_DIR.",
                                           metavar="RUN_DIR"),
     quiet: bool = QuietOpt,
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Data-parallel processes on this machine "
+                                        "(sets dist.nproc; the global batch data.batch_size is split among them)."),
 ) -> None:
     """Train one network from a config; write a run directory and print its path."""
     from bnexp.interrupt import catch_signals
 
-    if resume is not None and (config is not None or set_ or out is not None):
-        raise UserError("--resume takes the run's own config.yaml: do not combine it with --config/--set/--out")
+    if resume is not None and (config is not None or set_ or out is not None or nproc is not None):
+        raise UserError("--resume takes the run's own config.yaml: do not combine it with "
+                        "--config/--set/--out/--nproc")
+    if nproc is not None:
+        set_ = [*(set_ or []), f"dist.nproc={nproc}"]
     if resume is None and config is None:
         raise UserError("missing option --config (or --resume RUN_DIR)")
     # Installed before torch is imported: a signal during start-up ends the command cleanly (see
@@ -168,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         return 2
+    except RunFailed as err:
+        typer.echo(f"error: {err}", err=True)
+        return 1
     except typer.Exit as e:
         return e.exit_code
     except click_exc.NoArgsIsHelpError as e:

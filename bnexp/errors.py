@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """Bad input from the user (config, flags, paths, run directories), never a bug in bnexp."""
+
+
+class RunFailed(Exception):
+    """A run that failed through no fault of the user (e.g. a worker process of a distributed run died):
+    reported like a user error, as one line on stderr, but with exit status 1."""
