@@ -171,7 +171,7 @@ class BatchRenorm(BatchNormBase):
         y, mean, var, _r, _d = BatchRenormTrainFunction.apply(
             input, self.weight, self.bias, self.running_mean, self.running_var, self.eps, r_max, d_max,
             self.unbiased_normalize)
-        self._update_running_stats(mean, var, input.numel() // input.shape[1])
+        _update_running(self, mean, var, input.numel() // input.shape[1])
         return y
 
 
@@ -254,8 +254,17 @@ class GhostBatchNorm(BatchNormBase):
             # As `groups` sequential BN calls: count each virtual batch, then fold its statistics in.
             for j in range(groups):
                 self.num_batches_tracked.add_(1)
-                self._update_running_stats(mean[j], var[j], per_group)
+                _update_running(self, mean[j], var[j], per_group)
         return y
+
+
+@torch.no_grad()
+def _update_running(bn: BatchNormBase, mean: Tensor, var: Tensor, m: int) -> None:
+    """DESIGN.md section 1's update from one batch of m values per channel (num_batches_tracked already
+    counts it). Written here rather than borrowed from norm.py, whose internals are tuned for speed."""
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn.running_mean.mul_(1.0 - factor).add_(mean.detach(), alpha=factor)
+    bn.running_var.mul_(1.0 - factor).add_(var.detach(), alpha=factor * m / (m - 1))
 
 
 def _check_training_batch(bn: BatchNormBase, shape: torch.Size, values_per_channel: int) -> None:
