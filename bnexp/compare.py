@@ -304,12 +304,15 @@ def _run_all(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, datasets: d
              quiet: bool) -> None:
     log = _Log(len(todo), quiet)
     if jobs <= 1 or len(todo) <= 1:
-        for job, action in todo:
-            data = datasets.get(_data_key(job.cfg))
-            outcome = run_one(job.cfg, comp_dir / job.rel, action, data)
-            log.finished(job, outcome)
-            if outcome["status"] == "interrupted":
-                _stop(comp_dir, outcome["exit_code"])
+        try:
+            for job, action in todo:
+                data = datasets.get(_data_key(job.cfg))
+                outcome = run_one(job.cfg, comp_dir / job.rel, action, data)
+                log.finished(job, outcome)
+                if outcome["status"] == "interrupted":
+                    _stop(comp_dir, outcome["exit_code"])
+        except KeyboardInterrupt:  # between runs, where no training loop is catching signals
+            _stop(comp_dir, 130)
         return
     _run_parallel(todo, comp_dir, jobs, log)
 
@@ -387,8 +390,16 @@ def _describe(cmp: CompareConfig, jobs: list[Job]) -> list[str]:
     return notes
 
 
+def _refuse_existing(out: Path | None) -> None:
+    from bnexp.runs import RunDirError
+
+    if out is not None and Path(out).exists():
+        raise RunDirError(f"output directory already exists: {out} (bnexp never overwrites a comparison)")
+
+
 def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, quiet: bool) -> Path:
     plan_ = plan(cmp)
+    _refuse_existing(out)  # before the datasets load: this mistake should cost no time
     datasets = _prepare_all(plan_)
     comp_dir = _create_dir(Path(cmp.out_dir) / "compare" / cmp.name, out)
     from bnexp.runs import write_atomic
@@ -453,6 +464,7 @@ def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None, qu
             what = "does not exist" if not p.exists() else "is not a bnexp run directory (no config.yaml and summary.json)"
             raise CompareError(f"{p} {what}")
         found.extend(r for r in runs if r not in found)
+    _refuse_existing(out)
     raw: dict[str, Any] = {"name": "report"}
     # A report on runs of one comparison keeps its target and baseline unless --set says otherwise.
     parents = {r.parent.parent / COMPARE_YAML for r in found if _SEED_DIR.match(r.name)}

@@ -1,0 +1,385 @@
+"""`bnexp compare`: tiny real comparisons checked against the runs' own files, resume, --jobs, bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bnexp import cli
+from bnexp.report import RunRecord, aggregate
+
+# A comparison small enough to train in about a second per run, big enough for BN to matter.
+TINY = {
+    "name": "tiny",
+    "base": {
+        "device": "cpu",
+        "data": {"dataset": "synthetic", "batch_size": 20,
+                 "synthetic": {"num_samples": 300, "num_features": 8, "num_classes": 3}},
+        "model": {"hidden": [16, 16], "activation": "sigmoid"},
+        "optim": {"lr": 0.5},
+        "train": {"steps": 60, "eval_every": 10, "log_every": 5, "checkpoint_every": 20},
+        "probes": {"every": 20, "population_batches": 2, "histogram_every": 1000},
+    },
+    "arms": {"no_bn": {"model.norm": "none"}, "bnexp": {"model.norm": "bnexp"}},
+    "seeds": [0, 1],
+    "target_accuracy": 0.8,
+    "baseline": "no_bn",
+}
+
+
+def write_cfg(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with open(path) as f:
+        return {row["arm"]: row for row in csv.DictReader(f)}
+
+
+def tree(path: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under `path` with its mtime and content, to prove runs were left alone."""
+    return {str(p.relative_to(path)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny_comparison(tmp_path_factory) -> tuple[Path, int, str, str]:
+    root = tmp_path_factory.mktemp("cmp")
+    cfg = write_cfg(root / "tiny.yaml", TINY)
+    code, out, err = run_cli(["compare", "--config", str(cfg), "--out", str(root / "c")])
+    return root / "c", code, out, err
+
+
+# --- end to end -------------------------------------------------------------------------------------------
+
+def _expected(comp: Path, arm: str, target: float) -> dict[str, float]:
+    """Recompute an arm's row from its runs' summary.json and metrics.jsonl, independently of bnexp.report."""
+    accs, bests, steps, walls = [], [], [], []
+    reached = 0
+    for run in sorted((comp / arm).iterdir()):
+        summary = json.loads((run / "summary.json").read_text())
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+        accs.append(summary["test_accuracy"])
+        bests.append(summary["best_test_accuracy"])
+        walls.append(summary["wall_time_s"])
+        hit = [r["step"] for r in rows if "test/accuracy" in r and r["test/accuracy"] >= target]
+        reached += bool(hit)
+        steps.append(hit[0] if hit else TINY["base"]["train"]["steps"])
+    return {"final_acc_mean": statistics.mean(accs), "final_acc_std": statistics.stdev(accs),
+            "best_acc_mean": statistics.mean(bests), "best_acc_std": statistics.stdev(bests),
+            "steps_to_target_mean": statistics.mean(steps), "steps_to_target_std": statistics.stdev(steps),
+            "wall_time_s_mean": statistics.mean(walls), "reached": reached}
+
+
+@pytest.mark.slow
+def test_comparison_end_to_end_table_matches_runs(tiny_comparison):
+    comp, code, out, err = tiny_comparison
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == str(comp)
+    # The resolved comparison is written and is itself a valid comparison config.
+    resolved = yaml.safe_load((comp / "compare.yaml").read_text())
+    assert resolved["arms"] == TINY["arms"] and resolved["seeds"] == [0, 1]
+    for arm in TINY["arms"]:
+        for seed in TINY["seeds"]:
+            run = comp / arm / f"s{seed}"
+            summary = json.loads((run / "summary.json").read_text())
+            assert summary["status"] == "completed" and summary["seed"] == seed
+            cfg = yaml.safe_load((run / "config.yaml").read_text())
+            assert cfg["model"]["norm"] == TINY["arms"][arm]["model.norm"] and cfg["seed"] == seed
+            assert list(run.glob("events.out.tfevents.*")), "TensorBoard must be able to overlay the runs"
+
+    table = read_csv(comp / "summary.csv")
+    assert list(table) == ["no_bn", "bnexp"]
+    report = (comp / "report.md").read_text()
+    target = TINY["target_accuracy"]
+    exp = {arm: _expected(comp, arm, target) for arm in TINY["arms"]}
+    for arm, e in exp.items():
+        row = table[arm]
+        for key in ("final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std",
+                    "steps_to_target_mean", "steps_to_target_std", "wall_time_s_mean"):
+            assert float(row[key]) == pytest.approx(e[key], abs=1e-9), (arm, key)
+        assert int(row["reached"]) == e["reached"]
+        assert row["steps_to_target_lower_bound"] == str(e["reached"] < 2)
+        assert int(row["runs"]) == 2 and int(row["diverged"]) == 0 and int(row["failed"]) == 0
+        # The markdown table shows the same numbers, rounded.
+        assert f"| {arm} | {e['final_acc_mean']:.3f} ± {e['final_acc_std']:.3f} |" in report
+        assert f"{e['steps_to_target_mean']:.0f} ± {e['steps_to_target_std']:.0f} ({e['reached']}/2)" in report
+    speedup = exp["no_bn"]["steps_to_target_mean"] / exp["bnexp"]["steps_to_target_mean"]
+    assert float(table["bnexp"]["speedup"]) == pytest.approx(speedup)
+    assert float(table["no_bn"]["speedup"]) == 1.0
+    # Running-statistic errors come from the BN runs' summaries and are blank for the arm without BN.
+    bn_errs = [json.loads((comp / "bnexp" / f"s{s}" / "summary.json").read_text())["running_var_err"]
+               for s in (0, 1)]
+    assert float(table["bnexp"]["running_var_err_mean"]) == pytest.approx(statistics.mean(bn_errs))
+    assert table["no_bn"]["running_mean_err_mean"] == "" and table["no_bn"]["running_var_err_mean"] == ""
+    # The same table went to the terminal (stderr), and every plot was made from the probes' tags.
+    assert "no_bn" in err and f"{exp['bnexp']['final_acc_mean']:.3f}" in err
+    for name in ("accuracy", "activations", "running_stats", "gap"):
+        png = comp / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](plots/{name}.png)" in report
+
+
+@pytest.mark.slow
+def test_report_from_existing_run_directories(tiny_comparison, tmp_path, monkeypatch):
+    comp, code, _, _ = tiny_comparison
+    assert code == 0
+    monkeypatch.chdir(tmp_path)
+    runs = [str(comp / arm / f"s{s}") for arm in TINY["arms"] for s in TINY["seeds"]]
+    code, out, err = run_cli(["compare", *runs, "-q"])
+    assert code == 0, err
+    report_dir = Path(out.strip().splitlines()[-1])
+    assert report_dir.parent == Path("runs/compare/report") and report_dir.is_dir()
+    # Same runs, same target and baseline (taken from their compare.yaml): the same table, minus nothing.
+    assert read_csv(report_dir / "summary.csv") == read_csv(comp / "summary.csv")
+    assert (report_dir / "plots" / "accuracy.png").is_file()
+
+    # A run outside a comparison layout is named by its config's name; --set picks target and baseline.
+    code, out, err = run_cli(["train", "-c", str(write_cfg(tmp_path / "one.yaml", {
+        **TINY["base"], "name": "solo", "model": {**TINY["base"]["model"], "norm": "none"}})),
+        "--out", str(tmp_path / "solo_run"), "-q"])
+    assert code == 0, err
+    code, out, err = run_cli(["compare", runs[2], str(tmp_path / "solo_run"), "--out", str(tmp_path / "r2"),
+                              "--set", "target_accuracy=0.5", "--set", "baseline=solo", "-q"])
+    assert code == 0, err
+    table = read_csv(tmp_path / "r2" / "summary.csv")
+    assert list(table) == ["bnexp", "solo"]
+    assert table["solo"]["baseline"] == "solo" and table["bnexp"]["target_accuracy"] == "0.5"
+    assert int(table["bnexp"]["runs"]) == 1 and table["bnexp"]["final_acc_std"] == ""
+
+
+@pytest.mark.slow
+def test_jobs_2_runs_every_run_in_worker_processes(tmp_path):
+    cfg = write_cfg(tmp_path / "tiny.yaml", {**TINY, "base": {**TINY["base"], "probes": {"enabled": False}}})
+    code, out, err = run_cli(["compare", "-c", str(cfg), "--out", str(tmp_path / "c"), "--jobs", "2"])
+    assert code == 0, err
+    assert "2 worker processes, 1 torch thread(s) each" in err
+    comp = tmp_path / "c"
+    table = read_csv(comp / "summary.csv")
+    for arm in TINY["arms"]:
+        assert int(table[arm]["completed"]) == 2
+        expected = _expected(comp, arm, TINY["target_accuracy"])
+        assert float(table[arm]["final_acc_mean"]) == pytest.approx(expected["final_acc_mean"])
+    # Each worker trained with the run's own seed: the two seeds of an arm are different runs, and the
+    # network at step 0 is the one that seed makes in-process too.
+    from bnexp.config import validate
+    from bnexp.train import evaluate, prepare, Trainer
+
+    raw = yaml.safe_load((comp / "no_bn" / "s1" / "config.yaml").read_text())
+    cfg1 = validate(raw)
+    (tmp_path / "ref").mkdir()
+    trainer = Trainer(cfg1, tmp_path / "ref", prepare(cfg1))
+    _, acc0 = evaluate(trainer.model, trainer.data.x_test, trainer.data.y_test)
+    rows = [json.loads(line) for line in (comp / "no_bn" / "s1" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and rows[0]["test/accuracy"] == pytest.approx(acc0)
+
+
+@pytest.mark.slow
+def test_resume_finishes_interrupted_and_missing_runs_and_leaves_completed_ones(tmp_path, monkeypatch):
+    import signal
+
+    from bnexp import train as trainmod
+
+    cfg = write_cfg(tmp_path / "tiny.yaml", TINY)
+    comp = tmp_path / "c"
+    # Interrupt the third run (bnexp seed 0) at step 30 the way Ctrl-C would: the training loop checkpoints,
+    # marks it interrupted, and the comparison stops there, leaving bnexp seed 1 not even started.
+    original = trainmod.Trainer._flush_train_metrics
+
+    def flush(self, step, row):
+        if self.cfg.name == "bnexp" and self.cfg.seed == 0 and step == 30:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, step, row)
+
+    monkeypatch.setattr(trainmod.Trainer, "_flush_train_metrics", flush)
+    code, out, err = run_cli(["compare", "-c", str(cfg), "--out", str(comp)])
+    monkeypatch.undo()
+    assert code == 130, err
+    assert out.strip().splitlines()[-1] == str(comp)
+    assert f"bnexp compare --resume {comp}" in err
+    interrupted = json.loads((comp / "bnexp" / "s0" / "summary.json").read_text())
+    assert interrupted["status"] == "interrupted" and interrupted["steps"] == 30
+    assert not (comp / "bnexp" / "s1").exists() and not (comp / "report.md").exists()
+    done = {s: tree(comp / "no_bn" / f"s{s}") for s in (0, 1)}
+
+    code, out, err = run_cli(["compare", "--resume", str(comp)])
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == str(comp)
+    assert "2 of 4 runs to finish" in err
+    for s in (0, 1):
+        assert tree(comp / "no_bn" / f"s{s}") == done[s], "a completed run was touched"
+        summary = json.loads((comp / "bnexp" / f"s{s}" / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["steps"] == 60
+    rows = [json.loads(line) for line in (comp / "bnexp" / "s0" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)) and steps[-1] == 60, "resumed metrics must not double or skip rows"
+    assert int(read_csv(comp / "summary.csv")["bnexp"]["completed"]) == 2
+
+    # Nothing left to do: a second resume trains nothing and rebuilds the same table.
+    before = tree(comp / "bnexp")
+    code, _, err = run_cli(["compare", "--resume", str(comp), "-q"])
+    assert code == 0 and tree(comp / "bnexp") == before
+
+
+@pytest.mark.slow
+def test_failed_and_diverged_runs_are_recorded_and_the_comparison_goes_on(tmp_path, monkeypatch):
+    from bnexp import train as trainmod
+
+    cmp = {**TINY, "seeds": [0], "base": {**TINY["base"], "probes": {"enabled": False}},
+           "arms": {"ok": {"model.norm": "none"}, "boom": {"model.norm": "none"},
+                    "div": {"model.norm": "none", "model.activation": "relu", "optim.lr": 1.0e6}},
+           "baseline": "ok"}
+    original = trainmod.Trainer.run
+
+    def run(self, *a, **k):
+        if self.cfg.name == "boom":
+            raise RuntimeError("simulated crash")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(trainmod.Trainer, "run", run)
+    code, out, err = run_cli(["compare", "-c", str(write_cfg(tmp_path / "c.yaml", cmp)), "--out",
+                              str(tmp_path / "c")])
+    assert code == 0, err
+    comp = tmp_path / "c"
+    assert "RuntimeError: simulated crash" in (comp / "boom" / "s0" / "error.txt").read_text()
+    table = read_csv(comp / "summary.csv")
+    assert table["boom"]["failed"] == "1" and table["boom"]["final_acc_mean"] == ""
+    assert table["div"]["diverged"] == "1"
+    assert json.loads((comp / "div" / "s0" / "summary.json").read_text())["status"] == "diverged"
+    assert table["ok"]["completed"] == "1"
+    assert "boom | 0 | failed: RuntimeError: simulated crash" in (comp / "report.md").read_text()
+
+
+# --- the statistics, on runs whose numbers are known ------------------------------------------------------
+
+def _rec(arm: str, seed: int, accs: list[tuple[int, float]], status: str = "completed", budget: int = 100):
+    summary = {"status": status, "test_accuracy": accs[-1][1], "best_test_accuracy": max(a for _, a in accs),
+               "wall_time_s": 1.0 + seed}
+    return RunRecord(arm, seed, Path(f"/x/{arm}/s{seed}"), status, summary,
+                     [{"step": s, "test/accuracy": a} for s, a in accs], budget)
+
+
+def test_steps_to_target_censoring_and_speedup_bounds():
+    recs = [
+        _rec("slow", 0, [(0, 0.1), (50, 0.5), (100, 0.85)]),        # never reaches 0.9: counts as 100
+        _rec("slow", 1, [(0, 0.1), (50, 0.6), (100, 0.95)]),        # reaches at 100
+        _rec("fast", 0, [(0, 0.1), (10, 0.92), (100, 0.97)]),
+        _rec("fast", 1, [(0, 0.1), (10, 0.5), (20, 0.9), (100, 0.96)]),  # >= target counts (0.9 >= 0.9)
+        _rec("never", 0, [(0, 0.1), (100, 0.2)]),
+        _rec("never", 1, [(0, 0.1), (30, 0.2)], status="diverged"),  # censored at its budget, not at 30
+    ]
+    rows = {r["arm"]: r for r in aggregate(recs, ["slow", "fast", "never"], 0.9, "slow")}
+    assert rows["slow"]["steps_to_target_mean"] == 100 and rows["slow"]["reached"] == 1
+    assert rows["slow"]["steps_to_target_lower_bound"] is True
+    assert rows["fast"]["steps_to_target_mean"] == 15 and rows["fast"]["steps_to_target_std"] == pytest.approx(
+        statistics.stdev([10, 20]))
+    # The baseline's mean is only a lower bound, so the speed-up is too.
+    assert rows["fast"]["speedup"] == pytest.approx(100 / 15) and rows["fast"]["speedup_bound"] == ">="
+    # Both means are lower bounds: no ratio can be claimed.
+    assert math.isnan(rows["never"]["speedup"]) and rows["never"]["diverged"] == 1
+    assert rows["never"]["final_acc_mean"] == pytest.approx(0.2)
+
+    rows = {r["arm"]: r for r in aggregate(recs, ["fast", "slow"], 0.9, "fast")}
+    assert rows["slow"]["speedup"] == pytest.approx(15 / 100) and rows["slow"]["speedup_bound"] == "<="
+
+
+def test_single_run_has_no_std_and_unfinished_runs_are_not_averaged():
+    recs = [_rec("a", 0, [(0, 0.1), (10, 0.7)]),
+            RunRecord("a", 1, Path("/x/a/s1"), "interrupted", {"status": "interrupted", "test_accuracy": 0.0})]
+    (row,) = aggregate(recs, ["a"], None, "a")
+    assert row["final_acc_mean"] == 0.7 and math.isnan(row["final_acc_std"])
+    assert row["runs"] == 2 and row["completed"] == 1 and row["failed"] == 1
+    assert math.isnan(row["steps_to_target_mean"]) and math.isnan(row["speedup"])
+
+
+# --- user errors: one line on stderr, exit 2, nothing created ----------------------------------------------
+
+def _bad(tmp_path: Path, monkeypatch, argv: list[str]) -> str:
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run_cli(argv)
+    assert code == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err and out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "a user error must leave nothing behind"
+    return err
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"arms": {}}, "arms: at least one arm"),
+    ({"arms": None}, "arms"),
+    ({"arms": {"a": {"model.nrom": "none"}}}, "arms.a: model.nrom: unknown key"),
+    ({"arms": {"a": {"optim.lr": -1}}}, "arms.a: optim.lr"),
+    ({"arms": {"a": {"model.norm": "batch"}}}, "arms.a: model.norm"),
+    ({"arms": {"a": {"seed": 3}}}, "arms.a.seed"),
+    ({"baseline": "nope"}, "baseline: 'nope' is not an arm"),
+    ({"seeds": []}, "seeds"),
+    ({"seeds": [1, 1]}, "seeds: each seed may appear once"),
+    ({"bogus": 1}, "bogus: unknown key"),
+    ({"base": {**TINY["base"], "optim": {"lr": 0}}}, "base: optim.lr"),
+    ({"base": "missing.yaml"}, "base: config file not found"),
+])
+def test_bad_comparison_configs(tmp_path, monkeypatch, change, expected):
+    cfg = {**TINY, **change}
+    if "arms" in change:
+        del cfg["baseline"]  # defaults to the first arm
+    if cfg["arms"] is None:
+        del cfg["arms"]
+    write_cfg(tmp_path / "c.yaml", cfg)
+    err = _bad(tmp_path, monkeypatch, ["compare", "-c", "c.yaml"])
+    assert expected in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--set", "base.optim.lr=-1"], "base: optim.lr"),
+    (["--set", "arms.no_bn.model.nrom=none"], "arms.no_bn: model.nrom: unknown key"),
+    (["--set", "seedz=[1]"], "seedz: unknown key"),
+    (["--out", "existing"], "already exists"),
+    (["--resume", "existing"], "do not combine"),
+])
+def test_bad_flags(tmp_path, monkeypatch, argv, expected):
+    write_cfg(tmp_path / "c.yaml", TINY)
+    (tmp_path / "existing").mkdir()
+    err = _bad(tmp_path, monkeypatch, ["compare", "-c", "c.yaml", *argv])
+    assert expected in err
+
+
+def test_base_file_and_set_overrides_are_resolved(tmp_path):
+    from bnexp.compare import load_compare, plan
+
+    (tmp_path / "sub").mkdir()
+    write_cfg(tmp_path / "sub" / "base.yaml", TINY["base"])
+    write_cfg(tmp_path / "sub" / "c.yaml", {**TINY, "base": "base.yaml", "baseline": "b",
+                                            "arms": {"a": {"model": {"norm": "none"}}, "b": {"model.norm": "torch"}}})
+    cmp = load_compare(tmp_path / "sub" / "c.yaml", ["base.train.steps=7", "seeds=[3]", "arms.a.optim.lr=2.0"])
+    jobs = {j.arm: j.cfg for j in plan(cmp)}
+    assert cmp.seeds == [3] and cmp.baseline == "b"
+    assert jobs["a"].train.steps == 7 and jobs["a"].optim.lr == 2.0 and jobs["a"].model.norm == "none"
+    assert jobs["b"].optim.lr == 0.5 and jobs["b"].model.norm == "torch" and jobs["b"].seed == 3
+
+
+def test_not_a_run_directory(tmp_path, monkeypatch):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hi")
+    err = _bad(tmp_path, monkeypatch, ["compare", "junk"])
+    assert "junk is not a bnexp run directory" in err
+    err = _bad(tmp_path, monkeypatch, ["compare", "nowhere"])
+    assert "nowhere does not exist" in err
+    err = _bad(tmp_path, monkeypatch, ["compare", "--resume", "junk"])
+    assert "not a comparison directory" in err
