@@ -13,6 +13,7 @@ its checkpoint: TensorBoard purges those steps and metrics.jsonl drops those row
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnexp import checkpoint, interrupt
+from bnexp import checkpoint, distributed, interrupt
 from bnexp.config import Config, ConfigError, OptimConfig, to_yaml
 from bnexp.data import BatchSampler, Dataset, load_dataset
 from bnexp.interrupt import Interrupted  # noqa: F401 - re-exported: callers catch bnexp.train.Interrupted
@@ -150,6 +151,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, data.input_shape, data.num_classes).to(self.device)
         self.model.train()
+        # The module the training step calls (bnexp.distributed wraps it in DistributedDataParallel).
+        self.train_model: nn.Module = self.model
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         self.scheduler = None
         if cfg.optim.schedule != "constant" or cfg.optim.warmup_steps:
@@ -263,7 +266,7 @@ class Trainer:
                 self._interrupt(received[0])
             idx = self.sampler.next()
             x, y = x_all[idx], y_all[idx]
-            out = model(x)
+            out = self.train_model(x)
             loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -411,6 +414,8 @@ def prepare(cfg: Config) -> Dataset:
 
 def start(cfg: Config, out: str | Path | None = None, *, quiet: bool = True) -> tuple[Path, dict[str, Any]]:
     """Validate, create a fresh run directory (cfg.out_dir/... or exactly `out`), train; return both."""
+    if distributed.wanted(cfg):
+        return distributed.start(cfg, out, quiet=quiet)
     if out is not None:
         refuse_existing(out)  # before the data loads: a mistake here should cost no time
     data = prepare(cfg)
@@ -424,6 +429,8 @@ def start(cfg: Config, out: str | Path | None = None, *, quiet: bool = True) -> 
 def train(cfg: Config, run_dir: Path, *, quiet: bool = True, data: Dataset | None = None) -> dict[str, Any]:
     """Train a fresh run in an existing, empty run directory."""
     run_dir = Path(run_dir)
+    if distributed.wanted(cfg):
+        return distributed.train(cfg, run_dir, quiet=quiet)
     data = prepare(cfg) if data is None else data
     with interrupt.catch_signals() as guard, locked(run_dir):
         guard.defer()
@@ -448,7 +455,8 @@ def resume(run_dir: Path, *, quiet: bool = True) -> dict[str, Any]:
         raise RunDirError(f"run directory not found: {run_dir}")
     if not is_run_dir(run_dir):
         raise RunDirError(f"not a bnexp run directory (no config.yaml and summary.json): {run_dir}")
-    with locked(run_dir):
+    # Under torchrun every rank runs this; rank 0 alone holds the lock (and writes the directory).
+    with locked(run_dir) if distributed.env_rank() == 0 else contextlib.nullcontext():
         try:
             status = read_summary(run_dir).get("status")
         except (ValueError, AttributeError):
@@ -459,6 +467,8 @@ def resume(run_dir: Path, *, quiet: bool = True) -> dict[str, Any]:
         found = checkpoint.list_checkpoints(run_dir)
         state = checkpoint.load(found[-1]) if found else None
         data = prepare(cfg)
+        if distributed.wanted(cfg):
+            return distributed.resume(cfg, run_dir, found[-1] if found else None, quiet=quiet)
         trainer = Trainer(cfg, run_dir, data, quiet=quiet)
         if state is not None:
             trainer.load_checkpoint(state, found[-1])
