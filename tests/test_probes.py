@@ -21,6 +21,11 @@ from bnexp.runs import read_metrics, read_summary
 from bnexp.train import Trainer, resume, train
 
 NORMS = ["torch", "bnexp"]
+# Our layer's variants: in the probes' training-mode pass (batch statistics, no updates) Batch Renorm is
+# plain BN, and Ghost BN normalizes each ghost batch of the probe batch.
+VARIANTS = {"torch": {"model.norm": "torch"}, "bnexp": {"model.norm": "bnexp"},
+            "renorm": {"model.norm": "bnexp", "model.bn.variant": "renorm"},
+            "ghost": {"model.norm": "bnexp", "model.bn.variant": "ghost", "model.bn.ghost_batch_size": 8}}
 # Conv2d + BatchNorm2d on 8x8 images (the synthetic task is tabular).
 DIGITS_CNN = {"model.kind": "cnn", "model.channels": [3, 4], "data.dataset": "digits", "data.train_size": 200,
               "data.test_size": 50}
@@ -241,10 +246,11 @@ def test_gap_is_zero_when_running_stats_are_the_batch_stats(tmp_path, norm):
     assert values["gap/kl"] == pytest.approx(0, abs=1e-9)
 
 
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("test_size", [75, 10])  # 75: last batch overlaps its predecessor; 10 < m: one batch
+@pytest.mark.parametrize("norm,test_size", [
+    ("torch", 75), ("bnexp", 75), ("torch", 10), ("bnexp", 10), ("renorm", 75), ("ghost", 75),
+])  # 75: the last batch overlaps its predecessor; 10 < m: one batch
 def test_gap_against_per_batch_forwards(tmp_path, norm, test_size):
-    cfg, data, model = setup(tmp_path, **{"model.norm": norm, "data.test_size": test_size})
+    cfg, data, model = setup(tmp_path, **VARIANTS[norm], **{"data.test_size": test_size})
     train_a_little(model, data, steps=8)
     probes = Probes(cfg, model, data)
     values = probes.measure(0, model)
@@ -438,3 +444,36 @@ def test_resumed_run_has_bit_identical_probe_values(tmp_path):
         assert {k: ra.get(k) for k in probe_keys} == {k: rb.get(k) for k in probe_keys}
     for k in ("gap_accuracy", "gap_kl", "running_mean_err", "running_var_err"):
         assert read_summary(full)[k] == read_summary(cut)[k]
+
+
+class _Writer:
+    def __init__(self):
+        self.histograms: list[tuple[str, int, torch.Tensor]] = []
+
+    def add_histogram(self, tag, values, step):
+        self.histograms.append((tag, step, values))
+
+
+def test_a_diverged_network_is_measured_without_crashing(tmp_path):
+    # train.py probes the step where a run diverges: NaN weights must give NaN values, not an exception.
+    cfg, data, model = setup(tmp_path, **{"model.norm": "bnexp"})
+    with torch.no_grad():
+        model.h1.layer.weight[0, 0] = float("nan")
+    writer = _Writer()
+    values = Probes(cfg, model, data).measure(0, model, writer)
+    assert math.isnan(values["gap/logits"]) and math.isnan(values["running_stats/h1/mean_err"])
+    assert all(torch.isfinite(v).all() for _, _, v in writer.histograms)
+
+
+@pytest.mark.slow
+def test_running_stat_error_falls_on_digits(tmp_path):
+    # The paper's setting (configs/default.yaml), shortened: running estimates start at (0, 1), far from
+    # the population, and track it once training has run for a while.
+    run_dir = _run(tmp_path, "digits", **{"data.dataset": "digits", "data.batch_size": 60, "model.hidden": [100, 100, 100],
+                                          "model.norm": "bnexp", "optim.name": "sgd", "optim.lr": 0.5,
+                                          "train.steps": 300, "probes.every": 100})
+    rows = {r["step"]: r for r in read_metrics(run_dir)}
+    for key in ("mean_err", "var_err"):
+        start = sum(rows[0][f"running_stats/h{i}/{key}"] for i in (1, 2, 3)) / 3
+        end = sum(rows[300][f"running_stats/h{i}/{key}"] for i in (1, 2, 3)) / 3
+        assert end < start / 5, (key, start, end)
