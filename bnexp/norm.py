@@ -42,99 +42,174 @@ def _reduce_dims(x: Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
 
 
-def _sum_of_products(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
-    """Per-channel sum of a*b without materialising the full-size product."""
-    if a.dim() == 2:
-        # (N, C): reduce over rows. vecdot along dim 0 is one strided pass with no temporary.
-        return torch.linalg.vecdot(a, b, dim=0)
-    n, c = a.shape[0], a.shape[1]
-    if a.is_contiguous() and b.is_contiguous():
-        # Contiguous NC*: each (n, c) plane is a contiguous row, so the inner dot is a fast
-        # vectorised reduction and only an (N, C) partial result is left to sum.
-        return torch.linalg.vecdot(a.view(n, c, -1), b.view(n, c, -1), dim=2).sum(0)
-    return torch.linalg.vecdot(a.movedim(1, 0).reshape(c, -1), b.movedim(1, 0).reshape(c, -1), dim=1)
+# Below this many elements the elementwise loops are too short for vectorisation to matter, and the
+# extra ops of _vector_shift cost more than they save.
+_VECTORISE_MIN_NUMEL = 1 << 15
 
 
-def _batch_stats(x: Tensor, centred_out: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Per-channel mean, biased variance and count m of a batch; leaves ``x - mean`` in ``centred_out``.
+def _is_rows(x: Tensor) -> bool:
+    """True for contiguous NC* data with more than one value per (n, c) plane: the planes are rows."""
+    return x.dim() > 2 and x.is_contiguous() and x.numel() > x.shape[0] * x.shape[1]
 
-    This is the single place the forward statistics come from, so synchronized BN can later all-reduce
-    (count, sum) and then (sum of squared deviations) here, as two-pass statistics across processes.
+
+def _vector_shift(v: Tensor, x: Tensor) -> Tensor:
+    """A per-channel shift shaped for torch's vectorised elementwise loops over x.
+
+    Those loops vectorise only when at most one operand is a broadcast scalar in the innermost
+    dimension. On NC* contiguous data a (1, C, 1, ...) view is such a scalar, so y = x·scale + shift with
+    two of them runs a scalar loop, about 2x slower; materialising the shift over one sample (C·L
+    values, small next to x) keeps the loop vectorised. Channels-innermost data needs nothing.
+    """
+    if _is_rows(x) and x.numel() >= _VECTORISE_MIN_NUMEL:
+        return v.view(_channel_view(x)).expand((1, *x.shape[1:])).contiguous()
+    return v.view(_channel_view(x))
+
+
+def _batch_stats(x: Tensor, scratch: Tensor, group=None) -> tuple[Tensor, Tensor, int, bool]:
+    """Per-channel mean, biased variance and count m of a batch, two-pass (no cancellation).
+
+    ``scratch`` (shaped like x) receives x − mean. Returns (mean, var, m, centred): when ``centred`` the
+    scratch still holds x − mean, otherwise it was used up squaring. This is the single place the
+    forward statistics come from, so synchronized BN can later all-reduce (count, sum) and then the
+    sums of squared deviations here.
+
+    torch.var_mean would be the obvious single fused pass, but on CPU over dims (0, 2, ...) it measures
+    10-70x slower than sum (its Welford loop does not vectorise), so this is sum, subtract, and a
+    squared reduction.
     """
     dims = _reduce_dims(x)
     m = x.numel() // x.shape[1]
-    mean = x.sum(dims) / m
-    torch.sub(x, mean.view(_channel_view(x)), out=centred_out)
-    var = _sum_of_products(centred_out, centred_out, dims) / m
-    return mean, var, m
+    if group is not None:
+        return _synced_batch_stats(x, scratch, group)
+    mean = x.mean(dims)
+    torch.sub(x, mean.view(_channel_view(x)), out=scratch)
+    if _is_rows(x):
+        # vector_norm over a contiguous last dim is a fused, vectorised square-and-sum (over several
+        # dims at once it is ~10x slower than sum), and it leaves x − mean intact for the output.
+        rows = scratch.view(x.shape[0], x.shape[1], -1)
+        var = torch.linalg.vector_norm(rows, dim=2).square_().sum(0).div_(m)
+        return mean, var, m, True
+    # Channels innermost ((N, C) or channels_last): square in place, then a fast sum.
+    return mean, scratch.mul_(scratch).mean(dims), m, False
 
 
-def _grad_reductions(g: Tensor, x_centred: Tensor) -> tuple[Tensor, Tensor]:
-    """The backward's two per-channel reductions: Σg and Σg·(x−μ).
+def _synced_batch_stats(x: Tensor, scratch: Tensor, group) -> tuple[Tensor, Tensor, int, bool]:
+    """_batch_stats over the global batch of a process group (synchronized BN, bnexp.distributed).
 
-    One place, so that synchronized BN can all-reduce both (and the count) together later.
+    Two all-reduces, still two-pass: (count, Σx) gives the global mean, then Σ(x − mean)². Shards may
+    differ in size, counts included. The caller's one-value-per-channel check becomes a global one.
+    """
+    from bnexp.distributed import all_reduce_sum, all_reduce_sum_and_count
+
+    dims = _reduce_dims(x)
+    total, m = all_reduce_sum_and_count(x.sum(dims), x.numel() // x.shape[1], group)
+    if m < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {m} over the process group")
+    mean = total / m
+    torch.sub(x, mean.view(_channel_view(x)), out=scratch)
+    # A squared temporary: this path waits on the network anyway.
+    var = all_reduce_sum(scratch.square().sum(dims), group) / m
+    return mean, var, m, True
+
+
+def _grad_reductions(g: Tensor, x: Tensor, mean: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
+    """The backward's two per-channel reductions: Σg and Σg·(x−μ) (``scratch`` receives g·x).
+
+    One place, so that synchronized BN can all-reduce both (and the count) together later. Torch has
+    no fused multiply-reduce for these layouts (vecdot multiplies into a temporary, bmm is slower), so
+    the product goes into the dx buffer that backward allocates anyway. Σg·x − μ·Σg loses only about
+    eps·|μ|/σ relatively, unlike one-pass variance's (μ/σ)².
     """
     dims = _reduce_dims(g)
-    return g.sum(dims), _sum_of_products(g, x_centred, dims)
+    sum_g = g.sum(dims)
+    sum_gx = torch.mul(g, x, out=scratch).sum(dims)
+    return sum_g, sum_gx.addcmul_(mean, sum_g, value=-1)
+
+
+def _update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, m: int,
+                    factor: float) -> None:
+    """Algorithm 2's estimates: exponential (or cumulative) averages, the variance made unbiased."""
+    torch._foreach_lerp_([running_mean, running_var], [mean, var * (m / (m - 1))], factor)
 
 
 class BatchNormTrainFunction(Function):
     """Training-mode BN: batch statistics forward, the paper's gradients backward.
 
-    Returns ``(y, mean, var)``; ``mean`` and ``var`` (biased) are non-differentiable and only feed the
-    running-statistic update. With ``unbiased`` the layer normalizes by s² = m/(m−1)·σ²_B instead; the
-    only change to the backward is that the projection term is scaled by the same m/(m−1), because
+    ``running`` is None or (running_mean, running_var, factor): the buffers are updated in place from
+    the batch statistics, outside autograd (forward runs without grad recording, and they are not
+    Function inputs). With ``unbiased`` the layer normalizes by s² = m/(m−1)·σ²_B instead; the only
+    change to the backward is that the projection term is scaled by the same m/(m−1), because
     ∂s²/∂x_i = m/(m−1) · 2(x_i − μ)/m while the mean term is unchanged.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, unbiased: bool):
-        view = _channel_view(x)
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, unbiased: bool,
+                running: tuple[Tensor, Tensor, float] | None, group=None):
+        cv = _channel_view(x)
         y = torch.empty_like(x)
-        mean, var, m = _batch_stats(x, y)
-        # y holds x - mean now.
-        var_norm = var * (m / (m - 1)) if unbiased else var
-        invstd = (var_norm + eps).rsqrt_()
+        mean, var, m, centred = _batch_stats(x, y, group)
+        invstd = (var * (m / (m - 1)) if unbiased else var).add(eps).rsqrt_()
         scale = invstd * weight if weight is not None else invstd
-        if bias is not None:
-            torch.addcmul(bias.view(view), y, scale.view(view), out=y)
+        if centred:
+            # y holds x − mean: y = (x − mean)·scale + β in place.
+            if bias is not None:
+                torch.addcmul(_vector_shift(bias, y), y, scale.view(cv), out=y)
+            else:
+                y.mul_(scale.view(cv))
         else:
-            y.mul_(scale.view(view))
-        ctx.save_for_backward(x, weight, mean, invstd)
+            # ATen's CPU form: x·scale + (β − mean·scale).
+            shift = torch.addcmul(bias, mean, scale, value=-1) if bias is not None else (mean * scale).neg_()
+            torch.addcmul(_vector_shift(shift, x), x, scale.view(cv), out=y)
+        if running is not None:
+            _update_running(running[0], running[1], mean, var, m, running[2])
+        ctx.save_for_backward(x, mean, invstd, scale)
         ctx.m = m
         ctx.unbiased = unbiased
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        ctx.group = group
+        return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g: Tensor, _g_mean, _g_var):
-        x, weight, mean, invstd = ctx.saved_tensors
+    def backward(ctx, g: Tensor):
+        x, mean, invstd, scale = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         m = ctx.m
-        view = _channel_view(x)
-        # dx's buffer first holds x - mean: it is the centred operand of Σg(x−μ) and then becomes dx
-        # in place, so backward allocates one full-size tensor.
+        # One full-size allocation: dx's buffer first takes the product for Σg·x, then becomes dx.
         dx = torch.empty_like(x)
-        torch.sub(x, mean.view(view), out=dx)
-        sum_g, sum_g_xmu = _grad_reductions(g, dx)
-        sum_g_xhat = sum_g_xmu * invstd
-        grad_x = grad_w = grad_b = None
+        sum_g, sum_g_xmu = _grad_reductions(g, x, mean, dx)
+        if ctx.group is not None:
+            # Synchronized BN: dx needs the global batch's two sums, while γ and β keep this shard's
+            # share below (DDP sums those over the ranks).
+            from bnexp.distributed import all_reduce_sum
+
+            tot_g, tot_g_xmu = all_reduce_sum(torch.stack([sum_g, sum_g_xmu]), ctx.group).unbind()
+        sum_g_xhat = sum_g_xmu.mul_(invstd)
+        grad_w, grad_b = (sum_g_xhat if need_w else None), (sum_g if need_b else None)
+        if ctx.group is not None:
+            sum_g, sum_g_xhat = tot_g, tot_g_xmu * invstd
+        grad_x = None
         if need_x:
-            # ∂ℓ/∂x = k·(g − Σg/m − c·x̂·Σg·x̂/m), k = γ·invstd, c = m/(m−1) if unbiased else 1,
-            # rewritten as dx = (x−μ)·a + g·k + b with per-channel a, b, k.
-            k = invstd * weight if weight is not None else invstd
-            proj = sum_g_xhat * ((m / (m - 1) if ctx.unbiased else 1.0) / m)
-            a = -(k * invstd * proj)
-            b = -(k * sum_g) / m
-            torch.addcmul(b.view(view), dx, a.view(view), out=dx)
-            dx.addcmul_(g, k.view(view))
+            # ∂ℓ/∂x = k·(g − Σg/m − c·x̂·Σg·x̂/m), k = γ·invstd (= scale), c = m/(m−1) if unbiased else 1,
+            # as dx = g·k + x·a + b with per-channel a = −(c/m)·k·invstd·Σg·x̂, b = −k·Σg/m − a·μ.
+            c = (m / (m - 1) if ctx.unbiased else 1.0) / m
+            a = torch.mul(sum_g_xhat, invstd).mul_(scale).mul_(-c)
+            b = torch.mul(scale, sum_g).mul_(-1.0 / m).addcmul_(a, mean, value=-1)
+            torch.addcmul(_vector_shift(b, x), x, a.view(_channel_view(x)), out=dx)
+            dx.addcmul_(g, scale.view(_channel_view(x)))
             grad_x = dx
-        if need_w:
-            grad_w = sum_g_xhat
-        if need_b:
-            grad_b = sum_g
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _eval_coefficients(running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+                       bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    invstd = running_var.add(eps).rsqrt_()
+    scale = invstd * weight if weight is not None else invstd
+    shift = torch.addcmul(bias, running_mean, scale, value=-1) if bias is not None else (running_mean * scale).neg_()
+    return invstd, scale, shift
+
+
+def _eval_forward(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return torch.addcmul(_vector_shift(shift, x), x, scale.view(_channel_view(x)))
 
 
 class BatchNormEvalFunction(Function):
@@ -143,31 +218,24 @@ class BatchNormEvalFunction(Function):
     @staticmethod
     def forward(ctx, x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
                 bias: Tensor | None, eps: float):
-        view = _channel_view(x)
-        invstd = (running_var + eps).rsqrt()
-        scale = invstd * weight if weight is not None else invstd
-        shift = -running_mean * scale
-        if bias is not None:
-            shift = shift + bias
-        y = torch.addcmul(shift.view(view), x, scale.view(view))
+        invstd, scale, shift = _eval_coefficients(running_mean, running_var, weight, bias, eps)
         # x is only needed for ∂ℓ/∂γ; do not keep it alive otherwise.
-        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, running_mean, invstd, weight)
-        return y
+        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, running_mean, invstd, scale)
+        return _eval_forward(x, scale, shift)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor):
-        x, running_mean, invstd, weight = ctx.saved_tensors
+        x, running_mean, invstd, scale = ctx.saved_tensors
         need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
-        view = _channel_view(g)
+        cv = _channel_view(g)
         dims = _reduce_dims(g)
         grad_x = grad_w = grad_b = None
         if need_x:
-            scale = invstd * weight if weight is not None else invstd
-            grad_x = g * scale.view(view)
+            grad_x = g * scale.view(cv)
         if need_w:
-            # Centre explicitly: Σg·x − rm·Σg cancels badly when |rm| ≫ std, and eval backward is rare.
-            grad_w = _sum_of_products(g, x - running_mean.view(view), dims) * invstd
+            # Centred explicitly: eval backward is rare, and x need not be centred on the running mean.
+            grad_w = ((x - running_mean.view(cv)) * g).sum(dims) * invstd
         if need_b:
             grad_b = g.sum(dims)
         return grad_x, None, None, grad_w, grad_b, None
@@ -180,6 +248,9 @@ class BatchNormBase(nn.Module):
       running_var_init: value ``running_var`` starts from and ``reset_running_stats()`` restores.
       unbiased_normalize: normalize with the unbiased batch variance m/(m−1)·σ²_B (the seed note's
         ``torch.var``), instead of the paper's biased one.
+      stats: "local" normalizes by this process's batch; "global" by the batch of all processes of
+        ``process_group`` (None: the default group) while training under torch.distributed, i.e.
+        synchronized BN (bnexp.distributed). In a single process the two are the same.
     """
 
     _version = 2
@@ -199,6 +270,8 @@ class BatchNormBase(nn.Module):
         bias: bool = True,
         running_var_init: float = 1.0,
         unbiased_normalize: bool = False,
+        stats: str = "local",
+        process_group=None,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -209,6 +282,10 @@ class BatchNormBase(nn.Module):
         self.track_running_stats = track_running_stats
         self.running_var_init = float(running_var_init)
         self.unbiased_normalize = bool(unbiased_normalize)
+        if stats not in ("local", "global"):
+            raise ValueError(f"stats must be 'local' or 'global', got {stats!r}")
+        self.stats = stats
+        self.process_group = process_group
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
             if bias:
@@ -250,6 +327,8 @@ class BatchNormBase(nn.Module):
             s += f", running_var_init={self.running_var_init}"
         if self.unbiased_normalize:
             s += ", unbiased_normalize=True"
+        if self.stats != "local":
+            s += f", stats={self.stats!r}"
         return s
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -268,6 +347,14 @@ class BatchNormBase(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
+    def _sync_group(self):
+        """The process group to reduce batch statistics over, or None for this process's batch alone."""
+        if self.stats == "local":
+            return None
+        from bnexp.distributed import sync_group
+
+        return sync_group(self)
+
     def _check_input(self, x: Tensor) -> None:
         if x.dim() not in self._accepted_ranks:
             expected = " or ".join(f"{r}D" for r in self._accepted_ranks)
@@ -285,12 +372,13 @@ class BatchNormBase(nn.Module):
         # Batch statistics in training, and in eval when there are no running estimates (as torch).
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         update_running = self.training and self.track_running_stats and self.running_mean is not None
+        group = self._sync_group()
         if use_batch_stats:
             size = input.size()
             values_per_channel = size[0]
             for d in size[2:]:
                 values_per_channel *= d
-            if values_per_channel == 1:
+            if values_per_channel == 1 and group is None:
                 raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
             if self.eps <= 0.0:
                 raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
@@ -310,25 +398,23 @@ class BatchNormBase(nn.Module):
                 out = out + self.bias.view(_channel_view(input))
             return out
 
+        weight, bias = self.weight, self.bias
         if use_batch_stats:
-            y, mean, var = BatchNormTrainFunction.apply(
-                input, self.weight, self.bias, self.eps, self.unbiased_normalize
-            )
+            running = None
             if update_running:
-                self._update_running_stats(mean, var, input.numel() // input.shape[1])
-            return y
-        return BatchNormEvalFunction.apply(input, self.running_mean, self.running_var, self.weight,
-                                           self.bias, self.eps)
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, m: int) -> None:
-        if self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked)
-        else:
-            factor = self.momentum
-        # Same association as ATen (momentum·new + (1 − momentum)·old), so float32 results agree.
-        self.running_mean.mul_(1.0 - factor).add_(mean.detach(), alpha=factor)
-        self.running_var.mul_(1.0 - factor).add_(var.detach(), alpha=factor * m / (m - 1))
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                running = (self.running_mean, self.running_var, factor)
+            return BatchNormTrainFunction.apply(input, weight, bias, self.eps, self.unbiased_normalize, running,
+                                                group)
+        if torch.is_grad_enabled() and (
+            input.requires_grad or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        ):
+            return BatchNormEvalFunction.apply(input, self.running_mean, self.running_var, weight, bias, self.eps)
+        # Inference: nothing to differentiate, so skip the autograd.Function machinery (~10 µs a call).
+        with torch.no_grad():
+            _, scale, shift = _eval_coefficients(self.running_mean, self.running_var, weight, bias, self.eps)
+            return _eval_forward(input, scale, shift)
 
 
 class BatchNorm1d(BatchNormBase):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import time
 
+import torch
+
 from rich.console import Console
 
 from bnexp import norm
@@ -40,12 +42,10 @@ def test_check_fails_when_backward_scale_is_wrong(monkeypatch):
 
 
 def test_check_fails_when_running_var_is_biased(monkeypatch):
-    def biased_update(self, mean, var, m):
-        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-        self.running_var.mul_(1 - factor).add_(var, alpha=factor)  # forgot m/(m-1)
+    def biased_update(running_mean, running_var, mean, var, m, factor):
+        torch._foreach_lerp_([running_mean, running_var], [mean, var], factor)  # forgot m/(m-1)
 
-    monkeypatch.setattr(norm.BatchNormBase, "_update_running_stats", biased_update)
+    monkeypatch.setattr(norm, "_update_running", biased_update)
     console, buf = _console()
     assert run_check(seed=0, console=console) is False
     assert "FAIL" in buf.getvalue()
