@@ -337,3 +337,32 @@ def test_bad_variant_configs_are_one_line_errors(cli, tiny_config, tmp_path, ove
     assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], res.err
     assert "Traceback" not in res.err
     assert not (tmp_path / "run").exists()
+
+
+# --- presets and comparison configs ------------------------------------------------------------------------
+
+def test_seed_note_preset_is_the_notes_choices():
+    from bnexp.config import load
+    from conftest import REPO
+
+    bn = load(REPO / "configs" / "ablations" / "seed_note.yaml").model.bn
+    assert (bn.momentum, bn.eps, bn.running_var_init, bn.unbiased_normalize) == (0.05, 1e-3, 0.0, True)
+    layer = bn_layers(build_model(load(REPO / "configs" / "ablations" / "seed_note.yaml").model, (8,), 2))["h1"]
+    assert torch.equal(layer.running_var, torch.zeros(100)) and layer.unbiased_normalize
+
+
+@pytest.mark.parametrize("name, arms", [("small_batch", 16), ("running_stats", 5)])
+def test_variant_comparison_configs_plan(name, arms):
+    from bnexp.compare import load_compare, plan
+    from conftest import REPO
+
+    cmp = load_compare(REPO / "configs" / "compare" / f"{name}.yaml", [])
+    jobs = plan(cmp)
+    assert len(cmp.arms) == arms and len(jobs) == arms * len(cmp.seeds)
+    if name == "small_batch":
+        grid = {(j.cfg.data.batch_size, j.cfg.model.bn.variant, j.cfg.model.bn.precise.when) for j in jobs}
+        assert grid == {(b, v, w) for b in (2, 4, 8, 32)
+                        for v, w in (("bn", "never"), ("renorm", "never"), ("ghost", "never"), ("bn", "eval"))}
+    else:
+        assert {(j.cfg.model.bn.momentum, j.cfg.model.bn.precise.when) for j in jobs} == {
+            (0.01, "never"), (0.1, "never"), (0.5, "never"), (None, "never"), (0.1, "eval")}
