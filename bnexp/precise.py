@@ -12,7 +12,9 @@ population_statistics, the same code), only on batches of its own.
 
 The K batches are drawn like training batches (bnexp.data.BatchSampler) by a generator seeded from the
 run's seed and the step, never from the training data order or the torch RNG: recomputing changes no
-random stream, and a resumed run draws the same batches. `num_batches_tracked` is left alone (Batch
+random stream, and a resumed run draws the same batches. (Plain and Ghost BN never read the running
+statistics in training, so their training is unchanged; Batch Renorm does, so with it PreciseBN also
+changes what r and d are measured against, as it should.) `num_batches_tracked` is left alone (Batch
 Renorm's schedule reads it). With `when: eval` the estimate overwrites the moving average before every
 evaluation and probe measurement, and the moving average carries on from it (as pycls's precise BN
 does); with `when: end` once, after the last step, before the final evaluation and checkpoint.
