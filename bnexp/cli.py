@@ -79,9 +79,11 @@ def train(
             summary, run_dir = trainmod.resume(resume, quiet=quiet), resume
         else:
             cfg = cfgmod.load(config, set_ or [])
-            if out is not None and (out.exists() or out.is_symlink()):
+            if out is not None:
                 # Before any data is loaded: a refused run must not even write the mnist1d cache.
-                raise UserError(f"output directory already exists: {out} (bnexp never overwrites a run)")
+                from bnexp.runs import refuse_existing
+
+                refuse_existing(out)
             run_dir, summary = trainmod.start(cfg, out, quiet=quiet)
     _report(summary, run_dir)
 
