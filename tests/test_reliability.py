@@ -1,0 +1,516 @@
+"""Reliability (issue 7): signals, resume, kills mid-checkpoint, corrupted checkpoints, divergence and run
+directories that are never overwritten or merged.
+
+The central claim is exact: a run interrupted (SIGINT/SIGTERM, or SIGKILL while writing a checkpoint) and
+resumed ends with the same weights, buffers, optimizer state, metrics.jsonl and TensorBoard scalars as an
+uninterrupted run with the same seed, bit for bit on CPU, with the probes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bnexp import checkpoint, runs
+from bnexp.cli import main
+
+# A quick run with our BN layer and every probe on; log_every (7) does not divide checkpoint_every (150),
+# so an interruption usually lands with losses pending in the log interval, which the checkpoint must keep.
+RUN = {
+    "name": "rel",
+    "device": "cpu",
+    "data": {"dataset": "synthetic", "batch_size": 20,
+             "synthetic": {"num_samples": 300, "num_features": 8, "num_classes": 3}},
+    "model": {"kind": "mlp", "hidden": [16, 16], "norm": "bnexp", "activation": "sigmoid"},
+    "optim": {"name": "momentum", "lr": 0.3, "schedule": "cosine", "warmup_steps": 20},
+    "train": {"steps": 600, "eval_every": 50, "log_every": 7, "checkpoint_every": 150},
+    "probes": {"enabled": True, "every": 100, "population_batches": 2, "histogram_every": 300},
+}
+STEPS = RUN["train"]["steps"]
+
+
+def write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def final_state(run_dir: Path, step: int = STEPS) -> dict:
+    return torch.load(run_dir / "checkpoints" / f"step-{step:08d}.pt", weights_only=True)
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series as TensorBoard shows it (purged steps of a resumed run dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def files_of(run_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def assert_same_run(run_dir: Path, ref_dir: Path) -> None:
+    """The resumed run equals the uninterrupted one: state, metrics rows, TensorBoard scalars."""
+    got, want = final_state(run_dir), final_state(ref_dir)
+    assert got["model"].keys() == want["model"].keys()
+    for key, tensor in want["model"].items():  # weights and buffers (running stats, num_batches_tracked)
+        assert torch.equal(got["model"][key], tensor), key
+    for i, st in want["optimizer"]["state"].items():
+        for name, tensor in st.items():
+            assert torch.equal(got["optimizer"]["state"][i][name], tensor), (i, name)
+    assert torch.equal(got["rng"]["torch"], want["rng"]["torch"])
+    assert runs.read_metrics(run_dir) == runs.read_metrics(ref_dir)
+
+    tb, tb_ref = scalars(run_dir), scalars(ref_dir)
+    assert tb.keys() == tb_ref.keys()
+    for tag, series in tb.items():
+        steps = [s for s, _ in series]
+        assert len(steps) == len(set(steps)), f"{tag}: a step logged twice"
+        assert series == tb_ref[tag], tag
+    summary = runs.read_summary(run_dir)
+    ref_summary = runs.read_summary(ref_dir)
+    assert summary["status"] == "completed" and summary["steps"] == STEPS
+    for key in ("test_accuracy", "best_test_accuracy", "gap_accuracy", "running_mean_err", "running_var_err"):
+        assert summary[key] == ref_summary[key], key
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks on a busy 2-core machine: a second intra-op thread only adds contention. Subprocesses
+    get OMP_NUM_THREADS=1 too, so every run here computes with the same kernels."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, one_thread) -> Path:
+    """The uninterrupted run every interrupted one is compared with (trained in-process once)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = write(tmp / "run.yaml", RUN)
+    out = tmp / "ref"
+    assert main(["train", "-c", str(cfg), "--out", str(out), "-q"]) == 0
+    return out
+
+
+def spawn(args: list[str], cwd: Path, code: str | None = None) -> subprocess.Popen:
+    """`python -m bnexp.cli ...`, or a script that patches something first and then calls main."""
+    cmd = [sys.executable, "-m", "bnexp.cli", *args] if code is None else [sys.executable, "-c", code, *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"child ended early with {proc.returncode}: {err[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("child made no progress")
+        time.sleep(0.005)
+
+
+def logged_steps(run_dir: Path) -> int:
+    try:
+        return len(runs.read_metrics(run_dir))
+    except (OSError, ValueError):
+        return 0
+
+
+# --- SIGINT / SIGTERM in a real subprocess ------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_mid_run_then_resume_equals_uninterrupted_run(tmp_path, capsys, reference, sig, code):
+    cfg = write(tmp_path / "run.yaml", RUN)
+    run_dir = tmp_path / "run"
+    proc = spawn(["train", "-c", str(cfg), "--out", str(run_dir), "-q"], tmp_path)
+    # Signal as soon as training rows appear: well before the last of 600 steps.
+    wait_for(lambda: logged_steps(run_dir) >= 3, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    assert f"interrupted by {signal.Signals(sig).name}" in err
+    assert out.strip().splitlines()[-1] == str(run_dir)
+    summary = runs.read_summary(run_dir)
+    assert summary["status"] == "interrupted"
+    stopped = summary["steps"]
+    assert 0 < stopped < STEPS
+    assert checkpoint.list_checkpoints(run_dir)[-1].name == f"step-{stopped:08d}.pt"
+
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 0, err
+    assert out.strip().splitlines()[-1] == str(run_dir)
+    assert_same_run(run_dir, reference)
+
+
+# --- SIGKILL while a checkpoint is being written --------------------------------------------------------
+
+# Runs the CLI with torch.save patched so that the third checkpoint stops half written (and fsynced), then
+# tells the test by creating a marker file and waits to be killed: a deterministic "kill -9 mid-write".
+PAUSE_IN_SAVE = """
+import io, os, sys, time
+import torch
+real_save, calls = torch.save, [0]
+def save(obj, f, *a, **k):
+    calls[0] += 1
+    if calls[0] == 3:
+        buf = io.BytesIO(); real_save(obj, buf, *a, **k); data = buf.getvalue()
+        f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
+        open(os.environ["PAUSE_MARKER"], "w").close()
+        time.sleep(600)
+    return real_save(obj, f, *a, **k)
+torch.save = save
+from bnexp.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def killed_mid_save(tmp_path, monkeypatch) -> Path:
+    cfg = write(tmp_path / "run.yaml", RUN)
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "paused"
+    monkeypatch.setenv("PAUSE_MARKER", str(marker))
+    proc = spawn(["train", "-c", str(cfg), "--out", str(run_dir), "-q"], tmp_path, code=PAUSE_IN_SAVE)
+    wait_for(marker.exists, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    return run_dir
+
+
+@pytest.mark.slow
+def test_sigkill_mid_checkpoint_resumes_from_last_complete_one(killed_mid_save, capsys, reference):
+    run_dir = killed_mid_save
+    # Checkpoints at 150 and 300 are complete; the one for 450 is a half-written temporary file.
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step-00000150.pt", "step-00000300.pt"]
+    partial = run_dir / "checkpoints" / ".step-00000450.pt.tmp"
+    assert partial.is_file()
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load(partial)
+    assert runs.read_summary(run_dir)["status"] == "running"  # SIGKILL leaves no chance to mark it
+    assert max(r["step"] for r in runs.read_metrics(run_dir)) >= 450  # rows past the fallback are redone
+
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 0, err
+    assert not partial.exists()  # the stale temporary is cleaned once a newer checkpoint is durable
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "not_ours", "empty"])
+def test_damaged_checkpoint_is_a_one_line_error_and_deletes_nothing(killed_mid_save, capsys, damage):
+    run_dir = killed_mid_save
+    newest = checkpoint.list_checkpoints(run_dir)[-1]
+    data = newest.read_bytes()
+    if damage == "truncate":
+        newest.write_bytes(data[: len(data) // 3])
+    elif damage == "garbage":
+        newest.write_bytes(bytes(range(256)) * 64)
+    elif damage == "not_ours":
+        torch.save({"weights": torch.ones(3)}, newest)
+    else:
+        newest.write_bytes(b"")
+    before = files_of(run_dir)
+
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert str(newest) in err and "checkpoint" in err
+    assert "Traceback" not in err
+    assert files_of(run_dir) == before  # nothing deleted, truncated or rewritten
+
+
+def test_checkpoint_that_does_not_fit_the_config_is_a_user_error(tmp_path, capsys):
+    cfg = write(tmp_path / "run.yaml", {**RUN, "train": {**RUN["train"], "steps": 20}})
+    run_dir = tmp_path / "run"
+    assert run_cli(capsys, "train", "-c", cfg, "--out", run_dir, "-q")[0] == 0
+    # Someone swaps the run's config for a wider network and marks the run resumable.
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved["model"]["hidden"] = [32, 16]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    summary = runs.read_summary(run_dir)
+    runs.write_summary(run_dir, {**summary, "status": "interrupted"})
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 2 and err.count("\n") == 1
+    assert "step-00000020.pt does not fit the run's config.yaml" in err
+
+
+# --- signals delivered in-process at chosen moments -----------------------------------------------------
+
+def test_signal_during_startup_creates_nothing(tmp_path, capsys, monkeypatch):
+    import bnexp.train as trainmod
+
+    real_load = trainmod.load_dataset
+
+    def load_then_signal(cfg):
+        data = real_load(cfg)
+        os.kill(os.getpid(), signal.SIGTERM)  # lands while the data loads: nothing is on disk yet
+        return data
+
+    monkeypatch.setattr(trainmod, "load_dataset", load_then_signal)
+    cfg = write(tmp_path / "run.yaml", RUN)
+    rc, out, err = run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "run", "-q")
+    assert rc == 143
+    assert err == "interrupted by SIGTERM during start-up; no run directory was created\n"
+    assert out == ""
+    assert not (tmp_path / "run").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_signal_after_the_run_dir_exists_checkpoints_step_0(tmp_path, capsys, monkeypatch, reference):
+    import bnexp.train as trainmod
+
+    real_init = trainmod.Trainer.__init__
+
+    def init_then_signal(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # the directory exists: recorded, acted on before step 1
+
+    monkeypatch.setattr(trainmod.Trainer, "__init__", init_then_signal)
+    cfg = write(tmp_path / "run.yaml", RUN)
+    run_dir = tmp_path / "run"
+    rc, out, err = run_cli(capsys, "train", "-c", cfg, "--out", run_dir, "-q")
+    assert rc == 130 and "Traceback" not in err
+    summary = runs.read_summary(run_dir)
+    assert (summary["status"], summary["steps"]) == ("interrupted", 0)
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step-00000000.pt"]
+    assert [r["step"] for r in runs.read_metrics(run_dir)] == [0]
+
+    monkeypatch.setattr(trainmod.Trainer, "__init__", real_init)
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 0, err
+    assert_same_run(run_dir, reference)
+
+
+def test_torn_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path, capsys, monkeypatch, reference):
+    import bnexp.train as trainmod
+
+    real_write = trainmod.Trainer._write_row
+
+    def write_then_signal(self, step, row):
+        real_write(self, step, row)
+        if step == 350:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainmod.Trainer, "_write_row", write_then_signal)
+    cfg = write(tmp_path / "run.yaml", RUN)
+    run_dir = tmp_path / "run"
+    assert run_cli(capsys, "train", "-c", cfg, "--out", run_dir, "-q")[0] == 143
+    assert runs.read_summary(run_dir)["steps"] == 350
+    with open(run_dir / "metrics.jsonl", "a") as f:  # a row cut off mid-write
+        f.write('{"step": 351, "train/lo')
+    assert runs.read_metrics(run_dir)[-1]["step"] == 350
+
+    monkeypatch.setattr(trainmod.Trainer, "_write_row", real_write)
+    assert run_cli(capsys, "train", "--resume", run_dir, "-q")[0] == 0
+    assert_same_run(run_dir, reference)
+
+
+# --- what --resume refuses ------------------------------------------------------------------------------
+
+def test_resume_refusals(tmp_path, capsys):
+    cfg = write(tmp_path / "run.yaml", {**RUN, "train": {**RUN["train"], "steps": 10}})
+    done = tmp_path / "done"
+    assert run_cli(capsys, "train", "-c", cfg, "--out", done, "-q")[0] == 0
+    before = files_of(done)
+    cases = {
+        done: "already ended (completed)",
+        tmp_path / "missing": "run directory not found",
+        tmp_path: "not a bnexp run directory",
+    }
+    for path, message in cases.items():
+        rc, out, err = run_cli(capsys, "train", "--resume", path, "-q")
+        assert rc == 2 and err.count("\n") == 1 and message in err, err
+    rc, _, err = run_cli(capsys, "train", "--resume", done, "-c", cfg)
+    assert rc == 2 and "do not combine" in err
+    assert files_of(done) == before
+
+
+def test_resume_refuses_a_run_another_process_is_training(tmp_path, capsys):
+    cfg = write(tmp_path / "run.yaml", {**RUN, "train": {**RUN["train"], "steps": 10}})
+    run_dir = tmp_path / "run"
+    assert run_cli(capsys, "train", "-c", cfg, "--out", run_dir, "-q")[0] == 0
+    runs.write_summary(run_dir, {**runs.read_summary(run_dir), "status": "interrupted"})
+    before = files_of(run_dir)
+    with runs.locked(run_dir):  # what a live `bnexp train` holds while it writes the directory
+        rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 2 and "being trained by another process" in err
+    assert files_of(run_dir) == before
+
+
+# --- run directories ------------------------------------------------------------------------------------
+
+def test_runs_started_in_the_same_second_get_distinct_directories(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20250101-000000")
+    cfg = write(tmp_path / "run.yaml", {**RUN, "out_dir": "out", "train": {**RUN["train"], "steps": 5}})
+    paths = []
+    for _ in range(2):
+        rc, out, err = run_cli(capsys, "train", "-c", cfg, "-q")
+        assert rc == 0, err
+        paths.append(Path(out.strip().splitlines()[-1]))
+    assert paths == [Path("out/rel/20250101-000000-s0"), Path("out/rel/20250101-000000-s0-2")]
+    for p in paths:
+        assert runs.read_summary(tmp_path / p)["status"] == "completed"
+        assert [r["step"] for r in runs.read_metrics(tmp_path / p)][0] == 0  # one run's rows each
+
+
+def test_racing_threads_never_share_a_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20250101-000000")
+    made: list[Path] = []
+    barrier = threading.Barrier(8)
+
+    def make():
+        barrier.wait()
+        made.append(runs.create_run_dir(tmp_path, "race", 0))
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == 8 and all(p.is_dir() for p in made)
+
+
+@pytest.mark.parametrize("existing", ["empty_dir", "run_dir", "file"])
+def test_existing_out_is_refused_untouched(tmp_path, capsys, existing):
+    cfg = write(tmp_path / "run.yaml", {**RUN, "train": {**RUN["train"], "steps": 5}})
+    out = tmp_path / "out"
+    if existing == "run_dir":
+        assert run_cli(capsys, "train", "-c", cfg, "--out", out, "-q")[0] == 0
+    elif existing == "empty_dir":
+        out.mkdir()
+    else:
+        out.write_text("notes")
+    before = files_of(tmp_path)
+    rc, stdout, err = run_cli(capsys, "train", "-c", cfg, "--out", out, "-q")
+    assert rc == 2 and stdout == "" and err.count("\n") == 1
+    assert f"--out {out} already exists" in err
+    if existing == "run_dir":
+        assert f"--resume {out}" in err
+    assert files_of(tmp_path) == before
+
+
+def test_out_under_a_file_is_a_user_error(tmp_path, capsys):
+    cfg = write(tmp_path / "run.yaml", {**RUN, "train": {**RUN["train"], "steps": 5}})
+    (tmp_path / "afile").write_text("x")
+    rc, out, err = run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "afile" / "run", "-q")
+    assert rc == 2 and err.startswith("error: cannot create a run directory") and err.count("\n") == 1
+
+
+# --- divergence -----------------------------------------------------------------------------------------
+
+HIGH_LR = {
+    "name": "high_lr",
+    "device": "cpu",
+    "data": {"dataset": "digits", "batch_size": 60},
+    "model": {"kind": "mlp", "hidden": [100, 100, 100], "activation": "sigmoid"},
+    "optim": {"name": "sgd", "lr": 25.0},
+    "train": {"steps": 400, "eval_every": 100, "log_every": 10, "checkpoint_every": 400},
+    "probes": {"enabled": False},
+}
+
+
+def independent_losses(cfg_dict: dict, steps: int) -> list[float]:
+    """The per-step training losses, recomputed by a plain loop outside the Trainer."""
+    from bnexp.config import validate
+    from bnexp.data import BatchSampler, load_dataset
+    from bnexp.models import build_model
+
+    cfg = validate(cfg_dict)
+    data = load_dataset(cfg.data)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
+    sampler = BatchSampler(len(data.y_train), cfg.data.batch_size, cfg.seed)
+    losses = []
+    for _ in range(steps):
+        idx = sampler.next()
+        loss = torch.nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.slow
+def test_high_lr_without_bn_diverges_at_the_recorded_step_and_bn_trains(tmp_path, capsys):
+    window, factor = 200, 1.5
+    none_cfg = {**HIGH_LR, "model": {**HIGH_LR["model"], "norm": "none"}}
+    rc, out, err = run_cli(capsys, "train", "-c", write(tmp_path / "none.yaml", none_cfg), "--out",
+                           tmp_path / "none", "-q")
+    assert rc == 0, err
+    summary = runs.read_summary(tmp_path / "none")
+    assert summary["status"] == "diverged"
+
+    # The first step whose trailing `window` losses average above 1.5 x ln(10), by a loop of our own.
+    losses = independent_losses(none_cfg, 260)
+    assert all(math.isfinite(v) for v in losses)  # float32 saturates rather than overflowing
+    limit = factor * math.log(10)
+    first = next(s for s in range(window, len(losses) + 1) if sum(losses[s - window:s]) / window > limit)
+    assert summary["diverged_step"] == summary["steps"] == first
+    tb = scalars(tmp_path / "none")
+    assert tb["train/diverged"] == [(first, 1.0)]
+    assert runs.read_metrics(tmp_path / "none")[-1]["step"] == first
+
+    bn_cfg = {**HIGH_LR, "model": {**HIGH_LR["model"], "norm": "bnexp"}}
+    rc, out, err = run_cli(capsys, "train", "-c", write(tmp_path / "bn.yaml", bn_cfg), "--out",
+                           tmp_path / "bn", "-q")
+    assert rc == 0, err
+    bn = runs.read_summary(tmp_path / "bn")
+    assert bn["status"] == "completed" and bn["steps"] == 400
+    assert bn["test_accuracy"] > 0.85
+    assert "train/diverged" not in scalars(tmp_path / "bn")
+
+
+def test_non_finite_loss_ends_the_run_at_its_first_step(tmp_path, capsys):
+    # At an absurd lr the weights overflow float32 within a few steps: the loss becomes nan/inf.
+    cfg = {**HIGH_LR, "optim": {"name": "sgd", "lr": 1e30},
+           "model": {**HIGH_LR["model"], "norm": "none", "activation": "relu"},
+           "train": {"steps": 50, "eval_every": 25, "log_every": 10, "checkpoint_every": 50,
+                     "divergence_factor": None}}
+    rc, out, err = run_cli(capsys, "train", "-c", write(tmp_path / "nan.yaml", cfg), "--out",
+                           tmp_path / "nan", "-q")
+    assert rc == 0, err
+    summary = runs.read_summary(tmp_path / "nan")
+    losses = independent_losses(cfg, 50)
+    first = next(i + 1 for i, v in enumerate(losses) if not math.isfinite(v))
+    assert summary["status"] == "diverged"
+    assert summary["diverged_step"] == summary["steps"] == first
+    assert scalars(tmp_path / "nan")["train/diverged"] == [(first, 1.0)]
+    last = runs.read_metrics(tmp_path / "nan")[-1]
+    assert last["step"] == first and last["train/diverged"] == 1.0 and last["train/loss"] is None
+    assert json.loads((tmp_path / "nan" / "summary.json").read_text())  # valid JSON despite the nan
+    rc, out, err = run_cli(capsys, "train", "--resume", tmp_path / "nan", "-q")
+    assert rc == 2 and "already ended (diverged)" in err
