@@ -14,6 +14,7 @@ each is what keeps the probes cheap on small networks, where a forward's cost is
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import weakref
 from contextlib import contextmanager
@@ -50,9 +51,14 @@ def _unit_values(x: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(len(units), -1)
 
 
+@functools.lru_cache(maxsize=8)
+def _quantile_points(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(_QUANTILES, dtype=dtype, device=device)
+
+
 def _quantiles(vals: torch.Tensor) -> torch.Tensor:
     """(3, units): the 15th, 50th and 85th percentiles of each row (torch.quantile, linear interpolation)."""
-    q = torch.tensor(_QUANTILES, dtype=vals.dtype, device=vals.device)
+    q = _quantile_points(vals.dtype, vals.device)
     if vals.numel() <= _QUANTILE_MAX:
         return torch.quantile(vals, q, dim=1)
     # Past torch's limit (a big conv layer over a big test set): row by row, and a row too large for it
@@ -87,11 +93,20 @@ def cover_in_batches(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, keep.flatten()
 
 
-def _bn_modules(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
-    """(layer name as in bn_layers, full module name, module) of every BN layer."""
-    for full, mod in model.named_modules():
-        if is_batchnorm(mod):
-            yield full.rsplit(".norm", 1)[0], full, mod
+_STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _bn_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """(layer name as in bn_layers, full module name, module) of every BN layer. Looked up once per model:
+    walking the module tree at every probe step costs more than some of the measurements."""
+    if model not in _STRUCTURE:
+        _STRUCTURE[model] = [(full.rsplit(".norm", 1)[0], full, mod) for full, mod in model.named_modules()
+                             if is_batchnorm(mod)]
+    return _STRUCTURE[model]
+
+
+def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
 class _GroupedBN(nn.Module):
@@ -136,9 +151,12 @@ class _GroupedBN(nn.Module):
         folded = x.view(g, s, *shape).transpose(0, 1).reshape(s, g * c, *shape[1:])
         if self.record:
             # Reduced in the folded layout: over dim 0 (and positions), which is contiguous and fast.
+            # Two passes by hand: torch.var_mean's reduction over a leading dim is ~15x slower here.
             xr = folded[:, : self.record * c]
-            var, mean = torch.var_mean(xr, [0, *range(2, xr.dim())], correction=0)
-            self.stats.append((mean.view(self.record, c).double(), var.view(self.record, c).double(),
+            dims = [0, *range(2, xr.dim())]
+            mean = xr.mean(dims, keepdim=True)
+            var = (xr - mean).square_().mean(dims)
+            self.stats.append((mean.reshape(self.record, c).double(), var.view(self.record, c).double(),
                                xr.numel() // xr.shape[1]))
         y = self._twin(g)(folded)
         return y.view(s, g, *shape).transpose(0, 1).reshape(x.shape)
@@ -148,7 +166,7 @@ class _GroupedBN(nn.Module):
 def _grouped_bn(model: nn.Module, s: int, twins: weakref.WeakKeyDictionary) -> Iterator[dict[str, _GroupedBN]]:
     swapped = []
     try:
-        for layer, full, bn in list(_bn_modules(model)):
+        for layer, full, bn in _bn_modules(model):
             parent_name, _, attr = full.rpartition(".")
             parent = model.get_submodule(parent_name)
             wrapper = _GroupedBN(bn, s, twins.setdefault(bn, {}))
@@ -182,14 +200,14 @@ def _grouped_forward(model: nn.Module, parts: list[tuple[torch.Tensor, torch.Ten
                       for (src, idx), off in zip(parts, offsets) if max(c0, off) < min(c1, off + len(idx))]
             for w in wrappers.values():
                 w.record = max(0, min(record, c1) - c0)
-            outs.append(model(pieces[0] if len(pieces) == 1 else torch.cat(pieces)))
-    logits = torch.cat(outs)
+            outs.append(model(_cat(pieces)))
+    logits = _cat(outs)
     logits = logits.view(total, s, *logits.shape[1:])
     stats = {}
     for layer, w in wrappers.items():
         if w.stats:
-            stats[layer] = {"mean": torch.cat([m for m, _, _ in w.stats]),
-                            "var": torch.cat([v for _, v, _ in w.stats]), "n": w.stats[0][2]}
+            stats[layer] = {"mean": _cat([m for m, _, _ in w.stats]),
+                            "var": _cat([v for _, v, _ in w.stats]), "n": w.stats[0][2]}
     return logits, stats
 
 
@@ -288,7 +306,7 @@ class Probes:
             if self._grads_step == step:
                 values.update({f"grad_norm/{name}": g for name, g in self._grads.items()})
             self._grads, self._grads_step = {}, None
-            has_bn = any(True for _ in _bn_modules(model))
+            has_bn = bool(_bn_modules(model))
             # Batch statistics need two values per channel: a one-example test set has no f_train.
             gap = has_bn and self.pcfg.gap and len(self.data.y_test) >= 2
             stats, test_logits = {}, None
@@ -348,10 +366,10 @@ class Probes:
             return pre_hook
 
         model.eval()
-        acts = {name: block.act for name, block in hidden_blocks(model).items()} if self.pcfg.activations else {}
+        acts = {name: model.get_submodule(name).act for name in self.blocks} if self.pcfg.activations else {}
         with _hooks(acts, hook_for, kind="forward_pre"):
-            f_eval = torch.cat([model(x[i:i + _CHUNK]) for i in range(0, len(x), _CHUNK)])
-        return f_eval, {name: torch.cat(chunks, dim=1) for name, chunks in captured.items() if chunks}
+            f_eval = _cat([model(x[i:i + _CHUNK]) for i in range(0, len(x), _CHUNK)])
+        return f_eval, {name: _cat(chunks, dim=1) for name, chunks in captured.items() if chunks}
 
     # --- the quantities -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -361,7 +379,7 @@ class Probes:
 
     def _running_stat_values(self, model: nn.Module, stats: dict) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        bns = bn_layers(model)
+        bns = {layer: bn for layer, _, bn in _bn_modules(model)}
         for name, s in stats.items():
             bn = bns[name]
             if getattr(bn, "running_mean", None) is None:
