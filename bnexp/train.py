@@ -173,6 +173,7 @@ class Trainer:
         self.step = 0
         self.best_test_accuracy = float("-inf")
         self.last_eval: dict[str, float] = {}
+        self.last_train_loss: float | None = None  # shown on the progress bar
         self.elapsed = 0.0  # wall time of earlier sessions of a resumed run
         self._losses: list[torch.Tensor] = []
         self._correct: list[torch.Tensor] = []
@@ -324,6 +325,7 @@ class Trainer:
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             return step, float(losses[-1])
         row["train/loss"] = losses.mean().item()
+        self.last_train_loss = row["train/loss"]
         row["train/accuracy"] = correct / (n * self.cfg.data.batch_size)
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         return None
@@ -364,8 +366,9 @@ class Trainer:
         self.metrics.write({"step": step, **row})
 
     def _progress_info(self) -> str:
-        acc = self.last_eval.get("test_accuracy")
-        return "" if acc is None else f"test acc {acc:.3f}"
+        loss, acc = self.last_train_loss, self.last_eval.get("test_accuracy")
+        parts = ([] if loss is None else [f"loss {loss:.4f}"]) + ([] if acc is None else [f"test acc {acc:.3f}"])
+        return "  ".join(parts)
 
     def _finish(self, status: str, diverged_step: int | None) -> dict[str, Any]:
         cfg = self.cfg
