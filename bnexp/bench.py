@@ -1,0 +1,373 @@
+"""`bnexp bench`: speed and memory as ratios against a reference run side by side in this process.
+
+Sections:
+  layer   bnexp.norm against torch.nn.BatchNorm*d (bnexp/bench_layer.py, the layer engineer's).
+  loop    `bnexp train`'s own loop (bnexp.train.Trainer) against a bare hand-written loop with the same
+          model, optimizer and in-memory data, with probes off and at their default interval.
+  memory  peak RSS over a long run: growth from after warm-up to the end, for the Trainer and the bare loop.
+
+Absolute times depend on the machine and on whatever else it runs; a ratio of two contenders measured in
+alternation in one process does not (much), so every figure is a ratio and the absolute times are context.
+The benchmark configuration is the paper's MNIST network (784-100-100-100-10, sigmoid, BN before the
+nonlinearity, batch 60, SGD lr 0.5) on `data.dataset: synthetic` with 784 features and 10 classes: the
+same shapes and per-step work as MNIST, generated in memory with no download.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from bnexp.config import Config, validate
+from bnexp.data import Dataset, load_dataset
+from bnexp.errors import UserError
+
+SECTIONS = ("layer", "loop", "memory")
+
+# Targets of issue 8: bnexp's steps/s as a fraction of the bare loop's.
+LOOP_TARGETS = {"probes off": 0.95, "probes on": 0.90}
+
+
+class BenchError(UserError):
+    """An unknown section name or a section whose code is not there: one line, exit status 2."""
+
+
+# --- configuration -------------------------------------------------------------------------------------
+
+def paper_mlp_config(*, probes: bool = False, steps: int = 2000, norm: str | None = None) -> Config:
+    """The paper's MNIST MLP on 784-feature synthetic data; every interval at its default."""
+    return validate({
+        "name": "bench",
+        "device": "cpu",
+        "data": {"dataset": "synthetic", "batch_size": 60,
+                 # 12,000 points: 9,600 train (160 batches an epoch, so epochs turn over inside a
+                 # measurement) and 2,400 test for the evaluation every train.eval_every steps.
+                 "synthetic": {"num_samples": 12000, "num_features": 784, "num_classes": 10}},
+        "model": {"kind": "mlp", "hidden": [100, 100, 100], "activation": "sigmoid",
+                  "norm": norm or default_norm()},
+        "train": {"steps": steps},
+        "probes": {"enabled": probes},
+    })
+
+
+def default_norm() -> str:
+    """Our layer when it is importable, else torch's reference BN (the loop is what is measured)."""
+    try:
+        import bnexp.norm  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "bnexp"
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run with n intra-op threads (None: leave torch's setting), restoring the previous count.
+
+    The loop and memory sections use one thread by default: on a machine that other work keeps busy,
+    OpenMP workers spin-waiting for a descheduled peer made a step of this small network 20-50x slower
+    with two threads on two cores (measured with a load average of 13), and that noise swamps any ratio.
+    Both contenders always run with the same count.
+    """
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def read_rss_mb() -> float:
+    """Current resident set size from /proc/self/status (VmRSS, in kB)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS line in /proc/self/status")
+
+
+# --- the two contenders --------------------------------------------------------------------------------
+
+def bare_loop(cfg: Config, data: Dataset, warmup: int, steps: int,
+              on_step: Callable[[int], None] | None = None) -> float:
+    """Seconds for `steps` steps of a hand-written loop after `warmup` untimed ones.
+
+    Index a batch, forward, cross-entropy, zero_grad, backward, step: nothing else. Same model and
+    optimizer builders, seed, in-memory tensors and batch order as the Trainer, so both train the very
+    same network (tests check the weights agree). `on_step(step)` is called before each step and once at
+    the end (the memory section samples RSS there); the loop section passes none.
+    """
+    return train_bare(cfg, data, warmup, steps, on_step)[0]
+
+
+def train_bare(cfg: Config, data: Dataset, warmup: int, steps: int,
+               on_step: Callable[[int], None] | None = None) -> tuple[float, torch.nn.Module]:
+    """The bare loop itself: (seconds for the timed steps, the trained model)."""
+    from bnexp.models import build_model
+    from bnexp.train import build_optimizer
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    model.train()
+    opt = build_optimizer(cfg.optim, model.parameters())
+    x_all, y_all, m = data.x_train, data.y_train, cfg.data.batch_size
+    n = len(y_all)
+    # The batch order of bnexp.data.BatchSampler, written out: a seeded permutation per epoch, tail dropped.
+    gen = torch.Generator().manual_seed(cfg.seed)
+    perm, pos = None, n
+    t0 = time.perf_counter()
+    for step in range(1, warmup + steps + 1):
+        if step == warmup + 1:
+            t0 = time.perf_counter()
+        if on_step is not None:
+            on_step(step)
+        if pos + m > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos:pos + m]
+        pos += m
+        out = model(x_all[idx])
+        loss = F.cross_entropy(out, y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    elapsed = time.perf_counter() - t0
+    if on_step is not None:
+        on_step(warmup + steps + 1)  # the end of the window, as the Trainer's next draw would mark it
+    return elapsed, model
+
+
+def trainer_loop(cfg: Config, data: Dataset, warmup: int, steps: int,
+                 on_step: Callable[[int], None] | None = None, keep: dict | None = None) -> float:
+    """Seconds `bnexp train`'s loop (Trainer.run in a temporary run directory) takes for `steps` steps.
+
+    The clock runs from the start of step warmup+1 to the start of step warmup+steps+1, read where the
+    loop draws each batch, so imports, set-up, the step-0 evaluation and the final evaluation, checkpoint
+    and summary are outside it, while every log row, evaluation, probe and checkpoint that falls inside
+    the window is in it, as in a real run.
+    """
+    from bnexp.train import Trainer
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.steps = warmup + steps + 1
+    marks: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bnexp-bench-") as tmp:
+        trainer = Trainer(cfg, Path(tmp), data, quiet=True)
+        draw = trainer.sampler.next
+        count = 0
+
+        def timed_next() -> torch.Tensor:
+            nonlocal count
+            count += 1
+            if count in (warmup + 1, warmup + steps + 1):
+                marks[count] = time.perf_counter()
+            if on_step is not None:
+                on_step(count)
+            return draw()
+
+        trainer.sampler.next = timed_next  # instance attribute: shadows the method for this run only
+        trainer.run()
+        if keep is not None:  # for tests: the trained model and the run's summary
+            keep.update(model=trainer.model, summary=json.loads((Path(tmp) / "summary.json").read_text()))
+    return marks[warmup + steps + 1] - marks[warmup + 1]
+
+
+# --- loop section --------------------------------------------------------------------------------------
+
+@dataclass
+class LoopResult:
+    contender: str
+    ms_per_step: float  # median over repeats
+    ratio: float | None  # bare ms / contender ms (= contender steps/s over bare steps/s), ratio of medians
+    pair_ratios: list[float]  # the same ratio within each repeat
+    target: float | None
+
+    @property
+    def steps_per_s(self) -> float:
+        return 1000.0 / self.ms_per_step
+
+
+def measure_loop(repeats: int = 7, warmup: int = 100, steps: int = 2000, norm: str | None = None,
+                 threads: int | None = 1) -> tuple[list[LoopResult], dict]:
+    """Alternate bare / probes off / probes on `repeats` times (rotating the order); medians and ratios."""
+    with torch_threads(threads):
+        return _measure_loop(repeats, warmup, steps, norm)
+
+
+def _measure_loop(repeats: int, warmup: int, steps: int, norm: str | None) -> tuple[list[LoopResult], dict]:
+    contenders: dict[str, Callable[[], float]] = {}
+    cfg_off = paper_mlp_config(probes=False, norm=norm)
+    cfg_on = paper_mlp_config(probes=True, norm=norm)
+    data = load_dataset(cfg_off.data)
+    contenders["bare loop"] = lambda: bare_loop(cfg_off, data, warmup, steps)
+    contenders["probes off"] = lambda: trainer_loop(cfg_off, data, warmup, steps)
+    contenders["probes on"] = lambda: trainer_loop(cfg_on, data, warmup, steps)
+    names = list(contenders)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    # One untimed round first: lazy imports (tensorboard, probes) and allocator growth hit no contender.
+    for name in names:
+        contenders[name]()
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(contenders[name]() / steps * 1000)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    results = [LoopResult("bare loop", med["bare loop"], None, [], None)]
+    for name in ("probes off", "probes on"):
+        pairs = [b / t for b, t in zip(times["bare loop"], times[name])]
+        results.append(LoopResult(name, med[name], med["bare loop"] / med[name], pairs, LOOP_TARGETS[name]))
+    info = {"repeats": repeats, "warmup": warmup, "steps": steps, "norm": cfg_off.model.norm,
+            "threads": torch.get_num_threads(), "probes_every": cfg_on.probes.every,
+            "eval_every": cfg_on.train.eval_every, "log_every": cfg_on.train.log_every,
+            "checkpoint_every": cfg_on.train.checkpoint_every}
+    return results, info
+
+
+def loop_table(results: list[LoopResult], info: dict) -> Table:
+    table = Table(title=f"loop: bnexp train vs a bare loop, paper MLP 784-100-100-100-10 sigmoid, "
+                        f"norm {info['norm']}, batch 60 — median of {info['repeats']} interleaved repeats "
+                        f"of {info['steps']} steps")
+    for col, justify in (("contender", "left"), ("ms/step", "right"), ("steps/s", "right"),
+                         ("ratio vs bare", "right"), ("per-repeat ratios", "right"), ("target", "right"),
+                         ("", "left")):
+        table.add_column(col, justify=justify)
+    for r in results:
+        label = {"bare loop": "bare loop (reference)", "probes off": "bnexp train, probes off",
+                 "probes on": f"bnexp train, probes every {info['probes_every']}"}[r.contender]
+        if r.ratio is None:
+            table.add_row(label, f"{r.ms_per_step:.3f}", f"{r.steps_per_s:.0f}", "1.000", "", "", "")
+            continue
+        spread = f"{min(r.pair_ratios):.3f}–{max(r.pair_ratios):.3f}"
+        ok = "[green]meets[/green]" if r.ratio >= r.target else "[red]misses[/red]"
+        table.add_row(label, f"{r.ms_per_step:.3f}", f"{r.steps_per_s:.0f}", f"{r.ratio:.3f}", spread,
+                      f"≥ {r.target:.2f}", ok)
+    table.caption = (f"ratio = bnexp steps/s ÷ bare steps/s (ratio of medians); eval every {info['eval_every']}, "
+                     f"log every {info['log_every']}, checkpoint every {info['checkpoint_every']} steps; "
+                     f"warm-up {info['warmup']} steps untimed; torch threads {info['threads']}")
+    return table
+
+
+# --- memory section ------------------------------------------------------------------------------------
+
+@dataclass
+class MemoryResult:
+    contender: str
+    rss_warm_mb: float  # after warm-up
+    rss_end_mb: float
+    rss_peak_mb: float  # highest sample from warm-up to the end
+    seconds: float
+
+    @property
+    def growth_mb(self) -> float:
+        return self.rss_end_mb - self.rss_warm_mb
+
+    @property
+    def ratio(self) -> float:
+        return self.rss_end_mb / self.rss_warm_mb
+
+
+def measure_memory(steps: int = 12000, warmup: int = 1000, sample_every: int = 500, norm: str | None = None,
+                   threads: int | None = 1) -> tuple[list[MemoryResult], dict]:
+    """RSS of the process after warm-up, through and at the end of a long run, for each contender.
+
+    A leak of a few bytes per step (a running statistic that keeps its autograd graph, a metric list
+    never emptied) shows as steady growth over 10,000 steps; allocator warm-up does not, since it is over
+    before the first sample.
+    """
+    with torch_threads(threads):
+        return _measure_memory(steps, warmup, sample_every, norm)
+
+
+def _measure_memory(steps: int, warmup: int, sample_every: int, norm: str | None) -> tuple[list[MemoryResult], dict]:
+    cfg_on = paper_mlp_config(probes=True, norm=norm)
+    cfg_off = paper_mlp_config(probes=False, norm=norm)
+    data = load_dataset(cfg_on.data)
+    runs: dict[str, Callable[[Callable[[int], None]], float]] = {
+        "bare loop": lambda hook: bare_loop(cfg_off, data, warmup, steps, hook),
+        "probes off": lambda hook: trainer_loop(cfg_off, data, warmup, steps, hook),
+        "probes on": lambda hook: trainer_loop(cfg_on, data, warmup, steps, hook),
+    }
+    results = []
+    for name, run in runs.items():
+        samples: list[float] = []
+
+        def sample(step: int) -> None:
+            # Step warmup+1 opens the window and step warmup+steps+1 closes it, both while the run and
+            # everything it holds are still alive (freeing them afterwards would hide a leak).
+            if step > warmup and ((step - warmup - 1) % sample_every == 0 or step == warmup + steps + 1):
+                samples.append(read_rss_mb())
+
+        seconds = run(sample)
+        results.append(MemoryResult(name, samples[0], samples[-1], max(samples), seconds))
+    info = {"steps": steps, "warmup": warmup, "sample_every": sample_every, "norm": cfg_on.model.norm,
+            "probes_every": cfg_on.probes.every}
+    return results, info
+
+
+def memory_table(results: list[MemoryResult], info: dict) -> Table:
+    table = Table(title=f"memory: RSS over {info['steps']:,} steps after a {info['warmup']:,}-step warm-up, "
+                        f"paper MLP, norm {info['norm']}")
+    for col in ("contender", "RSS after warm-up (MB)", "RSS at end (MB)", "peak (MB)", "growth (MB)",
+                "end ÷ warm-up", "growth per 1k steps (kB)"):
+        table.add_column(col, justify="left" if col == "contender" else "right")
+    for r in results:
+        label = {"bare loop": "bare loop (reference)", "probes off": "bnexp train, probes off",
+                 "probes on": f"bnexp train, probes every {info['probes_every']}"}[r.contender]
+        per_k = r.growth_mb * 1024 / (info["steps"] / 1000)
+        table.add_row(label, f"{r.rss_warm_mb:.1f}", f"{r.rss_end_mb:.1f}", f"{r.rss_peak_mb:.1f}",
+                      f"{r.growth_mb:+.1f}", f"{r.ratio:.3f}", f"{per_k:+.0f}")
+    table.caption = (f"VmRSS of this process (/proc/self/status), sampled every {info['sample_every']} steps; "
+                     "contenders run one after another in this order, so a later one starts from the "
+                     "earlier ones' high-water mark")
+    return table
+
+
+# --- layer section -------------------------------------------------------------------------------------
+
+def run_layer(console: Console, quick: bool) -> None:
+    try:
+        from bnexp import bench_layer
+    except ImportError as err:
+        raise BenchError(f"bench section layer is not available yet (bnexp/bench_layer.py: {err})") from None
+    rows = bench_layer.measure_layer(repeats=3 if quick else 15, quick=quick)
+    console.print(bench_layer.render_table(rows))
+    for line in bench_layer.summary_lines(rows):
+        console.print(line)
+
+
+# --- entry point ---------------------------------------------------------------------------------------
+
+def check_sections(only: Iterable[str]) -> list[str]:
+    chosen = [s.strip().lower() for s in only if s.strip()]
+    for s in chosen:
+        if s not in SECTIONS:
+            raise BenchError(f"--only {s}: unknown section (choose from {', '.join(SECTIONS)})")
+    return [s for s in SECTIONS if s in chosen] if chosen else list(SECTIONS)
+
+
+def main(quick: bool = False, only: list[str] | None = None, console: Console | None = None) -> None:
+    """Run the chosen sections (all by default); --quick is a smoke test with few repeats and steps."""
+    sections = check_sections(only or [])
+    if console is None:
+        console = Console()
+        if not console.is_terminal and console.width < 160:
+            console = Console(width=160)  # piped or captured: keep each table row on one line
+    for section in sections:
+        if section == "layer":
+            run_layer(console, quick)
+        elif section == "loop":
+            args = dict(repeats=2, warmup=10, steps=100) if quick else {}
+            console.print(loop_table(*measure_loop(**args)))
+        elif section == "memory":
+            args = dict(steps=300, warmup=50, sample_every=50) if quick else {}
+            console.print(memory_table(*measure_memory(**args)))

@@ -1,0 +1,110 @@
+"""`bnexp bench`: the loop and memory sections run and print their tables; the bare reference loop is the
+same computation as `bnexp train`. Speed is never asserted here (benchmarks report ratios, tests don't).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+
+from bnexp import bench
+from bnexp.data import load_dataset
+
+@pytest.fixture
+def bench_tmp(tmp_path, monkeypatch):
+    """Temporary run directories of the benchmark go under tmp_path, never /tmp or the repo."""
+    work = tmp_path / "tmp"
+    work.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(work))
+    return work
+
+
+def _row(out: str, label: str) -> str:
+    rows = [line for line in out.splitlines() if label in line]
+    assert rows, f"no table row {label!r} in:\n{out}"
+    return rows[0]
+
+
+@pytest.mark.slow
+def test_quick_loop_prints_ratio_table(cli, bench_tmp):
+    r = cli("bench", "--quick", "--only", "loop")
+    assert r.code == 0, r.err
+    assert "ratio vs bare" in r.out and "target" in r.out
+    assert "memory:" not in r.out  # --only loop runs only the loop section
+    for label, target in (("bnexp train, probes off", "0.95"), ("bnexp train, probes every 100", "0.90")):
+        row = _row(r.out, label)
+        ms, steps_per_s, ratio = (float(c) for c in row.split("│")[2:5])
+        assert ms > 0 and ratio > 0 and steps_per_s == pytest.approx(1000 / ms, rel=0.01, abs=1)
+        assert f"≥ {target}" in row and ("meets" in row or "misses" in row)
+    bare = _row(r.out, "bare loop (reference)")
+    assert "1.000" in bare
+    assert list(bench_tmp.glob("bnexp-bench-*")) == []  # the temporary run directories are gone
+
+
+@pytest.mark.slow
+def test_quick_memory_prints_rss_table(cli, bench_tmp):
+    r = cli("bench", "--quick", "--only", "memory")
+    assert r.code == 0, r.err
+    assert "end ÷ warm-up" in r.out and "growth (MB)" in r.out
+    assert "loop:" not in r.out
+    for label in ("bare loop (reference)", "bnexp train, probes off", "bnexp train, probes every 100"):
+        cells = [c.strip() for c in _row(r.out, label).split("│")[2:7]]
+        warm, end, peak, growth, ratio = (float(c) for c in cells)
+        assert warm > 50 and end > 50  # torch alone keeps well over 50 MB resident
+        assert peak >= max(warm, end) - 1e-6
+        assert growth == pytest.approx(end - warm, abs=0.11)
+        assert ratio == pytest.approx(end / warm, abs=2e-3)
+    assert list(bench_tmp.glob("bnexp-bench-*")) == []
+
+
+def test_unknown_section_is_a_user_error(cli):
+    r = cli("bench", "--quick", "--only", "gpu")
+    assert r.code == 2
+    assert r.err.strip().splitlines() == ["error: --only gpu: unknown section (choose from layer, loop, memory)"]
+    assert "Traceback" not in r.err and r.out == ""
+
+
+def test_sections_keep_their_own_order():
+    assert bench.check_sections([]) == ["layer", "loop", "memory"]
+    assert bench.check_sections(["memory", "loop", "loop"]) == ["loop", "memory"]
+
+
+def test_rss_reads_proc_status():
+    before = bench.read_rss_mb()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched so the pages are resident
+    after = bench.read_rss_mb()
+    assert before > 10 and after - before > 48
+    del block
+
+
+@pytest.mark.parametrize("norm", ["torch", "bnexp"])
+def test_bare_loop_trains_the_same_network_as_bnexp_train(norm, bench_tmp):
+    """The reference does the same work: same init, batches and updates give bit-identical weights."""
+    cfg = bench.paper_mlp_config(probes=False, norm=norm)
+    cfg.data.synthetic.num_samples = 400  # 320 train: epochs turn over within the run
+    cfg.model.hidden = [16, 16]
+    data = load_dataset(cfg.data)
+    kept: dict = {}
+    seconds = bench.trainer_loop(cfg, data, warmup=3, steps=10, keep=kept)
+    assert seconds > 0 and kept["summary"]["status"] == "completed" and kept["summary"]["steps"] == 14
+    _, bare = bench.train_bare(cfg, data, warmup=0, steps=14)
+    ours = kept["model"].state_dict()
+    assert ours.keys() == bare.state_dict().keys()
+    for key, value in bare.state_dict().items():
+        assert torch.equal(ours[key], value), key
+
+
+def test_measure_loop_reports_medians_and_ratios(bench_tmp):
+    threads = torch.get_num_threads()
+    results, info = bench.measure_loop(repeats=2, warmup=2, steps=5)
+    by_name = {r.contender: r for r in results}
+    assert set(by_name) == {"bare loop", "probes off", "probes on"}
+    bare = by_name["bare loop"]
+    for name in ("probes off", "probes on"):
+        r = by_name[name]
+        assert len(r.pair_ratios) == 2 and r.target == bench.LOOP_TARGETS[name]
+        assert r.ratio == pytest.approx(bare.ms_per_step / r.ms_per_step)
+    assert info["threads"] == 1 and info["repeats"] == 2
+    assert torch.get_num_threads() == threads  # the section's one thread is not left behind
