@@ -514,3 +514,47 @@ def test_non_finite_loss_ends_the_run_at_its_first_step(tmp_path, capsys):
     assert json.loads((tmp_path / "nan" / "summary.json").read_text())  # valid JSON despite the nan
     rc, out, err = run_cli(capsys, "train", "--resume", tmp_path / "nan", "-q")
     assert rc == 2 and "already ended (diverged)" in err
+
+
+@pytest.mark.slow
+def test_divergence_window_survives_an_interruption(tmp_path, capsys, monkeypatch):
+    """The window of recent losses is part of the checkpoint: interrupted at step 150 (before the window of
+    200 is full) and resumed, the run diverges at the very step an uninterrupted one does."""
+    import bnexp.train as trainmod
+
+    cfg = write(tmp_path / "none.yaml", {**HIGH_LR, "model": {**HIGH_LR["model"], "norm": "none"}})
+    assert run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "straight", "-q")[0] == 0
+    expected = runs.read_summary(tmp_path / "straight")
+    assert expected["status"] == "diverged"
+
+    real_write = trainmod.Trainer._write_row
+
+    def write_then_signal(self, step, row):
+        real_write(self, step, row)
+        if step == 150:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(trainmod.Trainer, "_write_row", write_then_signal)
+    assert run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "resumed", "-q")[0] == 130
+    monkeypatch.setattr(trainmod.Trainer, "_write_row", real_write)
+    assert run_cli(capsys, "train", "--resume", tmp_path / "resumed", "-q")[0] == 0
+    got = runs.read_summary(tmp_path / "resumed")
+    assert (got["status"], got["diverged_step"]) == ("diverged", expected["diverged_step"])
+    assert runs.read_metrics(tmp_path / "resumed") == runs.read_metrics(tmp_path / "straight")
+
+
+def test_high_lr_comparison_runs_the_arms_tested_above():
+    """configs/compare/high_lr.yaml's lr-25 arms are the networks whose outcome the divergence test checks."""
+    from bnexp.compare import load_compare, plan
+    from bnexp.config import validate
+
+    cmp = load_compare(Path(__file__).parents[1] / "configs" / "compare" / "high_lr.yaml", [])
+    jobs = {(job.arm, job.seed): job.cfg for job in plan(cmp)}
+    assert len(jobs) == 18
+    for arm, norm in (("no_bn_lr25", "none"), ("bn_lr25", "bnexp")):
+        tested = validate({**HIGH_LR, "model": {**HIGH_LR["model"], "norm": norm}})
+        cfg = jobs[(arm, 0)]
+        for section in ("data", "model", "optim"):
+            assert getattr(cfg, section) == getattr(tested, section), (arm, section)
+        assert (cfg.train.divergence_factor, cfg.train.divergence_window) == (1.5, 200)
+        assert cfg.seed == tested.seed == 0
