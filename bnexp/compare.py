@@ -156,10 +156,9 @@ def plan(cmp: CompareConfig) -> list[Job]:
     """Every arm x seed run config, validated; the first problem names the arm (or base) and dotted key."""
     jobs: list[Job] = []
     for arm, overrides in cmp.arms.items():
-        for key in ("seed", "name"):
+        for key, owner in (("seed", "seeds"), ("name", "the arm's name")):
             if key in overrides:
-                raise CompareError(f"arms.{arm}.{key}: set by the comparison ({'seeds' if key == 'seed' else 'the arm name'}), "
-                                   f"not by an arm")
+                raise CompareError(f"arms.{arm}.{key}: set by the comparison ({owner}), not by an arm")
         for seed in cmp.seeds:
             raw = dict(cmp.base)
             try:
@@ -376,7 +375,7 @@ def _report(out_dir: Path, records, title: str, target: float | None, baseline: 
     table = report.write_report(out_dir, records, title=title, target=target, baseline=baseline, arms=arms,
                                 notes=notes)
     if not quiet:
-        report.print_table(table, title=title)
+        report.print_table(table, title=title, notes=[n for n in notes if "wall time" in n])
 
 
 def _describe(cmp: CompareConfig, jobs: list[Job]) -> list[str]:
@@ -405,10 +404,16 @@ def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, quiet: bool)
     from bnexp.runs import write_atomic
 
     write_atomic(comp_dir / COMPARE_YAML, _resolved_yaml(cmp))
+    t0 = time.perf_counter()
     _run_all([(job, "fresh") for job in plan_], comp_dir, jobs, datasets, quiet)
+    notes = _describe(cmp, plan_) + [_timing(len(plan_), time.perf_counter() - t0, jobs)]
     _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
-            list(cmp.arms), _describe(cmp, plan_), quiet)
+            list(cmp.arms), notes, quiet)
     return comp_dir
+
+
+def _timing(n: int, seconds: float, jobs: int) -> str:
+    return f"{n} runs trained in {seconds:.1f} s wall time (--jobs {jobs}, {_cores()} cores)"
 
 
 def resume_comparison(comp_dir: Path, jobs: int, quiet: bool) -> Path:
@@ -422,7 +427,10 @@ def resume_comparison(comp_dir: Path, jobs: int, quiet: bool) -> Path:
     for job in plan_:
         run_dir = comp_dir / job.rel
         if is_run_dir(run_dir):
-            status = read_summary(run_dir).get("status")
+            try:
+                status = read_summary(run_dir).get("status")
+            except (ValueError, AttributeError):
+                status = None  # a torn summary.json: resume decides what the run can still be
             if status in ("completed", "diverged"):
                 continue
             todo.append((job, "resume"))
@@ -437,9 +445,11 @@ def resume_comparison(comp_dir: Path, jobs: int, quiet: bool) -> Path:
         import typer
 
         typer.echo(f"{len(todo)} of {len(plan_)} runs to finish in {comp_dir}", err=True)
+    t0 = time.perf_counter()
     _run_all(todo, comp_dir, jobs, datasets, quiet)
+    notes = _describe(cmp, plan_) + [f"resumed: {_timing(len(todo), time.perf_counter() - t0, jobs)}"]
     _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
-            list(cmp.arms), _describe(cmp, plan_), quiet)
+            list(cmp.arms), notes, quiet)
     return comp_dir
 
 
@@ -461,8 +471,9 @@ def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None, qu
     for p in run_dirs:
         runs = find_runs([p])
         if not runs:
-            what = "does not exist" if not p.exists() else "is not a bnexp run directory (no config.yaml and summary.json)"
-            raise CompareError(f"{p} {what}")
+            if not p.exists():
+                raise CompareError(f"{p} does not exist")
+            raise CompareError(f"{p} is not a bnexp run directory (no config.yaml and summary.json)")
         found.extend(r for r in runs if r not in found)
     _refuse_existing(out)
     raw: dict[str, Any] = {"name": "report"}
@@ -478,7 +489,8 @@ def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None, qu
     for text in overrides:
         key, value = parse_override(text)
         if key not in _REPORT_KEYS:
-            raise CompareError(f"--set {key}: only {', '.join(_REPORT_KEYS)} apply when reporting on run directories")
+            raise CompareError(f"--set {key}: only {', '.join(_REPORT_KEYS)} apply when reporting on "
+                               f"run directories")
         raw[key] = value
         set_keys.add(key)
     records = []

@@ -153,7 +153,8 @@ def format_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     for r in rows:
         steps = _pm(r["steps_to_target_mean"], r["steps_to_target_std"], 0)
         if steps:
-            steps = ("≥ " if r["steps_to_target_lower_bound"] else "") + steps + f" ({r['reached']}/{r['completed'] + r['diverged']})"
+            bound = "≥ " if r["steps_to_target_lower_bound"] else ""
+            steps = f"{bound}{steps} ({r['reached']}/{r['completed'] + r['diverged']})"
         speed = ""
         if math.isfinite(r["speedup"]):
             speed = {">=": "≥ ", "<=": "≤ ", "": ""}[r["speedup_bound"]] + f"{r['speedup']:.1f}×"
@@ -167,13 +168,15 @@ def format_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
-def print_table(rows: list[dict[str, Any]], title: str) -> None:
+def print_table(rows: list[dict[str, Any]], title: str, notes: list[str] = ()) -> None:
     """The report's table on stderr: stdout's last line is kept for the comparison directory."""
     from rich.console import Console
     from rich.table import Table
 
     target = rows[0]["target_accuracy"] if rows else math.nan
-    caption = f"target accuracy {target:g}, speed-up vs {rows[0]['baseline']}" if rows and math.isfinite(target) else None
+    caption = None
+    if math.isfinite(target):
+        caption = f"steps to test accuracy {target:g} (runs that reached it); speed-up vs {rows[0]['baseline']}"
     table = Table(title=title, caption=caption)
     for col in COLUMNS:
         table.add_column(col, justify="left" if col == "arm" else "right")
@@ -183,6 +186,8 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     if not console.is_terminal:  # a log file or pipe: no terminal width to respect, keep rows on one line
         console = Console(stderr=True, width=200)
     console.print(table)
+    for note in notes:
+        console.print(note, highlight=False, soft_wrap=True)
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
