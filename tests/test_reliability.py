@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,10 +117,10 @@ def reference(tmp_path_factory, one_thread) -> Path:
     return out
 
 
-def spawn(args: list[str], cwd: Path, code: str | None = None) -> subprocess.Popen:
+def spawn(args: list[str], cwd: Path, code: str | None = None, env: dict | None = None) -> subprocess.Popen:
     """`python -m bnexp.cli ...`, or a script that patches something first and then calls main."""
     cmd = [sys.executable, "-m", "bnexp.cli", *args] if code is None else [sys.executable, "-c", code, *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -193,18 +194,26 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture
-def killed_mid_save(tmp_path, monkeypatch) -> Path:
-    cfg = write(tmp_path / "run.yaml", RUN)
-    run_dir = tmp_path / "run"
-    marker = tmp_path / "paused"
-    monkeypatch.setenv("PAUSE_MARKER", str(marker))
-    proc = spawn(["train", "-c", str(cfg), "--out", str(run_dir), "-q"], tmp_path, code=PAUSE_IN_SAVE)
+@pytest.fixture(scope="module")
+def killed_template(tmp_path_factory) -> Path:
+    """One run killed by SIGKILL inside its third checkpoint write (a subprocess is slow to start: the tests
+    below each get a copy)."""
+    tmp = tmp_path_factory.mktemp("killed")
+    cfg = write(tmp / "run.yaml", RUN)
+    run_dir = tmp / "run"
+    marker = tmp / "paused"
+    proc = spawn(["train", "-c", str(cfg), "--out", str(run_dir), "-q"], tmp, code=PAUSE_IN_SAVE,
+                 env={"PAUSE_MARKER": str(marker)})
     wait_for(marker.exists, proc)
     proc.kill()
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     return run_dir
+
+
+@pytest.fixture
+def killed_mid_save(killed_template, tmp_path) -> Path:
+    return Path(shutil.copytree(killed_template, tmp_path / "run"))
 
 
 @pytest.mark.slow
