@@ -49,3 +49,21 @@ def test_check_fails_when_running_var_is_biased(monkeypatch):
     console, buf = _console()
     assert run_check(seed=0, console=console) is False
     assert "FAIL" in buf.getvalue()
+
+
+def test_bench_layer_quick_rows_and_table():
+    from bnexp.bench_layer import measure_layer, render_table, summary_lines
+
+    t0 = time.perf_counter()
+    rows = measure_layer(quick=True)
+    assert time.perf_counter() - t0 < 30
+    assert {r["mode"] for r in rows} == {"train fwd+bwd", "eval fwd"}
+    assert {r["dtype"] for r in rows} == {"float32", "float64"}
+    for r in rows:
+        assert r["ours_ms"] > 0 and r["torch_ms"] > 0 and abs(r["ratio"] - r["ours_ms"] / r["torch_ms"]) < 1e-9
+    conv_train = [r for r in rows if len(r["shape"]) > 2 and r["mode"] == "train fwd+bwd"]
+    assert conv_train and all(r["bound_ms"] > 0 and r["bandwidth_gbs"] > 0 and r["ours_over_bound"] > 0
+                              for r in conv_train)
+    console, buf = _console()
+    console.print(render_table(rows))
+    assert "ours/torch" in buf.getvalue() and summary_lines(rows)

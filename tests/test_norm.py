@@ -382,3 +382,10 @@ def test_eval_without_running_stats_uses_batch_statistics():
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     step_both(ours, theirs, x, torch.randn_like(x), torch.float64, "eval notrack")
     assert ours(x).grad_fn.__class__ is BatchNormTrainFunction._backward_cls
+
+
+def test_double_backward_is_refused_clearly():
+    bn = BatchNorm1d(3)
+    x = torch.randn(5, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(bn(x).pow(2).sum(), x, create_graph=True)

@@ -1,0 +1,23 @@
+"""Benchmark bnexp.norm against torch.nn.BatchNorm*d: `python benchmarks/bench_layer.py [--quick]`."""
+
+import argparse
+
+from rich.console import Console
+
+from bnexp.bench_layer import measure_layer, render_table, summary_lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="two small shapes, a few repeats")
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    rows = measure_layer(repeats=args.repeats, quick=args.quick)
+    console = Console()
+    console.print(render_table(rows))
+    for line in summary_lines(rows):
+        console.print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Speed of bnexp.norm against torch.nn.BatchNorm*d, side by side in one process.
+
+Timings alternate ours/torch per repeat (so load from other processes hits both alike) and report
+medians. Training is forward + backward with a random upstream gradient; eval is an inference forward
+under ``torch.no_grad()``. For the conv shapes we also estimate a memory-traffic bound (see
+``memory_bound``) from the bandwidth of a large copy measured in the same process.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from rich.table import Table
+
+from bnexp import norm
+
+SHAPES: list[tuple[int, ...]] = [
+    (60, 100),
+    (256, 1024),
+    (1024, 1024),
+    (128, 64, 32, 32),
+    (32, 256, 14, 14),
+    (8, 16, 8, 8, 8),
+]
+QUICK_SHAPES: list[tuple[int, ...]] = [(60, 100), (4, 8, 6, 6)]
+DTYPES = (torch.float32, torch.float64)
+MODES = ("train fwd+bwd", "eval fwd")
+
+_OURS = {2: norm.BatchNorm1d, 3: norm.BatchNorm1d, 4: norm.BatchNorm2d, 5: norm.BatchNorm3d}
+_TORCH = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+
+# Full-size tensor transfers a two-pass BN must make when the tensor does not fit in cache:
+# forward reads x for the statistics, then reads x and writes y; backward reads g and x for the two
+# reductions, then reads g and x and writes dx. (A single-pass ideal would be 5: x, y, g, x, dx.)
+TRAFFIC_PASSES = 8
+TRAFFIC_PASSES_IDEAL = 5
+
+
+def _time_pair(fns: dict[str, Callable[[], None]], repeats: int, min_sample_s: float) -> dict[str, float]:
+    """Median seconds per call for each function, interleaving them repeat by repeat."""
+    inner = {}
+    for name, fn in fns.items():
+        fn()  # warm up (first calls allocate, import lazily, fault pages in)
+        t0 = time.perf_counter()
+        fn()
+        dt = max(time.perf_counter() - t0, 1e-7)
+        inner[name] = max(1, int(min_sample_s / dt))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            n = inner[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / n)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _make(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    ours = _OURS[len(shape)](c, dtype=dtype)
+    ref = _TORCH[len(shape)](c, dtype=dtype)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
+    ref.load_state_dict(ours.state_dict())
+    x = (torch.randn(shape, generator=gen, dtype=dtype) * 2 + 1).requires_grad_()
+    g = torch.randn(shape, generator=gen, dtype=dtype)
+    return ours, ref, x, g
+
+
+def _train_step(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    def step():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(g)
+
+    return step
+
+
+def _eval_step(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step():
+        with torch.no_grad():
+            layer(x)
+
+    return step
+
+
+def copy_bandwidth_gbs(nbytes: int = 256 * 2**20, repeats: int = 7) -> float:
+    """Read+write bandwidth of a large copy into preallocated memory (STREAM-style: 2 bytes per byte)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        ts.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(ts) / 1e9
+
+
+def memory_bound(shape: tuple[int, ...], dtype: torch.dtype, bandwidth_gbs: float) -> dict[str, float]:
+    """Lower bound on training fwd+bwd time from memory traffic alone (TRAFFIC_PASSES full tensors)."""
+    tensor_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return {
+        "traffic_mb": TRAFFIC_PASSES * tensor_bytes / 1e6,
+        "bound_ms": TRAFFIC_PASSES * tensor_bytes / (bandwidth_gbs * 1e9) * 1e3,
+        "ideal_bound_ms": TRAFFIC_PASSES_IDEAL * tensor_bytes / (bandwidth_gbs * 1e9) * 1e3,
+        "bandwidth_gbs": bandwidth_gbs,
+    }
+
+
+def measure_layer(repeats: int = 15, quick: bool = False,
+                  shapes: list[tuple[int, ...]] | None = None,
+                  dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[dict]:
+    """One row per (shape, dtype, mode): ours_ms, torch_ms, ratio (ours/torch); bound info on conv shapes."""
+    if shapes is None:
+        shapes = QUICK_SHAPES if quick else SHAPES
+    if quick:
+        repeats = min(repeats, 3)
+    min_sample_s = 0.002 if quick else 0.01
+    bandwidth = copy_bandwidth_gbs(32 * 2**20 if quick else 256 * 2**20, 3 if quick else 7)
+    rows = []
+    for shape in shapes:
+        for dtype in dtypes:
+            ours, ref, x, g = _make(shape, dtype)
+            for mode in MODES:
+                if mode == "train fwd+bwd":
+                    ours.train(), ref.train()
+                    t = _time_pair({"ours": _train_step(ours, x, g), "torch": _train_step(ref, x, g)},
+                                   repeats, min_sample_s)
+                else:
+                    ours.eval(), ref.eval()
+                    t = _time_pair({"ours": _eval_step(ours, x), "torch": _eval_step(ref, x)},
+                                   repeats, min_sample_s)
+                row = {
+                    "shape": shape,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "mode": mode,
+                    "ours_ms": t["ours"] * 1e3,
+                    "torch_ms": t["torch"] * 1e3,
+                    "ratio": t["ours"] / t["torch"],
+                }
+                if len(shape) > 2 and mode == "train fwd+bwd":
+                    row.update(memory_bound(shape, dtype, bandwidth))
+                    row["ours_over_bound"] = row["ours_ms"] / row["bound_ms"]
+                    row["torch_over_bound"] = row["torch_ms"] / row["bound_ms"]
+                rows.append(row)
+    return rows
+
+
+def geomean_ratio(rows: list[dict], mode: str = "train fwd+bwd", dtype: str | None = "float32") -> float:
+    ratios = [r["ratio"] for r in rows if r["mode"] == mode and (dtype is None or r["dtype"] == dtype)]
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else float("nan")
+
+
+def render_table(rows: list[dict]) -> Table:
+    table = Table(title=f"bnexp.norm vs torch.nn.BatchNorm*d ({torch.get_num_threads()} threads, medians)",
+                  caption=f"bound: {TRAFFIC_PASSES} full-tensor transfers at the measured copy bandwidth")
+    for col, just in [("shape", "left"), ("dtype", "left"), ("mode", "left"), ("ours ms", "right"),
+                      ("torch ms", "right"), ("ours/torch", "right"), ("bound ms", "right"),
+                      ("ours/bound", "right"), ("GB/s", "right")]:
+        table.add_column(col, justify=just, no_wrap=True)
+    for r in rows:
+        limit = 1.2 if r["mode"] == "eval fwd" else 2.0
+        ratio = f"{r['ratio']:.2f}"
+        if r["ratio"] > limit:
+            ratio = f"[red]{ratio}[/red]"
+        table.add_row(
+            "×".join(map(str, r["shape"])), r["dtype"], r["mode"], f"{r['ours_ms']:.3f}", f"{r['torch_ms']:.3f}",
+            ratio,
+            f"{r['bound_ms']:.3f}" if "bound_ms" in r else "",
+            f"{r['ours_over_bound']:.2f}" if "ours_over_bound" in r else "",
+            f"{r['bandwidth_gbs']:.1f}" if "bandwidth_gbs" in r else "",
+        )
+    return table
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for dtype in sorted({r["dtype"] for r in rows}):
+        train = [r for r in rows if r["dtype"] == dtype and r["mode"] == "train fwd+bwd"]
+        evals = [r for r in rows if r["dtype"] == dtype and r["mode"] == "eval fwd"]
+        lines.append(
+            f"{dtype}: train geomean ours/torch {geomean_ratio(rows, 'train fwd+bwd', dtype):.2f} "
+            f"(max {max(r['ratio'] for r in train):.2f}), eval geomean {geomean_ratio(rows, 'eval fwd', dtype):.2f} "
+            f"(max {max(r['ratio'] for r in evals):.2f})"
+        )
+    return lines
