@@ -12,17 +12,17 @@ from bnexp.bench import loop_table, measure_loop
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 repeats of 100 steps: a smoke test")
-    ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats per contender")
-    ap.add_argument("--steps", type=int, default=2000, help="timed steps per repeat")
+    ap.add_argument("--quick", action="store_true", help="2 chunk pairs of 50 steps: a smoke test")
+    ap.add_argument("--chunks", type=int, default=9, help="interleaved chunk pairs per contender")
+    ap.add_argument("--chunk", type=int, default=500, help="steps per chunk (default: checkpoint_every)")
     ap.add_argument("--warmup", type=int, default=100, help="untimed steps before the clock starts")
     ap.add_argument("--norm", choices=["bnexp", "torch", "none"], default=None,
                     help="model.norm (default: bnexp, our layer)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both contenders")
     args = ap.parse_args()
     if args.quick:
-        args.repeats, args.steps, args.warmup = 2, 100, 10
-    results, info = measure_loop(repeats=args.repeats, warmup=args.warmup, steps=args.steps, norm=args.norm,
+        args.chunks, args.chunk, args.warmup = 2, 50, 10
+    results, info = measure_loop(chunks=args.chunks, chunk=args.chunk, warmup=args.warmup, norm=args.norm,
                                  threads=args.threads)
     Console(width=160).print(loop_table(results, info))
 

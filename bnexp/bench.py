@@ -99,87 +99,104 @@ def read_rss_mb() -> float:
 
 # --- the two contenders --------------------------------------------------------------------------------
 
-def bare_loop(cfg: Config, data: Dataset, warmup: int, steps: int,
-              on_step: Callable[[int], None] | None = None) -> float:
-    """Seconds for `steps` steps of a hand-written loop after `warmup` untimed ones.
+class BareLoop:
+    """A hand-written training loop: index a batch, forward, cross-entropy, zero_grad, backward, step.
 
-    Index a batch, forward, cross-entropy, zero_grad, backward, step: nothing else. Same model and
-    optimizer builders, seed, in-memory tensors and batch order as the Trainer, so both train the very
-    same network (tests check the weights agree). `on_step(step)` is called before each step and once at
-    the end (the memory section samples RSS there); the loop section passes none.
+    Nothing else. Same model and optimizer builders, seed, in-memory tensors and batch order as the
+    Trainer, so both train the very same network (tests check the weights agree bit for bit). It keeps
+    its place between calls, so its steps can be interleaved with a Trainer's in short chunks.
     """
-    return train_bare(cfg, data, warmup, steps, on_step)[0]
+
+    def __init__(self, cfg: Config, data: Dataset):
+        from bnexp.models import build_model
+        from bnexp.train import build_optimizer
+
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, data.input_shape, data.num_classes)
+        self.model.train()
+        self.opt = build_optimizer(cfg.optim, self.model.parameters())
+        self.x, self.y, self.m = data.x_train, data.y_train, cfg.data.batch_size
+        # The batch order of bnexp.data.BatchSampler, written out: a seeded permutation per epoch, tail dropped.
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.perm, self.pos = torch.empty(0, dtype=torch.int64), len(self.y)
+
+    def run(self, steps: int, on_step: Callable[[], None] | None = None) -> float:
+        """Train `steps` steps; return the seconds they took. `on_step()` runs before each (untimed use)."""
+        model, opt, x_all, y_all, m, n = self.model, self.opt, self.x, self.y, self.m, len(self.y)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            if on_step is not None:
+                on_step()
+            if self.pos + m > n:
+                self.perm, self.pos = torch.randperm(n, generator=self.gen), 0
+            idx = self.perm[self.pos:self.pos + m]
+            self.pos += m
+            out = model(x_all[idx])
+            loss = F.cross_entropy(out, y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return time.perf_counter() - t0
 
 
-def train_bare(cfg: Config, data: Dataset, warmup: int, steps: int,
-               on_step: Callable[[int], None] | None = None) -> tuple[float, torch.nn.Module]:
-    """The bare loop itself: (seconds for the timed steps, the trained model)."""
-    from bnexp.models import build_model
-    from bnexp.train import build_optimizer
+def run_trainer(cfg: Config, data: Dataset, steps: int, on_draw: Callable[[int], None],
+                keep: dict | None = None) -> None:
+    """`bnexp train`'s loop (Trainer.run in a temporary run directory) for `steps` steps.
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
-    model.train()
-    opt = build_optimizer(cfg.optim, model.parameters())
-    x_all, y_all, m = data.x_train, data.y_train, cfg.data.batch_size
-    n = len(y_all)
-    # The batch order of bnexp.data.BatchSampler, written out: a seeded permutation per epoch, tail dropped.
-    gen = torch.Generator().manual_seed(cfg.seed)
-    perm, pos = None, n
-    t0 = time.perf_counter()
-    for step in range(1, warmup + steps + 1):
-        if step == warmup + 1:
-            t0 = time.perf_counter()
-        if on_step is not None:
-            on_step(step)
-        if pos + m > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + m]
-        pos += m
-        out = model(x_all[idx])
-        loss = F.cross_entropy(out, y_all[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    elapsed = time.perf_counter() - t0
-    if on_step is not None:
-        on_step(warmup + steps + 1)  # the end of the window, as the Trainer's next draw would mark it
-    return elapsed, model
-
-
-def trainer_loop(cfg: Config, data: Dataset, warmup: int, steps: int,
-                 on_step: Callable[[int], None] | None = None, keep: dict | None = None) -> float:
-    """Seconds `bnexp train`'s loop (Trainer.run in a temporary run directory) takes for `steps` steps.
-
-    The clock runs from the start of step warmup+1 to the start of step warmup+steps+1, read where the
-    loop draws each batch, so imports, set-up, the step-0 evaluation and the final evaluation, checkpoint
-    and summary are outside it, while every log row, evaluation, probe and checkpoint that falls inside
-    the window is in it, as in a real run.
+    `on_draw(k)` is called where the loop draws the batch of step k, before the draw: the clock marks of
+    the loop section and the RSS samples of the memory section are taken there, inside the run, so
+    set-up and the final summary can be left out of a window while every log row, evaluation, probe and
+    checkpoint inside it counts, as in a real run.
     """
     from bnexp.train import Trainer
 
     cfg = cfg.model_copy(deep=True)
-    cfg.train.steps = warmup + steps + 1
-    marks: dict[int, float] = {}
+    cfg.train.steps = steps
     with tempfile.TemporaryDirectory(prefix="bnexp-bench-") as tmp:
         trainer = Trainer(cfg, Path(tmp), data, quiet=True)
         draw = trainer.sampler.next
         count = 0
 
-        def timed_next() -> torch.Tensor:
+        def hooked_next() -> torch.Tensor:
             nonlocal count
             count += 1
-            if count in (warmup + 1, warmup + steps + 1):
-                marks[count] = time.perf_counter()
-            if on_step is not None:
-                on_step(count)
+            on_draw(count)
             return draw()
 
-        trainer.sampler.next = timed_next  # instance attribute: shadows the method for this run only
+        trainer.sampler.next = hooked_next  # instance attribute: shadows the method for this run only
         trainer.run()
+        on_draw(steps + 1)  # the run is over; what it holds is still alive
         if keep is not None:  # for tests: the trained model and the run's summary
             keep.update(model=trainer.model, summary=json.loads((Path(tmp) / "summary.json").read_text()))
-    return marks[warmup + steps + 1] - marks[warmup + 1]
+
+
+def interleaved(cfg: Config, data: Dataset, warmup: int, chunk: int, chunks: int) -> tuple[list[float], list[float]]:
+    """Seconds per chunk of `chunk` steps for the Trainer and a bare loop, alternating chunk by chunk.
+
+    A bare chunk runs at each chunk boundary of the Trainer's run, between two clock marks, so each
+    Trainer chunk has a bare chunk next to it in time: load from other processes drifts over seconds and
+    hits both alike. Both first run `warmup` untimed steps.
+    """
+    bare = BareLoop(cfg, data)
+    trainer_s: list[float] = []
+    bare_s: list[float] = []
+    mark = 0.0
+
+    def on_draw(k: int) -> None:
+        nonlocal mark
+        j, rem = divmod(k - warmup - 1, chunk)
+        if k <= warmup or rem or j > chunks:
+            return
+        if j > 0:
+            trainer_s.append(time.perf_counter() - mark)
+        if j == 0:
+            bare.run(warmup)
+        if j < chunks:
+            bare_s.append(bare.run(chunk))
+        mark = time.perf_counter()
+
+    run_trainer(cfg, data, warmup + chunk * chunks + 1, on_draw)
+    return trainer_s, bare_s
 
 
 # --- loop section --------------------------------------------------------------------------------------
@@ -187,73 +204,63 @@ def trainer_loop(cfg: Config, data: Dataset, warmup: int, steps: int,
 @dataclass
 class LoopResult:
     contender: str
-    ms_per_step: float  # median over repeats
-    ratio: float | None  # bare ms / contender ms (= contender steps/s over bare steps/s), ratio of medians
-    pair_ratios: list[float]  # the same ratio within each repeat
-    target: float | None
+    ms_per_step: float  # median over chunks
+    bare_ms_per_step: float  # median over the bare chunks interleaved with this contender's
+    ratio: float  # median over chunk pairs of bare time / contender time (= contender steps/s over bare)
+    pair_ratios: list[float]
+    target: float
 
     @property
     def steps_per_s(self) -> float:
         return 1000.0 / self.ms_per_step
 
 
-def measure_loop(repeats: int = 7, warmup: int = 100, steps: int = 2000, norm: str | None = None,
+def measure_loop(chunks: int = 9, chunk: int = 500, warmup: int = 100, norm: str | None = None,
                  threads: int | None = 1) -> tuple[list[LoopResult], dict]:
-    """Alternate bare / probes off / probes on `repeats` times (rotating the order); medians and ratios."""
+    """Probes off, then probes on: each a Trainer run interleaved chunk by chunk with its own bare loop.
+
+    The default chunk is train.checkpoint_every (500 steps), so every chunk holds the same work: 50 log
+    rows, 5 evaluations, 5 probes (when on) and 1 checkpoint.
+    """
     with torch_threads(threads):
-        return _measure_loop(repeats, warmup, steps, norm)
-
-
-def _measure_loop(repeats: int, warmup: int, steps: int, norm: str | None) -> tuple[list[LoopResult], dict]:
-    contenders: dict[str, Callable[[], float]] = {}
-    cfg_off = paper_mlp_config(probes=False, norm=norm)
-    cfg_on = paper_mlp_config(probes=True, norm=norm)
-    data = load_dataset(cfg_off.data)
-    contenders["bare loop"] = lambda: bare_loop(cfg_off, data, warmup, steps)
-    contenders["probes off"] = lambda: trainer_loop(cfg_off, data, warmup, steps)
-    contenders["probes on"] = lambda: trainer_loop(cfg_on, data, warmup, steps)
-    names = list(contenders)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    # One untimed round first: lazy imports (tensorboard, probes) and allocator growth hit no contender.
-    for name in names:
-        contenders[name]()
-    for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            times[name].append(contenders[name]() / steps * 1000)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    results = [LoopResult("bare loop", med["bare loop"], None, [], None)]
-    for name in ("probes off", "probes on"):
-        pairs = [b / t for b, t in zip(times["bare loop"], times[name])]
-        results.append(LoopResult(name, med[name], med["bare loop"] / med[name], pairs, LOOP_TARGETS[name]))
-    info = {"repeats": repeats, "warmup": warmup, "steps": steps, "norm": cfg_off.model.norm,
-            "threads": torch.get_num_threads(), "probes_every": cfg_on.probes.every,
-            "eval_every": cfg_on.train.eval_every, "log_every": cfg_on.train.log_every,
-            "checkpoint_every": cfg_on.train.checkpoint_every}
+        cfg_off = paper_mlp_config(probes=False, norm=norm)
+        cfg_on = paper_mlp_config(probes=True, norm=norm)
+        data = load_dataset(cfg_off.data)
+        # One short untimed run first: lazy imports (tensorboard, probes, torch._dynamo through the
+        # optimizer) and allocator growth hit no contender.
+        interleaved(cfg_on, data, warmup=2, chunk=2, chunks=1)
+        results = []
+        for name, cfg in (("probes off", cfg_off), ("probes on", cfg_on)):
+            trainer_s, bare_s = interleaved(cfg, data, warmup, chunk, chunks)
+            pairs = [b / t for b, t in zip(bare_s, trainer_s)]
+            results.append(LoopResult(name, statistics.median(trainer_s) / chunk * 1000,
+                                      statistics.median(bare_s) / chunk * 1000, statistics.median(pairs),
+                                      pairs, LOOP_TARGETS[name]))
+        info = {"chunks": chunks, "chunk": chunk, "warmup": warmup, "norm": cfg_off.model.norm,
+                "threads": torch.get_num_threads(), "probes_every": cfg_on.probes.every,
+                "eval_every": cfg_on.train.eval_every, "log_every": cfg_on.train.log_every,
+                "checkpoint_every": cfg_on.train.checkpoint_every}
     return results, info
 
 
 def loop_table(results: list[LoopResult], info: dict) -> Table:
-    table = Table(title=f"loop: bnexp train vs a bare loop, paper MLP 784-100-100-100-10 sigmoid, "
-                        f"norm {info['norm']}, batch 60 — median of {info['repeats']} interleaved repeats "
-                        f"of {info['steps']} steps")
-    for col, justify in (("contender", "left"), ("ms/step", "right"), ("steps/s", "right"),
-                         ("ratio vs bare", "right"), ("per-repeat ratios", "right"), ("target", "right"),
-                         ("", "left")):
-        table.add_column(col, justify=justify)
+    table = Table(title=f"loop: bnexp train vs a bare loop — paper MLP 784-100-100-100-10, sigmoid, norm "
+                        f"{info['norm']}, batch 60; {info['chunks']} interleaved chunk pairs of "
+                        f"{info['chunk']} steps, medians")
+    for col in ("contender", "ms/step", "steps/s", "bare ms/step", "ratio vs bare", "per-pair ratios",
+                "target", ""):
+        table.add_column(col, justify="left" if col in ("contender", "") else "right")
     for r in results:
-        label = {"bare loop": "bare loop (reference)", "probes off": "bnexp train, probes off",
+        label = {"probes off": "bnexp train, probes off",
                  "probes on": f"bnexp train, probes every {info['probes_every']}"}[r.contender]
-        if r.ratio is None:
-            table.add_row(label, f"{r.ms_per_step:.3f}", f"{r.steps_per_s:.0f}", "1.000", "", "", "")
-            continue
         spread = f"{min(r.pair_ratios):.3f}–{max(r.pair_ratios):.3f}"
         ok = "[green]meets[/green]" if r.ratio >= r.target else "[red]misses[/red]"
-        table.add_row(label, f"{r.ms_per_step:.3f}", f"{r.steps_per_s:.0f}", f"{r.ratio:.3f}", spread,
-                      f"≥ {r.target:.2f}", ok)
-    table.caption = (f"ratio = bnexp steps/s ÷ bare steps/s (ratio of medians); eval every {info['eval_every']}, "
-                     f"log every {info['log_every']}, checkpoint every {info['checkpoint_every']} steps; "
-                     f"warm-up {info['warmup']} steps untimed; torch threads {info['threads']}")
+        table.add_row(label, f"{r.ms_per_step:.3f}", f"{r.steps_per_s:.0f}", f"{r.bare_ms_per_step:.3f}",
+                      f"{r.ratio:.3f}", spread, f"≥ {r.target:.2f}", ok)
+    table.caption = (f"ratio = bnexp steps/s ÷ bare steps/s, median over chunk pairs; eval every "
+                     f"{info['eval_every']}, log every {info['log_every']}, checkpoint every "
+                     f"{info['checkpoint_every']} steps; {info['warmup']} steps warm-up untimed; torch "
+                     f"threads {info['threads']}")
     return table
 
 
@@ -265,7 +272,6 @@ class MemoryResult:
     rss_warm_mb: float  # after warm-up
     rss_end_mb: float
     rss_peak_mb: float  # highest sample from warm-up to the end
-    seconds: float
 
     @property
     def growth_mb(self) -> float:
@@ -292,23 +298,36 @@ def _measure_memory(steps: int, warmup: int, sample_every: int, norm: str | None
     cfg_on = paper_mlp_config(probes=True, norm=norm)
     cfg_off = paper_mlp_config(probes=False, norm=norm)
     data = load_dataset(cfg_on.data)
-    runs: dict[str, Callable[[Callable[[int], None]], float]] = {
-        "bare loop": lambda hook: bare_loop(cfg_off, data, warmup, steps, hook),
-        "probes off": lambda hook: trainer_loop(cfg_off, data, warmup, steps, hook),
-        "probes on": lambda hook: trainer_loop(cfg_on, data, warmup, steps, hook),
+    total = warmup + steps
+
+    def bare(on_draw: Callable[[int], None]) -> None:
+        loop, count = BareLoop(cfg_off, data), 0
+
+        def on_step() -> None:
+            nonlocal count
+            count += 1
+            on_draw(count)
+
+        loop.run(total, on_step)
+        on_draw(total + 1)
+
+    runs: dict[str, Callable[[Callable[[int], None]], None]] = {
+        "bare loop": bare,
+        "probes off": lambda on_draw: run_trainer(cfg_off, data, total, on_draw),
+        "probes on": lambda on_draw: run_trainer(cfg_on, data, total, on_draw),
     }
     results = []
     for name, run in runs.items():
         samples: list[float] = []
 
-        def sample(step: int) -> None:
-            # Step warmup+1 opens the window and step warmup+steps+1 closes it, both while the run and
-            # everything it holds are still alive (freeing them afterwards would hide a leak).
-            if step > warmup and ((step - warmup - 1) % sample_every == 0 or step == warmup + steps + 1):
+        def sample(k: int) -> None:
+            # Step warmup+1 opens the window; k = total+1 closes it after the last step, while the run and
+            # everything it holds are still alive (freeing them first would hide a leak).
+            if k > warmup and ((k - warmup - 1) % sample_every == 0 or k == total + 1):
                 samples.append(read_rss_mb())
 
-        seconds = run(sample)
-        results.append(MemoryResult(name, samples[0], samples[-1], max(samples), seconds))
+        run(sample)
+        results.append(MemoryResult(name, samples[0], samples[-1], max(samples)))
     info = {"steps": steps, "warmup": warmup, "sample_every": sample_every, "norm": cfg_on.model.norm,
             "probes_every": cfg_on.probes.every}
     return results, info
@@ -366,7 +385,7 @@ def main(quick: bool = False, only: list[str] | None = None, console: Console | 
         if section == "layer":
             run_layer(console, quick)
         elif section == "loop":
-            args = dict(repeats=2, warmup=10, steps=100) if quick else {}
+            args = dict(chunks=2, chunk=50, warmup=10) if quick else {}
             console.print(loop_table(*measure_loop(**args)))
         elif section == "memory":
             args = dict(steps=300, warmup=50, sample_every=50) if quick else {}

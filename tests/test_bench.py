@@ -35,11 +35,10 @@ def test_quick_loop_prints_ratio_table(cli, bench_tmp):
     assert "memory:" not in r.out  # --only loop runs only the loop section
     for label, target in (("bnexp train, probes off", "0.95"), ("bnexp train, probes every 100", "0.90")):
         row = _row(r.out, label)
-        ms, steps_per_s, ratio = (float(c) for c in row.split("│")[2:5])
-        assert ms > 0 and ratio > 0 and steps_per_s == pytest.approx(1000 / ms, rel=0.01, abs=1)
+        ms, steps_per_s, bare_ms, ratio = (float(c) for c in row.split("│")[2:6])
+        assert ms > 0 and bare_ms > 0 and ratio > 0
+        assert steps_per_s == pytest.approx(1000 / ms, rel=0.01, abs=1)
         assert f"≥ {target}" in row and ("meets" in row or "misses" in row)
-    bare = _row(r.out, "bare loop (reference)")
-    assert "1.000" in bare
     assert list(bench_tmp.glob("bnexp-bench-*")) == []  # the temporary run directories are gone
 
 
@@ -87,24 +86,25 @@ def test_bare_loop_trains_the_same_network_as_bnexp_train(norm, bench_tmp):
     cfg.model.hidden = [16, 16]
     data = load_dataset(cfg.data)
     kept: dict = {}
-    seconds = bench.trainer_loop(cfg, data, warmup=3, steps=10, keep=kept)
-    assert seconds > 0 and kept["summary"]["status"] == "completed" and kept["summary"]["steps"] == 14
-    _, bare = bench.train_bare(cfg, data, warmup=0, steps=14)
+    draws: list[int] = []
+    bench.run_trainer(cfg, data, 14, draws.append, keep=kept)
+    assert draws == list(range(1, 16))  # every step's draw, then once after the run
+    assert kept["summary"]["status"] == "completed" and kept["summary"]["steps"] == 14
+    bare = bench.BareLoop(cfg, data)
+    assert bare.run(9) > 0 and bare.run(5) > 0  # resumable: two calls make one 14-step run
     ours = kept["model"].state_dict()
-    assert ours.keys() == bare.state_dict().keys()
-    for key, value in bare.state_dict().items():
+    assert ours.keys() == bare.model.state_dict().keys()
+    for key, value in bare.model.state_dict().items():
         assert torch.equal(ours[key], value), key
 
 
-def test_measure_loop_reports_medians_and_ratios(bench_tmp):
+def test_measure_loop_pairs_chunks_and_reports_medians(bench_tmp):
     threads = torch.get_num_threads()
-    results, info = bench.measure_loop(repeats=2, warmup=2, steps=5)
-    by_name = {r.contender: r for r in results}
-    assert set(by_name) == {"bare loop", "probes off", "probes on"}
-    bare = by_name["bare loop"]
-    for name in ("probes off", "probes on"):
-        r = by_name[name]
-        assert len(r.pair_ratios) == 2 and r.target == bench.LOOP_TARGETS[name]
-        assert r.ratio == pytest.approx(bare.ms_per_step / r.ms_per_step)
-    assert info["threads"] == 1 and info["repeats"] == 2
+    results, info = bench.measure_loop(chunks=3, chunk=4, warmup=2)
+    assert [r.contender for r in results] == ["probes off", "probes on"]
+    for r in results:
+        assert len(r.pair_ratios) == 3 and r.target == bench.LOOP_TARGETS[r.contender]
+        assert r.ratio == pytest.approx(sorted(r.pair_ratios)[1])
+        assert r.ms_per_step > 0 and r.bare_ms_per_step > 0
+    assert info["threads"] == 1 and info["chunks"] == 3 and info["chunk"] == 4
     assert torch.get_num_threads() == threads  # the section's one thread is not left behind
