@@ -470,7 +470,10 @@ def resume(run_dir: Path, *, quiet: bool = True) -> dict[str, Any]:
             raise RunDirError(f"corrupted {run_dir / 'summary.json'}: not a JSON object") from None
         if status in ("completed", "diverged"):
             raise RunDirError(f"run {run_dir} already ended ({status}); nothing to resume")
-        cfg = load_config(run_dir / CONFIG)
+        try:
+            cfg = load_config(run_dir / CONFIG)
+        except ConfigError as err:  # edited by hand, or written by a bnexp with other keys
+            raise ConfigError(f"{run_dir / CONFIG}: {err}") from None
         found = checkpoint.list_checkpoints(run_dir)
         state = checkpoint.load(found[-1]) if found else None
         data = prepare(cfg)

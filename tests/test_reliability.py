@@ -567,3 +567,16 @@ def test_high_lr_comparison_runs_the_arms_tested_above():
             assert getattr(cfg, section) == getattr(tested, section), (arm, section)
         assert (cfg.train.divergence_factor, cfg.train.divergence_window) == (1.5, 200)
         assert cfg.seed == tested.seed == 0
+
+
+def test_resume_names_the_run_config_that_no_longer_validates(tmp_path, capsys):
+    cfg = write(tmp_path / "run.yaml", {**RUN, "train": {**RUN["train"], "steps": 10}})
+    run_dir = tmp_path / "run"
+    assert run_cli(capsys, "train", "-c", cfg, "--out", run_dir, "-q")[0] == 0
+    runs.write_summary(run_dir, {**runs.read_summary(run_dir), "status": "interrupted"})
+    with open(run_dir / "config.yaml", "a") as f:
+        f.write("nmae: typo\n")
+    before = files_of(run_dir)
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 2 and err == f"error: {run_dir / 'config.yaml'}: invalid config: nmae: unknown key\n"
+    assert files_of(run_dir) == before
