@@ -580,3 +580,36 @@ def test_resume_names_the_run_config_that_no_longer_validates(tmp_path, capsys):
     rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
     assert rc == 2 and err == f"error: {run_dir / 'config.yaml'}: invalid config: nmae: unknown key\n"
     assert files_of(run_dir) == before
+
+
+@pytest.mark.parametrize("norm", ["bnexp", "torch", "none"])
+def test_hot_loop_reads_nothing_back_from_the_device_between_log_steps(tmp_path, monkeypatch, norm):
+    """Divergence is detected once per log interval: an ordinary step makes no host-device sync (no .item(),
+    no bool() of a tensor, no copy to the CPU), which on a GPU would stall the queue every step."""
+    from bnexp import train as trainmod
+    from bnexp.config import validate
+    from bnexp.data import BatchSampler
+
+    events: list[str] = []
+    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name, **kwargs):
+            events.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    real_next = BatchSampler.next
+    monkeypatch.setattr(BatchSampler, "next", lambda self: events.append("STEP") or real_next(self))
+
+    steps = 30
+    cfg = validate({**RUN, "model": {**RUN["model"], "norm": norm}, "probes": {"enabled": False},
+                    "train": {"steps": steps, "eval_every": steps, "log_every": steps, "checkpoint_every": steps}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert trainmod.train(cfg, run_dir)["status"] == "completed"
+    segments = "|".join(events).split("STEP")
+    assert len(segments) == steps + 1
+    # segments[k] is what step k did after drawing its batch; only the last step logs and evaluates.
+    assert all(seg.strip("|") == "" for seg in segments[1:steps]), segments[1:steps]
+    assert segments[steps].strip("|") != ""  # the log step does read back: the test can see a sync
