@@ -187,6 +187,8 @@ class ShardSampler:
         self.inner.load_state_dict(state)
 
     def __getattr__(self, name: str):
+        if name == "inner":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
@@ -547,7 +549,8 @@ def resume(cfg, run_dir: Path, checkpoint_path: Path | None, *, quiet: bool = Tr
     """bnexp.train.resume's distributed half, called once its checks have passed (and, without a
     launcher, while it holds the run directory's lock)."""
     run_dir = Path(run_dir)
-    (run_dir / "error.txt").unlink(missing_ok=True) if env_rank() == 0 else None
+    if env_rank() == 0:
+        (run_dir / "error.txt").unlink(missing_ok=True)  # a previous failure's traceback
     if not under_launcher():
         return launch(cfg, run_dir, quiet=quiet, resume_from=checkpoint_path, resume=True)
     world = int(os.environ["WORLD_SIZE"])
