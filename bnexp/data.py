@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from bnexp.errors import UserError
 
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +64,9 @@ def _mnist1d(cfg: DataConfig):
     # The published defaults (4,000 train / 1,000 test signals of length 40), generated, never downloaded.
     # Generation takes ~2 s, so the result is cached next to the other datasets.
     cache = Path(cfg.root) / "mnist1d" / "mnist1d_default.npz"
-    if cache.is_file():
-        with np.load(cache) as z:
-            x_tr, y_tr, x_te, y_te = z["x"], z["y"], z["x_test"], z["y_test"]
+    cached = _read_mnist1d_cache(cache)
+    if cached is not None:
+        x_tr, y_tr, x_te, y_te = cached
     else:
         # make_dataset reseeds numpy's global generator: keep the caller's stream unchanged.
         saved = np.random.get_state()
@@ -82,6 +84,16 @@ def _mnist1d(cfg: DataConfig):
             pass  # a read-only data root only costs the regeneration next time
     as_signal = lambda a: a.astype(np.float32)[:, None, :]  # noqa: E731 - (N, 1, 40) for Conv1d
     return as_signal(x_tr), y_tr, as_signal(x_te), y_te, 10
+
+
+def _read_mnist1d_cache(cache: Path):
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache) as z:
+            return z["x"], z["y"], z["x_test"], z["y_test"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None  # a damaged cache (a killed write, a stray file) is regenerated and replaced
 
 
 def _synthetic(cfg: DataConfig):
@@ -110,15 +122,18 @@ def _torchvision(cfg: DataConfig):
     try:
         train = cls(cfg.root, train=True, download=cfg.download)
         test = cls(cfg.root, train=False, download=cfg.download)
-    except RuntimeError as err:
+    except (RuntimeError, OSError, ValueError, TypeError, EOFError, KeyError, IndexError,
+            pickle.UnpicklingError) as err:
         where = Path(cfg.root) / folder
-        if cfg.download:
-            raise DataError(f"could not download {cfg.dataset} into {where}: {err}") from None
-        raise DataError(
-            f"{cfg.dataset} not found: expected its files in {where} (set data.download: true to fetch them)"
-        ) from None
-    except OSError as err:  # a download with no network
-        raise DataError(f"could not download {cfg.dataset} into {Path(cfg.root) / folder}: {err}") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if cfg.download:  # no network, a refused or interrupted download
+            raise DataError(f"could not download {cfg.dataset} into {where}: {first}") from None
+        # torchvision says "Dataset not found" when a file is missing (CIFAR10: "... or corrupted");
+        # anything else means files with the right names but the wrong contents (truncated, another format).
+        if isinstance(err, RuntimeError) and "not found" in first:
+            raise DataError(f"{cfg.dataset} not found: expected its files in {where} "
+                            f"(set data.download: true to fetch them)") from None
+        raise DataError(f"cannot read {cfg.dataset} files in {where}: {first}") from None
 
     def images(ds) -> np.ndarray:
         x = np.asarray(ds.data, dtype=np.float32) / 255.0

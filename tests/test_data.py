@@ -61,9 +61,17 @@ def test_mnist1d_is_generated_offline_and_cached(mnist1d_root, monkeypatch):
     assert first.input_shape == (1, 40) and len(first.y_train) == 4000 and len(first.y_test) == 1000
     assert (mnist1d_root / "mnist1d" / "mnist1d_default.npz").is_file()
 
-    monkeypatch.setattr(mnist1d.data, "make_dataset", lambda *a, **k: pytest.fail("cache not used"))
-    again = load_dataset(cfg)
+    with monkeypatch.context() as m:
+        m.setattr(mnist1d.data, "make_dataset", lambda *a, **k: pytest.fail("cache not used"))
+        again = load_dataset(cfg)
     assert torch.equal(first.x_train, again.x_train) and torch.equal(first.y_test, again.y_test)
+
+    cache = mnist1d_root / "mnist1d" / "mnist1d_default.npz"
+    cache.write_bytes(cache.read_bytes()[:100])  # a write cut short
+    regenerated = load_dataset(cfg)
+    assert torch.equal(first.x_train, regenerated.x_train)
+    with np.load(cache) as z:
+        assert np.array_equal(z["y_test"], first.y_test.numpy())
 
 
 def test_batch_sampler_epochs_are_seeded_permutations():
@@ -164,6 +172,17 @@ def test_cifar10_loads_from_pickle_batches_and_trains(cli, write_config, tmp_pat
     r = cli("train", "--config", path, "--out", "run", "--quiet")
     assert r.code == 0, r.err
     assert read_summary(tmp_path / "run")["status"] == "completed"
+
+
+def test_unreadable_idx_file_is_a_one_line_error(cli, write_config, tmp_path):
+    _write_mnist_like(tmp_path / "data", "MNIST")
+    images = tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])  # truncated
+    path = write_config({"data": {"dataset": "mnist"}})
+    r = cli("train", "--config", path, "--quiet")
+    assert r.code == 2 and r.out == "" and "Traceback" not in r.err
+    assert r.err.startswith(f"error: cannot read mnist files in {os.path.join('data', 'MNIST', 'raw')}: ")
+    assert len(r.err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("dataset, folder", [("mnist", "MNIST/raw"), ("fashion_mnist", "FashionMNIST/raw"),
