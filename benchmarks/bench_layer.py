@@ -1,4 +1,7 @@
-"""Benchmark bnexp.norm against torch.nn.BatchNorm*d: `python benchmarks/bench_layer.py [--quick]`."""
+"""Benchmark bnexp.norm against torch.nn.BatchNorm*d: `python benchmarks/bench_layer.py [--quick]`.
+
+On a shared machine, `--threads 1 --cpu-clock` gives the figures least disturbed by other processes.
+"""
 
 import argparse
 
@@ -11,8 +14,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="two small shapes, a few repeats")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: as is)")
+    parser.add_argument("--cpu-clock", action="store_true", help="time thread CPU time (needs --threads 1)")
     args = parser.parse_args()
-    rows = measure_layer(repeats=args.repeats, quick=args.quick)
+    rows = measure_layer(repeats=args.repeats, quick=args.quick, threads=args.threads,
+                         clock="cpu" if args.cpu_clock else "wall")
     console = Console()
     console.print(render_table(rows))
     for line in summary_lines(rows):

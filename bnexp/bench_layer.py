@@ -40,24 +40,32 @@ TRAFFIC_PASSES = 8
 TRAFFIC_PASSES_IDEAL = 5
 
 
-def _time_pair(fns: dict[str, Callable[[], None]], repeats: int, min_sample_s: float) -> dict[str, float]:
-    """Median seconds per call for each function, interleaving them repeat by repeat."""
+def _time_pair(fns: dict[str, Callable[[], None]], repeats: int, min_sample_s: float,
+               clock: Callable[[], float] = time.perf_counter, budget_s: float = 4.0) -> dict[str, dict[str, float]]:
+    """Median and min seconds per call for each function, interleaving them repeat by repeat.
+
+    Stops early (after at least 3 repeats) once ``budget_s`` of wall time is spent, so a loaded
+    machine does not stretch the run without bound.
+    """
     inner = {}
     for name, fn in fns.items():
         fn()  # warm up (first calls allocate, import lazily, fault pages in)
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        dt = max(time.perf_counter() - t0, 1e-7)
+        dt = max(clock() - t0, 1e-7)
         inner[name] = max(1, int(min_sample_s / dt))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    start = time.perf_counter()
+    for i in range(repeats):
         for name, fn in fns.items():
             n = inner[name]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(n):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / n)
-    return {name: statistics.median(s) for name, s in samples.items()}
+            samples[name].append((clock() - t0) / n)
+        if i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {name: {"median": statistics.median(s), "min": min(s)} for name, s in samples.items()}
 
 
 def _make(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0):
@@ -91,16 +99,20 @@ def _eval_step(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def copy_bandwidth_gbs(nbytes: int = 256 * 2**20, repeats: int = 7) -> float:
-    """Read+write bandwidth of a large copy into preallocated memory (STREAM-style: 2 bytes per byte)."""
+def copy_bandwidth_gbs(nbytes: int = 256 * 2**20, repeats: int = 7,
+                       clock: Callable[[], float] = time.perf_counter) -> float:
+    """Read+write bandwidth of a large copy into preallocated memory (STREAM-style: 2 bytes per byte).
+
+    Timed with the same clock as the layers, so the bound and the timings are comparable.
+    """
     src = torch.ones(nbytes // 4, dtype=torch.float32)
     dst = torch.empty_like(src)
     dst.copy_(src)
     ts = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         dst.copy_(src)
-        ts.append(time.perf_counter() - t0)
+        ts.append(clock() - t0)
     return 2 * nbytes / statistics.median(ts) / 1e9
 
 
@@ -117,40 +129,63 @@ def memory_bound(shape: tuple[int, ...], dtype: torch.dtype, bandwidth_gbs: floa
 
 def measure_layer(repeats: int = 15, quick: bool = False,
                   shapes: list[tuple[int, ...]] | None = None,
-                  dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[dict]:
-    """One row per (shape, dtype, mode): ours_ms, torch_ms, ratio (ours/torch); bound info on conv shapes."""
+                  dtypes: tuple[torch.dtype, ...] = DTYPES,
+                  threads: int | None = None, clock: str = "wall") -> list[dict]:
+    """One row per (shape, dtype, mode): ours_ms, torch_ms (medians), ratio (ours/torch); bound on conv.
+
+    ``clock="wall"`` times with perf_counter (what a user waits for). ``clock="cpu"`` times the calling
+    thread's CPU time, which leaves out time the scheduler gives to other processes; it needs
+    ``threads=1`` (other intra-op threads' work would not be counted). ``threads`` sets torch's
+    intra-op thread count for the run and restores it afterwards.
+    """
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    if clock == "cpu" and threads != 1:
+        raise ValueError("clock='cpu' measures one thread: pass threads=1")
     if shapes is None:
         shapes = QUICK_SHAPES if quick else SHAPES
     if quick:
         repeats = min(repeats, 3)
+    timer = time.perf_counter if clock == "wall" else time.thread_time
     min_sample_s = 0.002 if quick else 0.01
-    bandwidth = copy_bandwidth_gbs(32 * 2**20 if quick else 256 * 2**20, 3 if quick else 7)
-    rows = []
-    for shape in shapes:
-        for dtype in dtypes:
-            ours, ref, x, g = _make(shape, dtype)
-            for mode in MODES:
-                if mode == "train fwd+bwd":
-                    ours.train(), ref.train()
-                    t = _time_pair({"ours": _train_step(ours, x, g), "torch": _train_step(ref, x, g)},
-                                   repeats, min_sample_s)
-                else:
-                    ours.eval(), ref.eval()
-                    t = _time_pair({"ours": _eval_step(ours, x), "torch": _eval_step(ref, x)},
-                                   repeats, min_sample_s)
-                row = {
-                    "shape": shape,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "mode": mode,
-                    "ours_ms": t["ours"] * 1e3,
-                    "torch_ms": t["torch"] * 1e3,
-                    "ratio": t["ours"] / t["torch"],
-                }
-                if len(shape) > 2 and mode == "train fwd+bwd":
-                    row.update(memory_bound(shape, dtype, bandwidth))
-                    row["ours_over_bound"] = row["ours_ms"] / row["bound_ms"]
-                    row["torch_over_bound"] = row["torch_ms"] / row["bound_ms"]
-                rows.append(row)
+    budget_s = 0.5 if quick else 4.0
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        bandwidth = copy_bandwidth_gbs(32 * 2**20 if quick else 256 * 2**20, 3 if quick else 7, timer)
+        rows = []
+        for shape in shapes:
+            for dtype in dtypes:
+                ours, ref, x, g = _make(shape, dtype)
+                for mode in MODES:
+                    if mode == "train fwd+bwd":
+                        ours.train(), ref.train()
+                        fns = {"ours": _train_step(ours, x, g), "torch": _train_step(ref, x, g)}
+                    else:
+                        ours.eval(), ref.eval()
+                        fns = {"ours": _eval_step(ours, x), "torch": _eval_step(ref, x)}
+                    t = _time_pair(fns, repeats, min_sample_s, timer, budget_s)
+                    row = {
+                        "shape": shape,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "mode": mode,
+                        "threads": torch.get_num_threads(),
+                        "clock": clock,
+                        "ours_ms": t["ours"]["median"] * 1e3,
+                        "torch_ms": t["torch"]["median"] * 1e3,
+                        "ratio": t["ours"]["median"] / t["torch"]["median"],
+                        "ours_min_ms": t["ours"]["min"] * 1e3,
+                        "torch_min_ms": t["torch"]["min"] * 1e3,
+                        "ratio_min": t["ours"]["min"] / t["torch"]["min"],
+                    }
+                    if len(shape) > 2 and mode == "train fwd+bwd":
+                        row.update(memory_bound(shape, dtype, bandwidth))
+                        row["ours_over_bound"] = row["ours_ms"] / row["bound_ms"]
+                        row["torch_over_bound"] = row["torch_ms"] / row["bound_ms"]
+                    rows.append(row)
+    finally:
+        torch.set_num_threads(saved_threads)
     return rows
 
 
@@ -160,11 +195,14 @@ def geomean_ratio(rows: list[dict], mode: str = "train fwd+bwd", dtype: str | No
 
 
 def render_table(rows: list[dict]) -> Table:
-    table = Table(title=f"bnexp.norm vs torch.nn.BatchNorm*d ({torch.get_num_threads()} threads, medians)",
-                  caption=f"bound: {TRAFFIC_PASSES} full-tensor transfers at the measured copy bandwidth")
+    threads = rows[0]["threads"] if rows else torch.get_num_threads()
+    clock = rows[0]["clock"] if rows else "wall"
+    table = Table(title=f"bnexp.norm vs torch.nn.BatchNorm*d ({threads} thread(s), {clock} clock, medians)",
+                  caption=f"bound: {TRAFFIC_PASSES} full-tensor transfers at the measured copy bandwidth; "
+                          "min ratio: ratio of the fastest repeats")
     for col, just in [("shape", "left"), ("dtype", "left"), ("mode", "left"), ("ours ms", "right"),
-                      ("torch ms", "right"), ("ours/torch", "right"), ("bound ms", "right"),
-                      ("ours/bound", "right"), ("GB/s", "right")]:
+                      ("torch ms", "right"), ("ours/torch", "right"), ("min ratio", "right"),
+                      ("bound ms", "right"), ("ours/bound", "right"), ("GB/s", "right")]:
         table.add_column(col, justify=just, no_wrap=True)
     for r in rows:
         limit = 1.2 if r["mode"] == "eval fwd" else 2.0
@@ -172,8 +210,8 @@ def render_table(rows: list[dict]) -> Table:
         if r["ratio"] > limit:
             ratio = f"[red]{ratio}[/red]"
         table.add_row(
-            "×".join(map(str, r["shape"])), r["dtype"], r["mode"], f"{r['ours_ms']:.3f}", f"{r['torch_ms']:.3f}",
-            ratio,
+            "×".join(map(str, r["shape"])), r["dtype"].replace("float", "f"),
+            r["mode"], f"{r['ours_ms']:.3f}", f"{r['torch_ms']:.3f}", ratio, f"{r['ratio_min']:.2f}",
             f"{r['bound_ms']:.3f}" if "bound_ms" in r else "",
             f"{r['ours_over_bound']:.2f}" if "ours_over_bound" in r else "",
             f"{r['bandwidth_gbs']:.1f}" if "bandwidth_gbs" in r else "",
