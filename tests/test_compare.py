@@ -35,6 +35,18 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # These nets are tiny: a second intra-op thread buys nothing, and on a busy 2-core machine its
+    # spin-waiting makes a step up to 100x slower.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_cfg(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
