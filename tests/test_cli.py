@@ -102,6 +102,11 @@ def test_malformed_yaml(cli, write_config, tmp_path):
     assert _files(tmp_path) == {"config.yaml"}
 
 
+def test_train_needs_a_config(cli, tmp_path):
+    _assert_user_error(cli("train", "--quiet"), "--config")
+    assert _files(tmp_path) == set()
+
+
 def test_missing_config_file(cli, tmp_path):
     _assert_user_error(cli("train", "--config", "nope.yaml"), "config file not found: nope.yaml")
     assert _files(tmp_path) == set()
