@@ -295,14 +295,20 @@ class Trainer:
             if row or step % 50 == 0:
                 progress.update(step, self._progress_info())
             if step % ckpt_every == 0 or last or received:
-                checkpoint.save(self.run_dir, step, self.state_dict())
+                self._checkpoint()
             if received and not last:
                 raise Interrupted(received[0], self.run_dir)
         return None
 
     def _interrupt(self, signum: int) -> None:
-        checkpoint.save(self.run_dir, self.step, self.state_dict())
+        self._checkpoint()
         raise Interrupted(signum, self.run_dir)
+
+    def _checkpoint(self) -> None:
+        # Every logged row up to this step must be on disk before the checkpoint is: a run resumed from it
+        # rewrites only the steps after it (TensorBoard's writer would otherwise hold rows for up to 2 min).
+        self.writer.flush()
+        checkpoint.save(self.run_dir, self.step, self.state_dict())
 
     def _flush_train_metrics(self, step: int, row: dict[str, float]) -> tuple[int, float] | None:
         """Move the interval's losses to the host (the one sync per log interval).
