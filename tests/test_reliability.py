@@ -613,3 +613,29 @@ def test_hot_loop_reads_nothing_back_from_the_device_between_log_steps(tmp_path,
     # segments[k] is what step k did after drawing its batch; only the last step logs and evaluates.
     assert all(seg.strip("|") == "" for seg in segments[1:steps]), segments[1:steps]
     assert segments[steps].strip("|") != ""  # the log step does read back: the test can see a sync
+
+
+def test_every_row_is_on_disk_when_a_checkpoint_is_written(tmp_path, monkeypatch):
+    """A SIGKILL after a checkpoint may lose only rows after it: when save() runs, metrics.jsonl and the
+    TensorBoard event file on disk already hold every row logged so far (the writer's queue is flushed)."""
+    from bnexp import train as trainmod
+    from bnexp.config import validate
+
+    cfg = validate({**RUN, "train": {**RUN["train"], "steps": 300}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    seen: list[tuple[int, int, int]] = []
+    real_save = checkpoint.save
+
+    def save_after_looking(folder, step, state):
+        on_disk = scalars(folder)  # read back as a separate reader would, e.g. after the process died
+        tb_steps = {s for series in on_disk.values() for s, _ in series}
+        rows = {r["step"] for r in runs.read_metrics(folder)}
+        seen.append((step, max(rows), max(tb_steps)))
+        assert rows <= tb_steps | {step}, sorted(rows - tb_steps)
+        return real_save(folder, step, state)
+
+    monkeypatch.setattr(trainmod.checkpoint, "save", save_after_looking)
+    assert trainmod.train(cfg, run_dir)["status"] == "completed"
+    assert [s for s, _, _ in seen] == [150, 300]
+    assert all(row_max == tb_max == step for step, row_max, tb_max in seen)
