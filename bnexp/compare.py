@@ -164,8 +164,8 @@ def plan(cmp: CompareConfig) -> list[Job]:
             try:
                 for key, value in overrides.items():
                     raw = apply_override(raw, key, value)
-            except ConfigError as err:
-                raise CompareError(f"arms.{arm}: {err}") from None
+            except ConfigError as err:  # e.g. model.norm.x: model.norm is a value, not a section
+                raise CompareError(f"arms.{arm}: {str(err).replace('bad --set ', '')}") from None
             raw["seed"], raw["name"] = seed, arm
             try:
                 cfg = validate(raw)
