@@ -91,7 +91,10 @@ def locked(run_dir: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - no flock (Windows): run unguarded
         yield
         return
-    fd = os.open(Path(run_dir) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # a read-only or vanished directory
+        raise RunDirError(f"cannot write to run directory {run_dir}: {err.strerror or err}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
