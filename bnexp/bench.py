@@ -360,7 +360,9 @@ def run_layer(console: Console, quick: bool) -> None:
         from bnexp import bench_layer
     except ImportError as err:
         raise BenchError(f"bench section layer is not available yet (bnexp/bench_layer.py: {err})") from None
-    rows = bench_layer.measure_layer(repeats=3 if quick else 15, quick=quick)
+    # One thread, as in the other sections: two OpenMP threads on a busy 2-core machine timed torch's
+    # BN kernel at 100x its real cost in a quick run, which is noise, not a ratio.
+    rows = bench_layer.measure_layer(repeats=3 if quick else 15, quick=quick, threads=1)
     console.print(bench_layer.render_table(rows))
     for line in bench_layer.summary_lines(rows):
         console.print(line)

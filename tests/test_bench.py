@@ -58,6 +58,14 @@ def test_quick_memory_prints_rss_table(cli, bench_tmp):
     assert list(bench_tmp.glob("bnexp-bench-*")) == []
 
 
+@pytest.mark.slow
+def test_quick_layer_prints_the_layer_table(cli):
+    r = cli("bench", "--quick", "--only", "layer")
+    assert r.code == 0, r.err
+    assert "ours/torch" in r.out and "60×100" in r.out and "train fwd+bwd" in r.out
+    assert "loop:" not in r.out and "memory:" not in r.out
+
+
 def test_unknown_section_is_a_user_error(cli):
     r = cli("bench", "--quick", "--only", "gpu")
     assert r.code == 2
