@@ -56,6 +56,7 @@ def test_bn_after_activation_keeps_the_bias():
 @pytest.mark.parametrize("input_shape, conv, bn_cls, torch_bn", [
     ((1, 8, 8), nn.Conv2d, ours.BatchNorm2d, nn.BatchNorm2d),   # digits images
     ((1, 40), nn.Conv1d, ours.BatchNorm1d, nn.BatchNorm1d),     # mnist1d signals
+    ((20,), nn.Conv1d, ours.BatchNorm1d, nn.BatchNorm1d),       # synthetic features, read as a signal
 ])
 @pytest.mark.parametrize("norm", ["bnexp", "torch"])
 def test_cnn_has_bn_after_each_conv(input_shape, conv, bn_cls, torch_bn, norm):
