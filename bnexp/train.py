@@ -147,6 +147,8 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, data: Dataset, *, quiet: bool = True):
         self.cfg, self.run_dir, self.quiet = cfg, run_dir, quiet
         self.device = resolve_device(cfg.device)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         self.data = data.to(self.device)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, data.input_shape, data.num_classes).to(self.device)
