@@ -72,29 +72,25 @@ def _vector_shift(v: Tensor, x: Tensor) -> Tensor:
     return _per_channel(v, x)
 
 
-def _batch_stats(x: Tensor, scratch: Tensor, group=None) -> tuple[Tensor, Tensor, int, bool]:
+def _batch_stats(x: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor, int, bool]:
     """Per-channel mean, biased variance and count m of a batch, two-pass (no cancellation).
 
     ``scratch`` (shaped like x) receives x − mean. Returns (mean, var, m, centred): when ``centred`` the
-    scratch still holds x − mean, otherwise it was used up squaring. This is the single place the
-    forward statistics come from, so synchronized BN can later all-reduce (count, sum) and then the
-    sums of squared deviations here.
+    scratch still holds x − mean, otherwise it was used up squaring. The scratch is the output buffer,
+    so that forward allocates nothing full-size but y (_synced_batch_stats keeps the same contract).
 
     torch.var_mean would be the obvious single fused pass, but on CPU over dims (0, 2, ...) it measures
     10-70x slower than sum (its Welford loop does not vectorise), so this is sum, subtract, and a
     squared reduction.
     """
-    dims = _reduce_dims(x)
     m = x.numel() // x.shape[1]
-    if group is not None:
-        return _synced_batch_stats(x, scratch, group)
     if _is_rows(x):
         # Row sums over the contiguous last dim are accurate (cascade summation) and as fast as one
         # multi-dim sum; adding the (N, C) partials in float64 keeps the mean of large-mean inputs to
         # about an ulp (a plain sum over (0, 2, ...) was measured ~7x further off at mean/std = 1000).
         mean = x.view(x.shape[0], x.shape[1], -1).sum(2).sum(0, dtype=torch.float64).div_(m).to(x.dtype)
     else:
-        mean = x.sum(dims).div_(m)  # x.mean costs more per call on small inputs, same arithmetic
+        mean = x.sum(_reduce_dims(x)).div_(m)  # x.mean costs more per call on small inputs, same arithmetic
     torch.sub(x, _per_channel(mean, x), out=scratch)
     if _is_rows(x):
         # vector_norm over a contiguous last dim is a fused, vectorised square-and-sum (over several
@@ -103,7 +99,7 @@ def _batch_stats(x: Tensor, scratch: Tensor, group=None) -> tuple[Tensor, Tensor
         var = torch.linalg.vector_norm(rows, dim=2).square_().sum(0).div_(m)
         return mean, var, m, True
     # Channels innermost ((N, C) or channels_last): square in place, then a fast sum.
-    return mean, scratch.mul_(scratch).sum(dims).div_(m), m, False
+    return mean, scratch.mul_(scratch).sum(_reduce_dims(x)).div_(m), m, False
 
 
 def _synced_batch_stats(x: Tensor, scratch: Tensor, group) -> tuple[Tensor, Tensor, int, bool]:
@@ -128,7 +124,8 @@ def _synced_batch_stats(x: Tensor, scratch: Tensor, group) -> tuple[Tensor, Tens
 def _grad_reductions(g: Tensor, x: Tensor, mean: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
     """The backward's two per-channel reductions: Σg and Σg·(x−μ) (``scratch`` receives g·x).
 
-    One place, so that synchronized BN can all-reduce both (and the count) together later. Torch has
+    They are all that dx needs from the rest of the batch, which is why synchronized BN all-reduces
+    exactly these two (the count m is already global from forward) and nothing full-size. Torch has
     no fused multiply-reduce for these layouts (vecdot multiplies into a temporary, bmm is slower), so
     the product goes into the dx buffer that backward allocates anyway. Σg·x − μ·Σg loses only about
     eps·|μ|/σ relatively, unlike one-pass variance's (μ/σ)².
@@ -159,7 +156,7 @@ class BatchNormTrainFunction(Function):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, unbiased: bool,
                 running: tuple[Tensor, Tensor, float] | None, group=None):
         y = torch.empty_like(x)
-        mean, var, m, centred = _batch_stats(x, y, group)
+        mean, var, m, centred = _batch_stats(x, y) if group is None else _synced_batch_stats(x, y, group)
         invstd = (var * (m / (m - 1)) if unbiased else var).add(eps).rsqrt_()
         scale = invstd * weight if weight is not None else invstd
         if centred:
@@ -193,7 +190,8 @@ class BatchNormTrainFunction(Function):
         sum_g, sum_g_xmu = _grad_reductions(g, x, mean, dx)
         if ctx.group is not None:
             # Synchronized BN: dx needs the global batch's two sums, while γ and β keep this shard's
-            # share below (DDP sums those over the ranks).
+            # own. DDP averages gradients over the ranks, and each rank's loss is the mean over its
+            # own shard, so the average of these per-shard gradients is the global batch's gradient.
             from bnexp.distributed import all_reduce_sum
 
             tot_g, tot_g_xmu = all_reduce_sum(torch.stack([sum_g, sum_g_xmu]), ctx.group).unbind()
