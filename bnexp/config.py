@@ -212,6 +212,10 @@ class Config(_Strict):
         if self.model.norm != "none" and bn.stats == "local" and m // n < 2:
             raise ValueError(f"data.batch_size: {m} over {n} processes leaves {m // n} example per process, "
                              f"too few for model.bn.stats: local (use global or a larger batch)")
+        if bn.variant == "ghost" and bn.stats == "local" and (m // n) % bn.ghost_batch_size:
+            # Each process splits its own shard into ghost batches, so k must divide the shard, not only m.
+            raise ValueError(f"model.bn.ghost_batch_size: {bn.ghost_batch_size} does not divide the per-process "
+                             f"batch of {m // n} (data.batch_size: {m} over dist.nproc: {n} processes)")
         if self.dist.backend == "nccl" and self.device == "cpu":
             raise ValueError("dist.backend: nccl needs device: cuda (use gloo or auto on CPU)")
         return self

@@ -158,6 +158,9 @@ def test_ranks_draw_the_same_global_batches_and_split_them():
     (["--nproc", "2", "--set", "model.norm=torch", "--set", "model.bn.stats=global"], "model.bn.stats"),
     (["--nproc", "2", "--set", "data.batch_size=2"], "data.batch_size"),       # one example per process
     (["--nproc", "2", "--set", "dist.backend=nccl"], "dist.backend"),
+    # 20 divides the global 60 but not the 30 each process normalizes over in ghost batches.
+    (["--nproc", "2", "--set", "model.bn.variant=ghost", "--set", "model.bn.ghost_batch_size=20"],
+     "model.bn.ghost_batch_size"),
 ])
 def test_bad_distributed_configs_are_user_errors(cli, write_config, tmp_path, args, key):
     cfg = write_config({"device": "cpu"})
@@ -166,6 +169,22 @@ def test_bad_distributed_configs_are_user_errors(cli, write_config, tmp_path, ar
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], r.err
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_ghost_batches_must_divide_each_process_batch():
+    from bnexp.config import Config, ConfigError, validate
+
+    raw = Config().model_dump(mode="json")
+    raw["data"]["batch_size"] = 24
+    raw["model"]["bn"].update(variant="ghost", ghost_batch_size=8)
+    assert validate(raw).dist.nproc == 1  # 8 divides 24: fine in one process
+    raw["dist"]["nproc"] = 2
+    with pytest.raises(ConfigError) as err:
+        validate(raw)
+    msg = str(err.value)
+    assert "model.bn.ghost_batch_size" in msg and "per-process batch of 12" in msg and "\n" not in msg
+    raw["model"]["bn"]["ghost_batch_size"] = 6
+    assert validate(raw).dist.nproc == 2
 
 
 def test_resume_does_not_take_nproc(cli, tmp_path):
