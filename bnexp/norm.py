@@ -379,32 +379,46 @@ class BatchNormBase(nn.Module):
                 f"got input of shape {tuple(x.shape)}"
             )
 
+    def _check_batch(self, size: torch.Size, use_batch_stats: bool, rows: int | None = None,
+                     synced: bool = False) -> None:
+        """torch's refusals: one value per channel has no variance, and ε must make sqrt(σ² + ε) > 0.
+
+        ``rows`` is the batch size the statistics are taken over when that is not ``size[0]`` (Ghost
+        BN's virtual batches). With ``synced`` the count is the process group's, checked once known.
+        """
+        eps = self.eps
+        if not use_batch_stats:
+            if eps < 0.0:
+                raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+            return
+        if not synced:
+            values_per_channel = size[0] if rows is None else rows
+            for d in size[2:]:
+                values_per_channel *= d
+            if values_per_channel == 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+
+    def _momentum_factor(self) -> float:
+        """DESIGN.md's α for the batch that ``num_batches_tracked`` has just counted."""
+        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         # Each nn.Module attribute read goes through __getattr__ (~0.4 µs); read them once.
         weight, bias = self.weight, self.bias
         running_mean, running_var = self.running_mean, self.running_var
-        training, eps = self.training, self.eps
+        eps = self.eps
         # Batch statistics in training, and in eval when there are no running estimates (as torch).
-        use_batch_stats = training or (running_mean is None and running_var is None)
-        update_running = training and self.track_running_stats and running_mean is not None
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
+        update_running = self.training and self.track_running_stats and running_mean is not None
         group = self._sync_group()
-        if use_batch_stats:
-            size = input.size()
-            values_per_channel = size[0]
-            for d in size[2:]:
-                values_per_channel *= d
-            if values_per_channel == 1 and group is None:
-                raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
-            if eps <= 0.0:
-                raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-        elif eps < 0.0:
-            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        self._check_batch(input.size(), use_batch_stats, synced=group is not None)
 
         if update_running:
             # Counted before the batch is looked at, empty batches included, as torch does.
-            num_batches_tracked = self.num_batches_tracked
-            num_batches_tracked.add_(1)
+            self.num_batches_tracked.add_(1)
 
         if input.numel() == 0:
             # torch returns an affine-transformed clone and leaves the statistics alone.
@@ -416,10 +430,7 @@ class BatchNormBase(nn.Module):
             return out
 
         if use_batch_stats:
-            running = None
-            if update_running:
-                factor = 1.0 / float(num_batches_tracked) if self.momentum is None else self.momentum
-                running = (running_mean, running_var, factor)
+            running = (running_mean, running_var, self._momentum_factor()) if update_running else None
             return BatchNormTrainFunction.apply(input, weight, bias, eps, self.unbiased_normalize, running, group)
         if torch.is_grad_enabled() and (
             input.requires_grad or (weight is not None and weight.requires_grad)

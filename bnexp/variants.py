@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from bnexp.norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from bnexp.norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, _update_running
 
 __all__ = [
     "BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormTrainFunction",
@@ -165,13 +165,14 @@ class BatchRenorm(BatchNormBase):
         if not renorm or input.numel() == 0:
             return super().forward(input)  # eval mode, no running statistics, or an empty batch: plain BN
         self._check_input(input)
-        _check_training_batch(self, input.shape, input.numel() // input.shape[1])
+        self._check_batch(input.size(), True)
         r_max, d_max = self.limits(int(self.num_batches_tracked))
         self.num_batches_tracked.add_(1)
         y, mean, var, _r, _d = BatchRenormTrainFunction.apply(
             input, self.weight, self.bias, self.running_mean, self.running_var, self.eps, r_max, d_max,
             self.unbiased_normalize)
-        _update_running(self, mean, var, input.numel() // input.shape[1])
+        _update_running(self.running_mean, self.running_var, mean, var, input.numel() // input.shape[1],
+                        self._momentum_factor())
         return y
 
 
@@ -247,32 +248,16 @@ class GhostBatchNorm(BatchNormBase):
         self._check_input(input)
         groups = self.groups(input.shape[0])
         per_group = input.numel() // input.shape[1] // groups
-        _check_training_batch(self, input.shape, per_group)
+        self._check_batch(input.size(), True, rows=input.shape[0] // groups)
         y, mean, var = GhostBatchNormTrainFunction.apply(input, self.weight, self.bias, groups, self.eps,
                                                          self.unbiased_normalize)
         if self.training and self.track_running_stats and self.running_mean is not None:
             # As `groups` sequential BN calls: count each virtual batch, then fold its statistics in.
             for j in range(groups):
                 self.num_batches_tracked.add_(1)
-                _update_running(self, mean[j], var[j], per_group)
+                _update_running(self.running_mean, self.running_var, mean[j], var[j], per_group,
+                                self._momentum_factor())
         return y
-
-
-@torch.no_grad()
-def _update_running(bn: BatchNormBase, mean: Tensor, var: Tensor, m: int) -> None:
-    """DESIGN.md section 1's update from one batch of m values per channel (num_batches_tracked already
-    counts it). Written here rather than borrowed from norm.py, whose internals are tuned for speed."""
-    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    bn.running_mean.mul_(1.0 - factor).add_(mean.detach(), alpha=factor)
-    bn.running_var.mul_(1.0 - factor).add_(var.detach(), alpha=factor * m / (m - 1))
-
-
-def _check_training_batch(bn: BatchNormBase, shape: torch.Size, values_per_channel: int) -> None:
-    # The same refusals as BatchNormBase.forward (and torch): one value per channel has no variance.
-    if values_per_channel == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
-    if bn.eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {bn.eps}")
 
 
 class BatchRenorm1d(BatchRenorm):
