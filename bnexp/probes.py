@@ -5,10 +5,11 @@ of our own, so a run measures the same examples and units at every probe step an
 weights, buffers, optimizer state and the RNG streams are the same with probes on or off.
 
 A probe step is two forward passes. One in training mode over the K population batches and the test set
-in batches of m, each batch normalized by its own statistics and no running statistic touched: it gives
-the population statistics, Batch Renorm's d and r, and f_train. One in eval mode over the test set: it
-gives f_eval and the activations. Running the K + N_test/m batches as one forward instead of one forward
-each is what keeps the probes cheap on small networks, where a forward's cost is mostly per call.
+in batches of m (see gap_batch_size), each batch normalized by its own statistics and no running
+statistic touched: it gives the population statistics, Batch Renorm's d and r, and f_train. One in eval
+mode over the test set: it gives f_eval and the activations. Running the K + N_test/m batches as one
+forward instead of one forward each is what keeps the probes cheap on small networks, where a forward's
+cost is mostly per call.
 """
 
 from __future__ import annotations
@@ -71,6 +72,19 @@ def _population(s: dict) -> dict[str, torch.Tensor]:
     """Algorithm 2: μ_pop = mean_B μ_B, σ²_pop = n/(n−1) · mean_B σ²_B (n values per channel per batch)."""
     n = s["n"]
     return {"mean": s["mean"].mean(0), "var": s["var"].mean(0) * (n / (n - 1))}
+
+
+def gap_batch_size(n: int, m: int, ghost_batch_size: int | None = None) -> int:
+    """The size of the training-mode test batches of the gap, for n test examples and training batch size m.
+
+    The training batch size m; a test set smaller than m is one batch of n. Ghost BN normalizes a batch as
+    virtual batches of k and accepts a batch larger than k only as a multiple of k (a training batch always
+    is one): a smaller test set is then covered by batches of the largest multiple of k it holds, so each
+    test example is normalized within a virtual batch of k, as a training example is.
+    """
+    s = min(n, m)
+    k = ghost_batch_size
+    return s - s % k if k is not None and s > k else s
 
 
 def cover_in_batches(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +253,10 @@ class Probes:
         gen = torch.Generator().manual_seed(cfg.seed + _SEED_OFFSET)
         self.population_idx = self._draw_batches(gen, len(data.y_train), self.pcfg.population_batches, self.m)
         self.population_idx = self.population_idx.to(device)
-        self.test_idx, self.test_keep = (t.to(device) for t in cover_in_batches(len(data.y_test), self.m))
+        ghost = cfg.model.bn.ghost_batch_size if cfg.model.bn.variant == "ghost" else None
+        n_test = len(data.y_test)
+        self.test_idx, self.test_keep = (t.to(device) for t in
+                                         cover_in_batches(n_test, gap_batch_size(n_test, self.m, ghost)))
         self.units = {name: torch.randperm(_layer_width(block), generator=gen)[: self.pcfg.units_per_layer]
                       .sort().values.to(device)
                       for name, block in hidden_blocks(model).items()}
@@ -340,7 +357,7 @@ class Probes:
         """
         x_tr, x_te = self.data.x_train, self.data.x_test
         parts = [(x_tr, self.population_idx)]
-        test_apart = with_test and self.test_idx.shape[1] != self.m  # a test set smaller than m
+        test_apart = with_test and self.test_idx.shape[1] != self.m  # see gap_batch_size
         if with_test and not test_apart:
             parts.append((x_te, self.test_idx))
         logits, stats = _grouped_forward(model, parts, len(self.population_idx), self._twins)

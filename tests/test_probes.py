@@ -16,7 +16,7 @@ from bnexp import checkpoint
 from bnexp.config import apply_overrides, validate
 from bnexp.data import load_dataset
 from bnexp.models import bn_layers, build_model, hidden_blocks
-from bnexp.probes import Probes, cover_in_batches
+from bnexp.probes import Probes, cover_in_batches, gap_batch_size
 from bnexp.runs import read_metrics, read_summary
 from bnexp.train import Trainer, resume, train
 
@@ -246,22 +246,14 @@ def test_gap_is_zero_when_running_stats_are_the_batch_stats(tmp_path, norm):
     assert values["gap/kl"] == pytest.approx(0, abs=1e-9)
 
 
-@pytest.mark.parametrize("norm,test_size", [
-    ("torch", 75), ("bnexp", 75), ("torch", 10), ("bnexp", 10), ("renorm", 75), ("ghost", 75),
-])  # 75: the last batch overlaps its predecessor; 10 < m: one batch
-def test_gap_against_per_batch_forwards(tmp_path, norm, test_size):
-    cfg, data, model = setup(tmp_path, **VARIANTS[norm], **{"data.test_size": test_size})
-    train_a_little(model, data, steps=8)
-    probes = Probes(cfg, model, data)
-    values = probes.measure(0, model)
-
-    x, y, m = data.x_test, data.y_test, cfg.data.batch_size
+def _assert_gap_of_batches(values, model, data, idx: torch.Tensor, keep: torch.Tensor) -> None:
+    """The gap values against f_train computed the obvious way: one module forward per test batch (rows of
+    idx), each example's prediction taken from the batch whose `keep` row marks it."""
+    x, y = data.x_test, data.y_test
+    assert idx.flatten()[keep].tolist() == list(range(len(y)))
     model.eval()
     with torch.no_grad():
         f_eval = model(x)
-    # f_train the obvious way: one module forward per test batch, as the probes define the batches.
-    idx, keep = cover_in_batches(len(y), m)
-    assert idx.flatten()[keep].tolist() == list(range(len(y)))
     f_train = torch.empty_like(f_eval)
     ratios = []
     for row, keep_row in zip(idx, keep.view(idx.shape)):
@@ -279,6 +271,19 @@ def test_gap_against_per_batch_forwards(tmp_path, norm, test_size):
     assert values["gap/kl"] == pytest.approx(kl, rel=1e-3, abs=1e-7)
     assert values["gap/kl"] > 0 and values["gap/logits"] > 0
 
+
+@pytest.mark.parametrize("norm,test_size", [
+    ("torch", 75), ("bnexp", 75), ("torch", 10), ("bnexp", 10), ("renorm", 75), ("ghost", 75),
+])  # 75: the last batch overlaps its predecessor; 10 < m: one batch
+def test_gap_against_per_batch_forwards(tmp_path, norm, test_size):
+    cfg, data, model = setup(tmp_path, **VARIANTS[norm], **{"data.test_size": test_size})
+    train_a_little(model, data, steps=8)
+    probes = Probes(cfg, model, data)
+    values = probes.measure(0, model)
+
+    idx, keep = cover_in_batches(len(data.y_test), cfg.data.batch_size)
+    _assert_gap_of_batches(values, model, data, idx, keep)
+
     # Batch Renorm's d and r over the probe batches, from per-batch forwards.
     for name, bn in bn_layers(model).items():
         rm, rv, eps = bn.running_mean.double(), bn.running_var.double(), bn.eps
@@ -290,6 +295,30 @@ def test_gap_against_per_batch_forwards(tmp_path, norm, test_size):
             rs.append(((var + eps).sqrt() / (rv + eps).sqrt()).mean().item())
         assert values[f"gap/{name}/d"] == pytest.approx(sum(ds) / len(ds), rel=1e-4)
         assert values[f"gap/{name}/r"] == pytest.approx(sum(rs) / len(rs), rel=1e-4)
+
+
+@pytest.mark.parametrize("test_size,batches", [
+    (12, [range(0, 8), range(4, 12)]),  # 8 < 12 < m: two overlapping batches of k, no ghost batch of 4
+    (6, [range(0, 6)]),  # at most k: one batch, one virtual batch
+])
+def test_ghost_gap_on_a_test_set_smaller_than_the_batch(tmp_path, test_size, batches):
+    # m = 16, k = 8: Ghost BN refuses a batch of 12 (not a multiple of k). Each test example gets its
+    # train-mode prediction from a virtual batch of k, as in training, or from the whole set if it has <= k.
+    cfg, data, model = setup(tmp_path, **VARIANTS["ghost"], **{"data.test_size": test_size})
+    train_a_little(model, data, steps=8)
+    values = Probes(cfg, model, data).measure(0, model)
+    assert all(math.isfinite(v) for v in values.values())
+    idx = torch.tensor([list(b) for b in batches])
+    keep = torch.ones_like(idx, dtype=torch.bool)
+    if test_size == 12:
+        keep[1, :4] = False  # examples 4..7 were predicted by the first batch
+    _assert_gap_of_batches(values, model, data, idx, keep.flatten())
+
+
+def test_gap_batch_size_is_m_or_fits_ghost_bn():
+    assert [gap_batch_size(n, 16) for n in (40, 16, 12, 1)] == [16, 16, 12, 1]
+    assert [gap_batch_size(n, 16, 8) for n in (40, 16, 15, 12, 8, 6)] == [16, 16, 8, 8, 8, 6]
+    assert gap_batch_size(30, 32, 4) == 28
 
 
 @pytest.mark.parametrize("variant", [
