@@ -22,8 +22,6 @@ does); with `when: end` once, after the last step, before the final evaluation a
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
@@ -37,11 +35,10 @@ _SEED_OFFSET = 0x9EC15E
 
 
 @torch.no_grad()
-def recompute(model: nn.Module, x: torch.Tensor, batches: torch.Tensor,
-              twins: weakref.WeakKeyDictionary | None = None) -> dict[str, dict[str, torch.Tensor]]:
+def recompute(model: nn.Module, x: torch.Tensor, batches: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
     """Set every BN layer's running statistics to the population estimate from the (K, m) index `batches`
     of `x`; return the estimates (float64) by layer name."""
-    pop = population_statistics(model, x, batches, twins)
+    pop = population_statistics(model, x, batches)
     for name, bn in bn_layers(model).items():
         if getattr(bn, "running_mean", None) is None or name not in pop:
             continue  # no running estimates to replace (track_running_stats=False)
@@ -58,7 +55,6 @@ class PreciseStats:
         self.when, self.k, self.m = precise.when, precise.batches, cfg.data.batch_size
         self.seed, self.last_step = cfg.seed, cfg.train.steps
         self.x = data.x_train
-        self._twins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def due(self, step: int) -> bool:
         return self.when == "eval" or (self.when == "end" and step == self.last_step)
@@ -70,4 +66,4 @@ class PreciseStats:
         return torch.stack([sampler.next() for _ in range(self.k)])
 
     def apply(self, model: nn.Module, step: int) -> dict[str, dict[str, torch.Tensor]]:
-        return recompute(model, self.x, self.batches(step), self._twins)
+        return recompute(model, self.x, self.batches(step))

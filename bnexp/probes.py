@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnexp.config import Config
-from bnexp.data import Dataset
+from bnexp.data import BatchSampler, Dataset
 from bnexp.models import Block, bn_layers, hidden_blocks, is_batchnorm
 
-# Offsets the probe generator's seed from the BatchSampler's (which is seeded with cfg.seed itself), so
-# the probe batches are not the first training batches.
+# Offsets the probe sampler's seed from the training sampler's (seeded with cfg.seed itself), so the
+# probe batches are not the first training batches.
 _SEED_OFFSET = 0x5EED_0B5E
 _PERCENTILES = ("p15", "p50", "p85")
 _QUANTILES = (0.15, 0.50, 0.85)
@@ -108,6 +108,9 @@ def cover_in_batches(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# BN layer -> {G: its twin for G stacked batches} (_GroupedBN), shared by every caller: the probes and
+# PreciseBN measure the same layers, and a twin costs a deepcopy to build.
+_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _bn_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
@@ -177,13 +180,13 @@ class _GroupedBN(nn.Module):
 
 
 @contextmanager
-def _grouped_bn(model: nn.Module, s: int, twins: weakref.WeakKeyDictionary) -> Iterator[dict[str, _GroupedBN]]:
+def _grouped_bn(model: nn.Module, s: int) -> Iterator[dict[str, _GroupedBN]]:
     swapped = []
     try:
         for layer, full, bn in _bn_modules(model):
             parent_name, _, attr = full.rpartition(".")
             parent = model.get_submodule(parent_name)
-            wrapper = _GroupedBN(bn, s, twins.setdefault(bn, {}))
+            wrapper = _GroupedBN(bn, s, _TWINS.setdefault(bn, {}))
             setattr(parent, attr, wrapper)
             swapped.append((parent, attr, bn, layer, wrapper))
         yield {layer: wrapper for _, _, _, layer, wrapper in swapped}
@@ -192,8 +195,7 @@ def _grouped_bn(model: nn.Module, s: int, twins: weakref.WeakKeyDictionary) -> I
             setattr(parent, attr, bn)
 
 
-def _grouped_forward(model: nn.Module, parts: list[tuple[torch.Tensor, torch.Tensor]], record: int,
-                     twins: weakref.WeakKeyDictionary):
+def _grouped_forward(model: nn.Module, parts: list[tuple[torch.Tensor, torch.Tensor]], record: int):
     """Training-mode forward of batches given as (source tensor, (G, s) indices) parts, all of size s.
 
     Returns the outputs (ΣG, s, classes) and, per BN layer, the float64 batch statistics of its input for
@@ -207,7 +209,7 @@ def _grouped_forward(model: nn.Module, parts: list[tuple[torch.Tensor, torch.Ten
     per_chunk = max(1, _CHUNK // s)
     outs = []
     model.train()
-    with _grouped_bn(model, s, twins) as wrappers:
+    with _grouped_bn(model, s) as wrappers:
         for c0 in range(0, total, per_chunk):
             c1 = min(total, c0 + per_chunk)
             pieces = [src[idx[max(c0, off) - off:min(c1, off + len(idx)) - off].flatten()]
@@ -226,15 +228,14 @@ def _grouped_forward(model: nn.Module, parts: list[tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def population_statistics(model: nn.Module, x: torch.Tensor, batches: torch.Tensor,
-                          twins: weakref.WeakKeyDictionary | None = None) -> dict[str, dict[str, torch.Tensor]]:
+def population_statistics(model: nn.Module, x: torch.Tensor,
+                          batches: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
     """Algorithm 2's estimate per BN layer, {"mean", "var"} in float64, from training-mode forwards of the
     (K, m) index `batches` of `x`, no running statistic touched: the probes' target, and PreciseBN's
     (bnexp.precise). The model's mode is restored."""
     was_training = model.training
     try:
-        _, stats = _grouped_forward(model, [(x, batches)], len(batches),
-                                    weakref.WeakKeyDictionary() if twins is None else twins)
+        _, stats = _grouped_forward(model, [(x, batches)], len(batches))
     finally:
         model.train(was_training)
     return {name: _population(s) for name, s in stats.items()}
@@ -250,33 +251,23 @@ class Probes:
         self.blocks = list(hidden_blocks(model))
         self.weight_layers = [name for name, _ in self._weights(model)]
         device = data.x_train.device
-        gen = torch.Generator().manual_seed(cfg.seed + _SEED_OFFSET)
-        self.population_idx = self._draw_batches(gen, len(data.y_train), self.pcfg.population_batches, self.m)
-        self.population_idx = self.population_idx.to(device)
+        # Drawn like training batches, by a sampler of their own: the training order is never drawn from.
+        sampler = BatchSampler(len(data.y_train), self.m, cfg.seed + _SEED_OFFSET, device)
+        self.population_idx = torch.stack([sampler.next() for _ in range(self.pcfg.population_batches)])
         ghost = cfg.model.bn.ghost_batch_size if cfg.model.bn.variant == "ghost" else None
         n_test = len(data.y_test)
         self.test_idx, self.test_keep = (t.to(device) for t in
                                          cover_in_batches(n_test, gap_batch_size(n_test, self.m, ghost)))
+        # The units continue the sampler's stream, so runs keep the probe sets they had before it was used.
+        gen = sampler.generator
         self.units = {name: torch.randperm(_layer_width(block), generator=gen)[: self.pcfg.units_per_layer]
                       .sort().values.to(device)
                       for name, block in hidden_blocks(model).items()}
-        self._twins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # BN layer -> {G: twin}
         self._grads: dict[str, torch.Tensor] = {}
         self._grads_step: int | None = None
         self._last: dict[str, float] = {}
 
     # --- choosing and naming -----------------------------------------------------------------------
-    @staticmethod
-    def _draw_batches(gen: torch.Generator, n: int, k: int, m: int) -> torch.Tensor:
-        """K batches of m distinct indices, sampled like training batches (without replacement per epoch)."""
-        rows, perm, pos = [], torch.randperm(n, generator=gen), 0
-        for _ in range(k):
-            if pos + m > n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            rows.append(perm[pos:pos + m])
-            pos += m
-        return torch.stack(rows)
-
     @staticmethod
     def _weights(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         """The weight of every layer: h1.layer, h2.layer, ..., out."""
@@ -360,10 +351,10 @@ class Probes:
         test_apart = with_test and self.test_idx.shape[1] != self.m  # see gap_batch_size
         if with_test and not test_apart:
             parts.append((x_te, self.test_idx))
-        logits, stats = _grouped_forward(model, parts, len(self.population_idx), self._twins)
+        logits, stats = _grouped_forward(model, parts, len(self.population_idx))
         test_logits = None
         if test_apart:
-            test_logits, _ = _grouped_forward(model, [(x_te, self.test_idx)], 0, self._twins)
+            test_logits, _ = _grouped_forward(model, [(x_te, self.test_idx)], 0)
         elif with_test:
             test_logits = logits[len(self.population_idx):]
         return stats, test_logits
@@ -392,7 +383,7 @@ class Probes:
     @torch.no_grad()
     def population_statistics(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
         """Algorithm 2's estimate per BN layer: μ_pop = mean_B μ_B, σ²_pop = n/(n−1)·mean_B σ²_B."""
-        return population_statistics(model, self.data.x_train, self.population_idx, self._twins)
+        return population_statistics(model, self.data.x_train, self.population_idx)
 
     def _running_stat_values(self, model: nn.Module, stats: dict) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

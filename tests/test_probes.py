@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from bnexp import checkpoint
 from bnexp.config import apply_overrides, validate
-from bnexp.data import load_dataset
+from bnexp.data import BatchSampler, load_dataset
 from bnexp.models import bn_layers, build_model, hidden_blocks
 from bnexp.probes import Probes, cover_in_batches, gap_batch_size
 from bnexp.runs import read_metrics, read_summary
@@ -196,6 +196,8 @@ def test_probe_batches_are_fixed_by_the_seed_and_distinct(tmp_path):
     assert all(len(set(row.tolist())) == m for row in p1.population_idx)
     other = Probes(make_cfg(tmp_path, seed=4), model, data)
     assert not torch.equal(p1.population_idx, other.population_idx)
+    training = BatchSampler(len(data.y_train), m, cfg.seed)  # as train.py seeds the training order
+    assert not torch.equal(p1.population_idx, torch.stack([training.next() for _ in range(k)]))
 
 
 @pytest.mark.parametrize("norm", NORMS)
