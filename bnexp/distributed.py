@@ -81,6 +81,14 @@ def rank_and_world(group=None) -> tuple[int, int]:
     return 0, 1
 
 
+def bn_batch_size(cfg) -> int:
+    """The batch BN normalizes over in training: each process's shard with local statistics, else the
+    global batch. Population estimates (probes, PreciseBN) must use batches of this size to estimate what
+    training normalizes with."""
+    m = cfg.data.batch_size
+    return m // cfg.dist.nproc if cfg.model.bn.stats == "local" else m
+
+
 def backend_for(name: str, device: torch.device) -> str:
     if name == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
@@ -209,13 +217,6 @@ def _make_trainer_class():
             m = cfg.data.batch_size
             self.shard_sizes = [len(s) for s in torch.tensor_split(torch.arange(m), world)]
             self.sampler = ShardSampler(self.sampler, rank, world, self._each_step)
-            if self.probes is not None and cfg.model.bn.stats == "local" and world > 1:
-                # With local statistics BN normalizes over the shard: probe with batches of that size.
-                from bnexp.probes import Probes
-
-                shard_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
-                    update={"batch_size": self.shard_sizes[0]})})
-                self.probes = Probes(shard_cfg, self.model, self.data)
             ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
                 if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)

@@ -162,16 +162,21 @@ class Trainer:
                                                                lr_factor(cfg.optim, cfg.train.steps))
         # The data order has its own generator: probes and evaluation never draw from it.
         self.sampler = BatchSampler(len(data.y_train), cfg.data.batch_size, cfg.seed, self.device)
+        # Probes and PreciseBN estimate population statistics from batches of the size BN normalizes over
+        # (a process's shard under distributed local statistics), which is not always data.batch_size.
+        self.bn_batch_size = distributed.bn_batch_size(cfg)
+        stats_cfg = cfg if self.bn_batch_size == cfg.data.batch_size else cfg.model_copy(
+            update={"data": cfg.data.model_copy(update={"batch_size": self.bn_batch_size})})
         self.probes = None
         if cfg.probes.enabled:
             from bnexp.probes import Probes
 
-            self.probes = Probes(cfg, self.model, self.data)
+            self.probes = Probes(stats_cfg, self.model, self.data)
         self.precise = None  # PreciseBN: running statistics recomputed before evaluation (bnexp.precise)
         if cfg.model.bn.precise.when != "never":
             from bnexp.precise import PreciseStats
 
-            self.precise = PreciseStats(cfg, self.data)
+            self.precise = PreciseStats(stats_cfg, self.data)
         self.step = 0
         self.best_test_accuracy = float("-inf")
         self.last_eval: dict[str, float] = {}

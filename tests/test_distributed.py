@@ -151,6 +151,23 @@ def test_ranks_draw_the_same_global_batches_and_split_them():
     assert [len(shard(torch.arange(7), r, 2)) for r in range(2)] == [4, 3]
 
 
+@pytest.mark.parametrize("stats, expected", [("local", 12), ("global", 24)])
+def test_probes_and_precise_bn_estimate_with_the_batch_bn_normalizes_over(tmp_path, stats, expected):
+    from bnexp.config import Config, validate
+    from bnexp.train import Trainer, prepare
+
+    raw = Config().model_dump(mode="json")
+    raw.update(device="cpu", dist={"nproc": 2})
+    raw["data"]["batch_size"] = 24
+    raw["model"]["bn"].update(stats=stats, precise={"when": "eval"})
+    cfg = validate(raw)
+    # The plain Trainer is what each rank builds on; it needs no process group to be constructed.
+    trainer = Trainer(cfg, tmp_path, prepare(cfg))
+    assert trainer.bn_batch_size == trainer.probes.m == trainer.precise.m == expected
+    assert trainer.probes.population_idx.shape[1] == trainer.precise.batches(0).shape[1] == expected
+    assert trainer.sampler.batch_size == 24  # training still draws the global batch
+
+
 # --- user errors ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, key", [
