@@ -27,7 +27,7 @@ from torch import nn
 
 from bnexp.config import Config
 from bnexp.data import BatchSampler, Dataset
-from bnexp.models import Block, bn_layers, hidden_blocks, is_batchnorm
+from bnexp.models import Block, bn_layers, hidden_blocks
 
 # Offsets the probe sampler's seed from the training sampler's (seeded with cfg.seed itself), so the
 # probe batches are not the first training batches.
@@ -107,19 +107,23 @@ def cover_in_batches(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, keep.flatten()
 
 
-_STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SITES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # BN layer -> {G: its twin for G stacked batches} (_GroupedBN), shared by every caller: the probes and
 # PreciseBN measure the same layers, and a twin costs a deepcopy to build.
 _TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _bn_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
-    """(layer name as in bn_layers, full module name, module) of every BN layer. Looked up once per model:
-    walking the module tree at every probe step costs more than some of the measurements."""
-    if model not in _STRUCTURE:
-        _STRUCTURE[model] = [(full.rsplit(".norm", 1)[0], full, mod) for full, mod in model.named_modules()
-                             if is_batchnorm(mod)]
-    return _STRUCTURE[model]
+def _bn_sites(model: nn.Module) -> list[tuple[str, str, str, nn.Module]]:
+    """(name in models.bn_layers, parent module's name, attribute, layer) of every BN layer, for swapping
+    the layer out. Looked up once per model: walking the module tree at every probe step costs more than
+    some of the measurements. Parents are kept by name: the model itself can be one, and a value that
+    referred to it would keep the weak key alive."""
+    if model not in _SITES:
+        names = {id(bn): name for name, bn in bn_layers(model).items()}
+        _SITES[model] = [(names[id(child)], parent_name, attr, child)
+                         for parent_name, parent in model.named_modules()
+                         for attr, child in parent.named_children() if id(child) in names]
+    return _SITES[model]
 
 
 def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -183,8 +187,7 @@ class _GroupedBN(nn.Module):
 def _grouped_bn(model: nn.Module, s: int) -> Iterator[dict[str, _GroupedBN]]:
     swapped = []
     try:
-        for layer, full, bn in _bn_modules(model):
-            parent_name, _, attr = full.rpartition(".")
+        for layer, parent_name, attr, bn in _bn_sites(model):
             parent = model.get_submodule(parent_name)
             wrapper = _GroupedBN(bn, s, _TWINS.setdefault(bn, {}))
             setattr(parent, attr, wrapper)
@@ -314,11 +317,10 @@ class Probes:
             if self._grads_step == step:
                 values.update({f"grad_norm/{name}": g for name, g in self._grads.items()})
             self._grads, self._grads_step = {}, None
-            has_bn = bool(_bn_modules(model))
             # Batch statistics need two values per channel: a one-example test set has no f_train.
-            gap = has_bn and self.pcfg.gap and len(self.data.y_test) >= 2
+            gap = self.has_bn and self.pcfg.gap and len(self.data.y_test) >= 2
             stats, test_logits = {}, None
-            if has_bn and (self.pcfg.running_stats or gap):
+            if self.has_bn and (self.pcfg.running_stats or gap):
                 stats, test_logits = self.train_mode_pass(model, with_test=gap)
                 values.update(self._running_stat_values(model, stats))
             if gap or self.pcfg.activations:
@@ -387,7 +389,7 @@ class Probes:
 
     def _running_stat_values(self, model: nn.Module, stats: dict) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        bns = {layer: bn for layer, _, bn in _bn_modules(model)}
+        bns = {layer: bn for layer, _, _, bn in _bn_sites(model)}
         for name, s in stats.items():
             bn = bns[name]
             if getattr(bn, "running_mean", None) is None:
