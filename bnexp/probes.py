@@ -368,17 +368,19 @@ class Probes:
         x = self.data.x_test
         captured: dict[str, list[torch.Tensor]] = {name: [] for name in self.units}
 
-        def hook_for(name: str, _act):
+        def hook_for(name: str):
             units = self.units[name]
-
-            def pre_hook(_mod, inputs):
-                captured[name].append(_unit_values(inputs[0], units))
-            return pre_hook
+            return lambda _mod, inputs: captured[name].append(_unit_values(inputs[0], units))
 
         model.eval()
-        acts = {name: model.get_submodule(name).act for name in self.blocks} if self.pcfg.activations else {}
-        with _hooks(acts, hook_for, kind="forward_pre"):
+        handles = []
+        try:
+            for name in self.blocks if self.pcfg.activations else ():
+                handles.append(model.get_submodule(name).act.register_forward_pre_hook(hook_for(name)))
             f_eval = _cat([model(x[i:i + _CHUNK]) for i in range(0, len(x), _CHUNK)])
+        finally:
+            for h in handles:
+                h.remove()
         return f_eval, {name: _cat(chunks, dim=1) for name, chunks in captured.items() if chunks}
 
     # --- the quantities -----------------------------------------------------------------------------
@@ -482,16 +484,3 @@ class Probes:
         self.population_idx = state["population_idx"].to(device)
         self.units = {name: u.to(device) for name, u in state["units"].items()}
         self._last = dict(state["last"])
-
-
-@contextmanager
-def _hooks(modules: dict[str, nn.Module], make_hook, kind: str) -> Iterator[None]:
-    handles = []
-    try:
-        for name, mod in modules.items():
-            register = mod.register_forward_hook if kind == "forward" else mod.register_forward_pre_hook
-            handles.append(register(make_hook(name, mod)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
