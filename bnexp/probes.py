@@ -32,8 +32,7 @@ from bnexp.models import Block, bn_layers, hidden_blocks
 # Offsets the probe sampler's seed from the training sampler's (seeded with cfg.seed itself), so the
 # probe batches are not the first training batches.
 _SEED_OFFSET = 0x5EED_0B5E
-_PERCENTILES = ("p15", "p50", "p85")
-_QUANTILES = (0.15, 0.50, 0.85)
+_PERCENTILES = {"p15": 0.15, "p50": 0.50, "p85": 0.85}  # tag suffix -> quantile
 _CHUNK = 4096  # rows per forward, as in train.evaluate: bounds the memory of large test sets
 _QUANTILE_MAX = 2 ** 24  # torch.quantile's input size limit
 
@@ -54,7 +53,7 @@ def _unit_values(x: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _quantile_points(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(_QUANTILES, dtype=dtype, device=device)
+    return torch.tensor(list(_PERCENTILES.values()), dtype=dtype, device=device)
 
 
 def _quantiles(vals: torch.Tensor) -> torch.Tensor:
@@ -443,7 +442,7 @@ class Probes:
         layout: dict[str, dict[str, list]] = {}
         if self.pcfg.activations:
             layout["probes: input to the nonlinearity"] = {
-                f"{name} unit {unit}": ["Multiline", [f"activations/{name}/u{unit}/{p}" for p in ("p15", "p50", "p85")]]
+                f"{name} unit {unit}": ["Multiline", [f"activations/{name}/u{unit}/{p}" for p in _PERCENTILES]]
                 for name in self.blocks for unit in self.units[name].tolist()}
         if self.has_bn and self.pcfg.gap:
             charts = {"accuracy: train mode vs eval mode": ["Multiline", ["gap/train_mode_accuracy",
