@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from bnexp.errors import UserError
+from bnexp.errors import UserError, first_line
 from bnexp.runs import CHECKPOINTS, fsync_dir
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -57,19 +57,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_latest(run_dir: Path) -> dict[str, Any]:
-    ckpts = list_checkpoints(run_dir)
-    if not ckpts:
-        raise CheckpointError(f"no checkpoint to resume from in {Path(run_dir) / CHECKPOINTS}")
-    return load(ckpts[-1])
-
-
 def load(path: Path) -> dict[str, Any]:
     try:
         # Our own files hold RNG states and optimizer dicts: plain tensors and containers only.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - whatever a damaged file makes the unpickler raise
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise CheckpointError(f"corrupted or truncated checkpoint {path}: {first[:200]}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         raise CheckpointError(f"corrupted checkpoint {path}: not a bnexp checkpoint")

@@ -6,7 +6,7 @@ index gather, and the data order is a seeded permutation that can be saved and r
 
 from __future__ import annotations
 
-from bnexp.errors import UserError
+from bnexp.errors import UserError, first_line
 
 import pickle
 import zipfile
@@ -125,7 +125,7 @@ def _torchvision(cfg: DataConfig):
     except (RuntimeError, OSError, ValueError, TypeError, EOFError, KeyError, IndexError,
             pickle.UnpicklingError) as err:
         where = Path(cfg.root) / folder
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         if cfg.download:  # no network, a refused or interrupted download
             raise DataError(f"could not download {cfg.dataset} into {where}: {first}") from None
         # torchvision says "Dataset not found" when a file is missing (CIFAR10: "... or corrupted");

@@ -8,3 +8,9 @@ class UserError(Exception):
 class RunFailed(Exception):
     """A run that failed through no fault of the user (e.g. a worker process of a distributed run died):
     reported like a user error, as one line on stderr, but with exit status 1."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none: library errors
+    (torch, sklearn, torchvision) often carry multi-line messages, and a user error is one line."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

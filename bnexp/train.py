@@ -25,11 +25,12 @@ from torch import nn
 
 from bnexp import checkpoint, distributed, interrupt
 from bnexp.config import Config, ConfigError, OptimConfig, to_yaml
+from bnexp.errors import first_line
 from bnexp.data import BatchSampler, Dataset, load_dataset
 from bnexp.interrupt import Interrupted  # noqa: F401 - re-exported: callers catch bnexp.train.Interrupted
 from bnexp.models import build_model
-from bnexp.runs import (CONFIG, MetricsLog, RunDirError, create_run_dir, locked, read_summary, refuse_existing,
-                        versions, write_atomic, write_summary)
+from bnexp.runs import (CONFIG, FINISHED, MetricsLog, RunDirError, create_run_dir, locked, read_status,
+                        refuse_existing, versions, write_atomic, write_summary)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -210,7 +211,7 @@ class Trainer:
         try:
             self.load_state_dict(state)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            first = first_line(err)
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} does not fit the run's config.yaml: {first}") from None
 
@@ -435,7 +436,7 @@ def prepare(cfg: Config) -> Dataset:
         with torch.no_grad():
             model(data.x_train[:2].to(device))
     except (RuntimeError, MemoryError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise ConfigError(f"model: this network cannot run on {cfg.data.dataset} inputs of shape "
                           f"{tuple(data.input_shape)}: {first}") from None
     return data
@@ -486,11 +487,8 @@ def resume(run_dir: Path, *, quiet: bool = True) -> dict[str, Any]:
         raise RunDirError(f"not a bnexp run directory (no config.yaml and summary.json): {run_dir}")
     # Under torchrun every rank runs this; rank 0 alone holds the lock (and writes the directory).
     with locked(run_dir) if distributed.env_rank() == 0 else contextlib.nullcontext():
-        try:
-            status = read_summary(run_dir).get("status")
-        except (ValueError, AttributeError):
-            raise RunDirError(f"corrupted {run_dir / 'summary.json'}: not a JSON object") from None
-        if status in ("completed", "diverged"):
+        status = read_status(run_dir)
+        if status in FINISHED:
             raise RunDirError(f"run {run_dir} already ended ({status}); nothing to resume")
         try:
             cfg = load_config(run_dir / CONFIG)
