@@ -145,9 +145,12 @@ def _update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var
 class BatchNormTrainFunction(Function):
     """Training-mode BN: batch statistics forward, the paper's gradients backward.
 
-    ``running`` is None or (running_mean, running_var, factor): the buffers are updated in place from
-    the batch statistics, outside autograd (forward runs without grad recording, and they are not
-    Function inputs). With ``unbiased`` the layer normalizes by s² = m/(m−1)·σ²_B instead; the only
+    Returns (y, mean, var): the batch's per-channel mean and biased variance come out non-differentiable
+    for callers that need them (the variants update running statistics per virtual batch, and Batch
+    Renorm's r and d are made from them). ``running`` is None or (running_mean, running_var, factor):
+    the buffers are updated in place here, where the count m is known even when it is the process
+    group's, outside autograd (forward runs without grad recording, and they are not Function inputs).
+    With ``unbiased`` the layer normalizes by s² = m/(m−1)·σ²_B instead; the only
     change to the backward is that the projection term is scaled by the same m/(m−1), because
     ∂s²/∂x_i = m/(m−1) · 2(x_i − μ)/m while the mean term is unchanged.
     """
@@ -175,13 +178,19 @@ class BatchNormTrainFunction(Function):
         ctx.m = m
         ctx.unbiased = unbiased
         ctx.group = group
-        return y
+        ctx.mark_non_differentiable(mean, var)
+        # Otherwise autograd makes zero gradients for mean and var on every backward (~4 µs a call on
+        # small layers); backward then has to accept an undefined g for y.
+        ctx.set_materialize_grads(False)
+        return y, mean, var
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx, g: Tensor, _g_mean, _g_var):
         # once_differentiable would do this check, at a few µs a call that small layers notice.
         if torch.is_grad_enabled():
             raise RuntimeError("bnexp BatchNorm does not support double backward (create_graph=True)")
+        if g is None:  # y's gradient undefined (grads are not materialized): so are the inputs'
+            return None, None, None, None, None, None, None
         x, mean, invstd, scale = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         m = ctx.m
@@ -431,7 +440,7 @@ class BatchNormBase(nn.Module):
 
         if use_batch_stats:
             running = (running_mean, running_var, self._momentum_factor()) if update_running else None
-            return BatchNormTrainFunction.apply(input, weight, bias, eps, self.unbiased_normalize, running, group)
+            return BatchNormTrainFunction.apply(input, weight, bias, eps, self.unbiased_normalize, running, group)[0]
         if torch.is_grad_enabled() and (
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)

@@ -2,7 +2,8 @@
 
 Both are subclasses of our `BatchNormBase` (same constructor, parameters, buffers and state dict as
 torch's BatchNorm*d, so probes, checkpoints and `bn_layers` treat them as BN) and differ from it only in
-the training-mode forward, which each does in an explicit autograd Function with the paper's backward.
+the training-mode forward, which each builds on plain BN's autograd Function (norm.BatchNormTrainFunction)
+and so on its Section-3 backward.
 Eval mode is plain BN's: y = γ (x − running_mean) / sqrt(running_var + ε) + β.
 
 Batch Renormalization (Ioffe 2017, Algorithm 1):
@@ -34,89 +35,49 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd import Function
-from torch.autograd.function import once_differentiable
 
-from bnexp.norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, _update_running
+from bnexp.norm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, BatchNormTrainFunction,
+                        _channel_view, _update_running)
 
 __all__ = [
-    "BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormTrainFunction",
-    "GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GhostBatchNormTrainFunction",
+    "BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "batch_renorm_train", "renorm_factors",
+    "GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "ghost_batch_norm_train",
     "renorm_limits",
 ]
 
 
-# --- shared pieces of the two Functions -------------------------------------------------------------------
-# Both work on a (G, k, C, L) view of the input: G groups (virtual batches) of k rows, C channels, L
-# positions; statistics are per (group, channel), over dims 1 and 3. Batch Renorm is the case G = 1.
-
-_STAT_DIMS = (1, 3)
-
-
-def _grouped(x: Tensor, groups: int) -> Tensor:
-    return x.reshape(groups, x.shape[0] // groups, x.shape[1], -1)
-
-
-def _normalize(xv: Tensor, eps: float, unbiased: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-    """x̂ of each group, and its per-(group, channel) mean, biased variance, 1/sqrt(var_norm + ε), count."""
-    n = xv.shape[1] * xv.shape[3]
-    var, mean = torch.var_mean(xv, _STAT_DIMS, correction=0, keepdim=True)
-    var_norm = var * (n / (n - 1)) if unbiased else var
-    invstd = (var_norm + eps).rsqrt()
-    return (xv - mean) * invstd, mean, var, invstd, n
-
-
-def _grad_input(g: Tensor, xhat: Tensor, scale: Tensor, n: int, unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The paper's section-3 backward per group: scale · (g − mean g − c · x̂ · mean(g x̂)), c = n/(n−1) if the
-    unbiased variance normalized, else 1. `scale` is ∂y/∂x̂ · invstd per (group, channel). Returns
-    (∂ℓ/∂x, Σg, Σg·x̂), the sums per (group, channel)."""
-    sum_g = g.sum(_STAT_DIMS, keepdim=True)
-    sum_gx = (g * xhat).sum(_STAT_DIMS, keepdim=True)
-    c = n / (n - 1) if unbiased else 1.0
-    return scale * (g - sum_g / n - xhat * (sum_gx * (c / n))), sum_g, sum_gx
-
-
-def _per_channel(p: Tensor | None) -> Tensor | None:
-    return None if p is None else p.view(1, 1, -1, 1)
-
-
 # --- Batch Renormalization ---------------------------------------------------------------------------------
 
-class BatchRenormTrainFunction(Function):
-    """Training-mode Batch Renorm. Returns (y, mean, var, r, d); all but y are non-differentiable."""
+@torch.no_grad()
+def renorm_factors(mean: Tensor, var: Tensor, m: int, running_mean: Tensor, running_var: Tensor, eps: float,
+                   r_max: float, d_max: float, unbiased: bool) -> tuple[Tensor, Tensor]:
+    """Per-channel r and d from a batch's mean and biased variance over m values, and the running statistics.
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
-                running_var: Tensor, eps: float, r_max: float, d_max: float, unbiased: bool):
-        xv = _grouped(x, 1)
-        xhat, mean, var, invstd, n = _normalize(xv, eps, unbiased)
-        inv_run = (running_var + eps).rsqrt().view(1, 1, -1, 1)
-        r = (invstd.reciprocal() * inv_run).clamp(1.0 / r_max, r_max)
-        d = ((mean - running_mean.view(1, 1, -1, 1)) * inv_run).clamp(-d_max, d_max)
-        w, b = _per_channel(weight), _per_channel(bias)
-        y = xhat * r + d
-        if w is not None:
-            y = y * w
-        if b is not None:
-            y = y + b
-        ctx.save_for_backward(xhat, weight, invstd, r, d)
-        ctx.n, ctx.unbiased = n, unbiased
-        mean, var, r, d = (t.view(-1) for t in (mean, var, r, d))
-        ctx.mark_non_differentiable(mean, var, r, d)
-        return y.view_as(x), mean, var, r, d
+    Outside autograd: they are the paper's stop_gradient constants.
+    """
+    var_norm = var * (m / (m - 1)) if unbiased else var
+    inv_run = (running_var + eps).rsqrt_()
+    r = (var_norm + eps).sqrt_().mul_(inv_run).clamp_(1.0 / r_max, r_max)
+    d = (mean - running_mean).mul_(inv_run).clamp_(-d_max, d_max)
+    return r, d
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g: Tensor, *_unused):
-        xhat, weight, invstd, r, d = ctx.saved_tensors
-        gv = _grouped(g, 1)
-        # r and d are constants: ∂y/∂x̂ = γ r, so the input gradient is plain BN's scaled by r.
-        scale = invstd * r if weight is None else invstd * r * _per_channel(weight)
-        grad_x, sum_g, sum_gx = _grad_input(gv, xhat, scale, ctx.n, ctx.unbiased)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_w = (sum_gx * r + sum_g * d).view(-1) if need_w else None
-        grad_b = sum_g.view(-1) if need_b else None
-        return (grad_x.view_as(g) if need_x else None), grad_w, grad_b, None, None, None, None, None, None
+
+def batch_renorm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
+                       running_var: Tensor, eps: float, r_max: float, d_max: float,
+                       unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode Batch Renorm, running statistics left alone: (y, mean, var), the last two plain BN's.
+
+    y = x̂·(γr) + (β + γd) with x̂ from plain BN's Function: r and d are constants, so autograd through this
+    affine map gives the paper's gradients, ∂ℓ/∂x̂ = γr·g and ∂ℓ/∂γ = Σ g (x̂ r + d).
+    """
+    xhat, mean, var = BatchNormTrainFunction.apply(x, None, None, eps, unbiased, None, None)
+    r, d = renorm_factors(mean, var, x.numel() // x.shape[1], running_mean, running_var, eps, r_max, d_max,
+                          unbiased)
+    scale, shift = (r, d) if weight is None else (weight * r, weight * d)
+    if bias is not None:
+        shift = shift + bias
+    cv = _channel_view(x)
+    return torch.addcmul(shift.view(cv), xhat, scale.view(cv)), mean, var
 
 
 def renorm_limits(step: int, r_max: float, d_max: float, warmup_steps: int, r_max_steps: int,
@@ -168,9 +129,9 @@ class BatchRenorm(BatchNormBase):
         self._check_batch(input.size(), True)
         r_max, d_max = self.limits(int(self.num_batches_tracked))
         self.num_batches_tracked.add_(1)
-        y, mean, var, _r, _d = BatchRenormTrainFunction.apply(
-            input, self.weight, self.bias, self.running_mean, self.running_var, self.eps, r_max, d_max,
-            self.unbiased_normalize)
+        # r and d come from the running statistics before this batch updates them.
+        y, mean, var = batch_renorm_train(input, self.weight, self.bias, self.running_mean, self.running_var,
+                                          self.eps, r_max, d_max, self.unbiased_normalize)
         _update_running(self.running_mean, self.running_var, mean, var, input.numel() // input.shape[1],
                         self._momentum_factor())
         return y
@@ -178,37 +139,23 @@ class BatchRenorm(BatchNormBase):
 
 # --- Ghost Batch Normalization -----------------------------------------------------------------------------
 
-class GhostBatchNormTrainFunction(Function):
-    """BN of each of `groups` consecutive virtual batches. Returns (y, mean, var), the statistics (groups, C)
-    and non-differentiable."""
+def ghost_batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
+                           unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Plain BN of each of `groups` consecutive virtual batches of x: (y, mean, var), the statistics (groups, C).
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
-                unbiased: bool):
-        xv = _grouped(x, groups)
-        xhat, mean, var, invstd, n = _normalize(xv, eps, unbiased)
-        w, b = _per_channel(weight), _per_channel(bias)
-        y = xhat if w is None else xhat * w
-        if b is not None:
-            y = y + b
-        ctx.save_for_backward(xhat, weight, invstd)
-        ctx.n, ctx.unbiased, ctx.groups = n, unbiased, groups
-        mean, var = mean.view(groups, -1), var.view(groups, -1)
-        ctx.mark_non_differentiable(mean, var)
-        return y.reshape(x.shape), mean, var
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g: Tensor, _g_mean, _g_var):
-        xhat, weight, invstd = ctx.saved_tensors
-        gv = _grouped(g, ctx.groups)
-        scale = invstd if weight is None else invstd * _per_channel(weight)
-        grad_x, sum_g, sum_gx = _grad_input(gv, xhat, scale, ctx.n, ctx.unbiased)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        # γ and β are shared by the virtual batches: their gradients add up over the groups.
-        grad_w = sum_gx.sum(0).view(-1) if need_w else None
-        grad_b = sum_g.sum(0).view(-1) if need_b else None
-        return (grad_x.reshape(g.shape) if need_x else None), grad_w, grad_b, None, None, None
+    The virtual batches become channels: (N, C, *) as (G, k, C, *), then as one k-row batch of G·C channels,
+    so that plain BN's Function does all of them in one call (measured 1.7-2x faster than a Function of its
+    own over a grouped view). γ and β are repeated per virtual batch; repeat's backward adds their gradients
+    up over the groups, as the virtual batches share them.
+    """
+    n, c, rest = x.shape[0], x.shape[1], x.shape[2:]
+    k = n // groups
+    folded = x.reshape(groups, k, c, *rest).transpose(0, 1).reshape(k, groups * c, *rest)
+    weight = None if weight is None else weight.repeat(groups)
+    bias = None if bias is None else bias.repeat(groups)
+    y, mean, var = BatchNormTrainFunction.apply(folded, weight, bias, eps, unbiased, None, None)
+    y = y.reshape(k, groups, c, *rest).transpose(0, 1).reshape(x.shape)
+    return y, mean.view(groups, c), var.view(groups, c)
 
 
 class GhostBatchNorm(BatchNormBase):
@@ -249,8 +196,8 @@ class GhostBatchNorm(BatchNormBase):
         groups = self.groups(input.shape[0])
         per_group = input.numel() // input.shape[1] // groups
         self._check_batch(input.size(), True, rows=input.shape[0] // groups)
-        y, mean, var = GhostBatchNormTrainFunction.apply(input, self.weight, self.bias, groups, self.eps,
-                                                         self.unbiased_normalize)
+        y, mean, var = ghost_batch_norm_train(input, self.weight, self.bias, groups, self.eps,
+                                              self.unbiased_normalize)
         if self.training and self.track_running_stats and self.running_mean is not None:
             # As `groups` sequential BN calls: count each virtual batch, then fold its statistics in.
             for j in range(groups):

@@ -11,8 +11,8 @@ from torch import nn
 from bnexp import norm as ours
 from bnexp.config import ModelConfig
 from bnexp.models import bn_layers, build_model
-from bnexp.variants import (BatchRenorm1d, BatchRenorm2d, BatchRenormTrainFunction, GhostBatchNorm1d,
-                            GhostBatchNorm2d, GhostBatchNormTrainFunction, renorm_limits)
+from bnexp.variants import (BatchRenorm1d, BatchRenorm2d, GhostBatchNorm1d, GhostBatchNorm2d, batch_renorm_train,
+                            ghost_batch_norm_train, renorm_factors, renorm_limits)
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 SHAPES = [((16, 5), 1), ((8, 3, 7), 1), ((8, 3, 4, 5), 2)]
@@ -95,8 +95,10 @@ def test_renorm_with_running_stats_equal_to_the_batch_stats_is_plain_bn(unbiased
         for layer in (renorm, plain):
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
-    _, _, _, r, d = BatchRenormTrainFunction.apply(x, renorm.weight, renorm.bias, renorm.running_mean,
-                                                   renorm.running_var, renorm.eps, 5.0, 5.0, unbiased)
+    _, mean, var = batch_renorm_train(x, renorm.weight, renorm.bias, renorm.running_mean, renorm.running_var,
+                                      renorm.eps, 5.0, 5.0, unbiased)
+    r, d = renorm_factors(mean, var, 12 * 3, renorm.running_mean, renorm.running_var, renorm.eps, 5.0, 5.0,
+                          unbiased)
     torch.testing.assert_close(r, torch.ones_like(r), **F64)
     torch.testing.assert_close(d, torch.zeros_like(d), **F64)
     for a, b in zip(_step(renorm, x, g), _step(plain, x, g)):
@@ -128,7 +130,8 @@ def test_renorm_matches_the_papers_algorithm_with_r_and_d_as_constants():
     assert (d_ref.abs() == 1.0).any() and (d_ref.abs() < 1.0).any()
     g = torch.randn_like(x)
     ref_grads = torch.autograd.grad((y_ref * g).sum(), (x, w, b))
-    y, _, _, r, d = BatchRenormTrainFunction.apply(x, w, b, rm, rv, 1e-5, 2.0, 1.0, False)
+    y, mean, var = batch_renorm_train(x, w, b, rm, rv, 1e-5, 2.0, 1.0, False)
+    r, d = renorm_factors(mean, var, 10, rm, rv, 1e-5, 2.0, 1.0, False)
     grads = torch.autograd.grad((y * g).sum(), (x, w, b))
     torch.testing.assert_close(y, y_ref, **F64)
     torch.testing.assert_close(r, r_ref, **F64)
@@ -147,9 +150,10 @@ def test_renorm_gradcheck_float64(unbiased):
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     rm = torch.tensor([10.0, -10.0, 10.0], dtype=torch.float64)
     rv = torch.full((3,), 100.0, dtype=torch.float64)
-    _, _, _, r, d = BatchRenormTrainFunction.apply(x, w, b, rm, rv, 1e-5, 1.5, 0.5, unbiased)
+    _, mean, var = batch_renorm_train(x, w, b, rm, rv, 1e-5, 1.5, 0.5, unbiased)
+    r, d = renorm_factors(mean, var, 6 * 2, rm, rv, 1e-5, 1.5, 0.5, unbiased)
     assert torch.allclose(r, torch.full_like(r, 1 / 1.5)) and torch.allclose(d.abs(), torch.full_like(d, 0.5))
-    f = lambda x, w, b: BatchRenormTrainFunction.apply(x, w, b, rm, rv, 1e-5, 1.5, 0.5, unbiased)[0]  # noqa: E731
+    f = lambda x, w, b: batch_renorm_train(x, w, b, rm, rv, 1e-5, 1.5, 0.5, unbiased)[0]  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
@@ -248,7 +252,7 @@ def test_ghost_gradcheck_float64(unbiased):
     x = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
     w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    f = lambda x, w, b: GhostBatchNormTrainFunction.apply(x, w, b, 3, 1e-5, unbiased)[0]  # noqa: E731
+    f = lambda x, w, b: ghost_batch_norm_train(x, w, b, 3, 1e-5, unbiased)[0]  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
