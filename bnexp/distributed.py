@@ -292,16 +292,91 @@ def run_rank(cfg, run_dir: Path, rank: int, world: int, *, quiet: bool, resume_f
     from bnexp import checkpoint
     from bnexp.train import prepare
 
+    from bnexp.interrupt import Interrupted
+
     data = prepare(cfg) if data is None else data
     own_dir = Path(run_dir) if rank == 0 else Path(tempfile.mkdtemp(prefix=f"bnexp-rank{rank}-"))
+    trainer = None
     try:
         trainer = _make_trainer_class()(cfg, own_dir, data, quiet=quiet or rank != 0, rank=rank, world=world)
         if resume_from is not None:
             trainer.load_checkpoint(checkpoint.load(resume_from), resume_from)
         return trainer.run(resume=resume)
+    except Interrupted:
+        raise  # the trainer checkpointed, marked the run interrupted and closed its logs
+    except BaseException:
+        if rank == 0:
+            _record_failure(trainer, run_dir)
+        raise
     finally:
+        if trainer is not None:
+            _close_logs(trainer)
         if rank != 0:
+            # Only once the TensorBoard writer's thread has stopped: it would write into the removed directory.
             shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _close_logs(trainer) -> None:
+    for name in ("writer", "metrics"):
+        log = getattr(trainer, name, None)
+        if log is not None:
+            try:
+                log.close()  # closing twice is harmless for both
+            except Exception:  # noqa: BLE001 - a log that cannot close must not hide the run's own error
+                pass
+
+
+def _record_failure(trainer, run_dir: Path) -> None:
+    """After a failed rank, leave summary.json as an `interrupted` run at its last checkpoint.
+
+    That is what the run is: the state `bnexp train --resume` (which the error line suggests) continues
+    from. The summary describes that checkpoint (its step, evaluation, probes), not the steps trained
+    after it, which the resumed run redoes. Best effort: the original error is what gets reported.
+    """
+    from bnexp import checkpoint
+    from bnexp.runs import read_summary, write_summary
+
+    try:
+        found = checkpoint.list_checkpoints(run_dir)
+        if trainer is not None and hasattr(trainer, "writer") and found:
+            trainer.load_state_dict(checkpoint.load(found[-1]))
+            trainer._t0 = time.perf_counter()  # wall time up to the checkpoint (its "elapsed")
+            trainer._finish("interrupted", None)
+        else:
+            _mark_interrupted(run_dir)
+    except Exception:  # noqa: BLE001 - see above
+        pass
+
+
+def _mark_if_still_running(run_dir: Path) -> None:
+    """The launcher's fallback when rank 0 could not record its own failure (killed, or stopped by the
+    launcher after the grace period)."""
+    from bnexp.runs import read_summary
+
+    try:
+        if read_summary(run_dir).get("status") == "running":
+            _mark_interrupted(run_dir)
+    except Exception:  # noqa: BLE001 - best effort: the failure line is what matters
+        pass
+
+
+def _mark_interrupted(run_dir: Path) -> None:
+    """_record_failure without a trainer (rank 0 died before it had one, or was killed): the summary's
+    status and the checkpoint's step, evaluation and wall time; step 0 if there is none (a resume starts
+    over)."""
+    from bnexp import checkpoint
+    from bnexp.runs import read_summary, write_summary
+
+    found = checkpoint.list_checkpoints(run_dir)
+    state = checkpoint.load(found[-1]) if found else {}
+    best = state.get("best_test_accuracy", float("-inf"))
+    summary = read_summary(run_dir)
+    summary.update(status="interrupted", steps=state.get("step", 0),
+                   test_accuracy=state.get("last_eval", {}).get("test_accuracy"),
+                   test_loss=state.get("last_eval", {}).get("test_loss"),
+                   best_test_accuracy=None if best == float("-inf") else best,
+                   wall_time_s=state.get("elapsed", 0.0))
+    write_summary(run_dir, summary)
 
 
 # --- spawning N local processes -----------------------------------------------------------------------------
@@ -393,6 +468,11 @@ def launch(cfg, run_dir: Path, *, quiet: bool, resume_from: Path | None = None, 
             culprit = _wait(procs, guard, report_dir)
         codes = [p.exitcode for p in procs]
         if culprit is not None:
+            for p in procs:  # every rank stopped before this process touches the run directory
+                if p.is_alive():
+                    p.kill()
+                p.join()
+            _mark_if_still_running(Path(run_dir))
             raise WorkerFailed(_failure_line(culprit, procs[culprit].exitcode, report_dir, Path(run_dir)))
         interrupted = [c - 128 for c in codes if c and c > 128]
         if interrupted:
