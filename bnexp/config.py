@@ -221,7 +221,7 @@ class Config(_Strict):
         return self
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"]
@@ -244,7 +244,7 @@ def validate(raw: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"invalid config: {_format_validation_error(err)}") from None
+        raise ConfigError(f"invalid config: {format_validation_error(err)}") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
