@@ -1,10 +1,11 @@
 """BN variants for BN's failure modes: Batch Renormalization and Ghost Batch Normalization.
 
-Both are subclasses of our `BatchNormBase` (same constructor, parameters, buffers and state dict as
-torch's BatchNorm*d, so probes, checkpoints and `bn_layers` treat them as BN) and differ from it only in
-the training-mode forward, which each builds on plain BN's autograd Function (norm.BatchNormTrainFunction)
-and so on its Section-3 backward.
-Eval mode is plain BN's: y = γ (x − running_mean) / sqrt(running_var + ε) + β.
+Both are subclasses of our `BatchNormBase` (parameters, buffers and state dict as torch's BatchNorm*d, so
+probes, checkpoints and `bn_layers` treat them as BN). Their constructor is the base's without `stats` and
+`process_group`, plus keyword-only options of their own: they always normalize by this process's batch
+(the config refuses `stats: global` with a variant). They differ from plain BN only in the training-mode
+forward, which each builds on plain BN's autograd Function (norm.BatchNormTrainFunction) and so on its
+Section-3 backward. Eval mode is plain BN's: y = γ (x − running_mean) / sqrt(running_var + ε) + β.
 
 Batch Renormalization (Ioffe 2017, Algorithm 1):
 
@@ -207,40 +208,29 @@ class GhostBatchNorm(BatchNormBase):
         return y
 
 
-class BatchRenorm1d(BatchRenorm):
+# Plain BN's class second in the bases gives the accepted input ranks through the MRO, in one place.
+class BatchRenorm1d(BatchRenorm, BatchNorm1d):
     """Over (N, C) or (N, C, L) input."""
 
-    _accepted_ranks = BatchNorm1d._accepted_ranks
 
-
-class BatchRenorm2d(BatchRenorm):
+class BatchRenorm2d(BatchRenorm, BatchNorm2d):
     """Over (N, C, H, W) input."""
 
-    _accepted_ranks = BatchNorm2d._accepted_ranks
 
-
-class BatchRenorm3d(BatchRenorm):
+class BatchRenorm3d(BatchRenorm, BatchNorm3d):
     """Over (N, C, D, H, W) input."""
 
-    _accepted_ranks = BatchNorm3d._accepted_ranks
 
-
-class GhostBatchNorm1d(GhostBatchNorm):
+class GhostBatchNorm1d(GhostBatchNorm, BatchNorm1d):
     """Over (N, C) or (N, C, L) input."""
 
-    _accepted_ranks = BatchNorm1d._accepted_ranks
 
-
-class GhostBatchNorm2d(GhostBatchNorm):
+class GhostBatchNorm2d(GhostBatchNorm, BatchNorm2d):
     """Over (N, C, H, W) input."""
 
-    _accepted_ranks = BatchNorm2d._accepted_ranks
 
-
-class GhostBatchNorm3d(GhostBatchNorm):
+class GhostBatchNorm3d(GhostBatchNorm, BatchNorm3d):
     """Over (N, C, D, H, W) input."""
-
-    _accepted_ranks = BatchNorm3d._accepted_ranks
 
 
 RENORM = {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
