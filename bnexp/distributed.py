@@ -75,12 +75,6 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0")) if under_launcher() else 0
 
 
-def rank_and_world(group=None) -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
-
-
 def bn_batch_size(cfg) -> int:
     """The batch BN normalizes over in training: each process's shard with local statistics, else the
     global batch. Population estimates (probes, PreciseBN) must use batches of this size to estimate what
@@ -157,7 +151,9 @@ def set_stats(model: nn.Module, stats: str, group=None) -> None:
 @contextmanager
 def local_stats(model: nn.Module) -> Iterator[None]:
     """Force every BN layer to local statistics for the duration (evaluation and probes)."""
-    saved = [(m, m.stats) for m in model.modules() if hasattr(m, "stats")]
+    from bnexp.norm import BatchNormBase
+
+    saved = [(m, m.stats) for m in model.modules() if isinstance(m, BatchNormBase)]
     try:
         for m, _ in saved:
             m.stats = "local"
@@ -214,8 +210,6 @@ def _make_trainer_class():
             super().__init__(cfg, run_dir, data, quiet=quiet)
             self.rank, self.world = rank, world
             set_stats(self.model, cfg.model.bn.stats)
-            m = cfg.data.batch_size
-            self.shard_sizes = [len(s) for s in torch.tensor_split(torch.arange(m), world)]
             self.sampler = ShardSampler(self.sampler, rank, world, self._each_step)
             ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
                 if self.device.type == "cuda" else None
@@ -248,13 +242,13 @@ def _make_trainer_class():
             n = len(self._losses) - self._reduced
             if n <= 0:
                 return
-            w = float(self.shard_sizes[self.rank])
-            losses = torch.stack(self._losses[self._reduced:]).detach().double() * w
+            # The config makes shards equal (data.batch_size % dist.nproc == 0): the global batch's mean
+            # loss is the mean of the shards' means.
+            losses = torch.stack(self._losses[self._reduced:]).detach().double()
             correct = torch.stack(self._correct[self._reduced:]).double()
             packed = torch.cat([losses, correct])
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-            m = float(sum(self.shard_sizes))
-            self._losses[self._reduced:] = list((packed[:n] / m).to(torch.float32).unbind())
+            self._losses[self._reduced:] = list((packed[:n] / self.world).to(torch.float32).unbind())
             self._correct[self._reduced:] = list(packed[n:].round().to(torch.int64).unbind())
             self._reduced = len(self._losses)
 
