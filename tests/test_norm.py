@@ -119,6 +119,16 @@ def test_backward_goes_through_our_functions():
     assert bn(x).grad_fn.__class__ is BatchNormEvalFunction._backward_cls
 
 
+def test_train_function_returns_the_batch_statistics_outside_autograd():
+    # The variants build on these: running updates per virtual batch, Batch Renorm's r and d.
+    x = (torch.randn(6, 3, 4, dtype=torch.float64) * 2 + 5).requires_grad_()
+    y, mean, var = BatchNormTrainFunction.apply(x, None, None, 1e-5, True, None, None)
+    ref_var, ref_mean = torch.var_mean(x.detach(), (0, 2), correction=0)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, ref_var, rtol=1e-12, atol=1e-12)  # biased, even when normalizing by s²
+    assert y.requires_grad and not mean.requires_grad and not var.requires_grad
+
+
 def test_gradcheck_train_eval_unbiased():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
