@@ -52,7 +52,9 @@ class SyntheticConfig(_Strict):
 class DataConfig(_Strict):
     dataset: Literal["digits", "mnist1d", "synthetic", "mnist", "fashion_mnist", "cifar10"] = "digits"
     batch_size: Int = Field(60, ge=1)
-    seed: Int = Field(0, ge=0, description="fixes the split, subsets and synthetic data across run seeds")
+    # scikit-learn (the split) and numpy take seeds below 2**32 only.
+    seed: Int = Field(0, ge=0, lt=2**32,
+                      description="fixes the split, subsets and synthetic data across run seeds")
     root: str = "data"
     download: bool = False
     test_fraction: Float = Field(0.2, gt=0, lt=1)
@@ -152,7 +154,9 @@ class DistConfig(_Strict):
 
 class Config(_Strict):
     name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    seed: Int = Field(0, ge=0)
+    # torch.manual_seed takes up to 2**64 - 1; below 2**63 leaves room for the probes' and PreciseBN's
+    # seed offsets.
+    seed: Int = Field(0, ge=0, lt=2**63)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # These networks are too small to gain from intra-op threads: on 2 cores the default run measured
     # 5x slower with 2 threads than with 1, and far worse when the cores are shared.

@@ -453,7 +453,14 @@ def start(cfg: Config, out: str | Path | None = None, *, quiet: bool = True) -> 
     # run directory is never left half-made.
     interrupt.defer()
     run_dir = create_run_dir(cfg.out_dir, cfg.name, cfg.seed, out)
-    return run_dir, train(cfg, run_dir, quiet=quiet, data=data)
+    try:
+        return run_dir, train(cfg, run_dir, quiet=quiet, data=data)
+    except BaseException:
+        # A failure before train wrote anything leaves the directory empty: remove it rather than leave an
+        # empty run behind (rmdir refuses a directory that holds anything, so a started run is kept).
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
+        raise
 
 
 def train(cfg: Config, run_dir: Path, *, quiet: bool = True, data: Dataset | None = None) -> dict[str, Any]:
@@ -462,13 +469,16 @@ def train(cfg: Config, run_dir: Path, *, quiet: bool = True, data: Dataset | Non
     if distributed.wanted(cfg):
         return distributed.train(cfg, run_dir, quiet=quiet)
     data = prepare(cfg) if data is None else data
-    with interrupt.catch_signals() as guard, locked(run_dir):
+    with interrupt.catch_signals() as guard:
         guard.defer()
-        write_atomic(run_dir / CONFIG, to_yaml(cfg))
+        # Built before the first file is written (it writes none itself): a failure here leaves the
+        # directory as it was, not holding a config.yaml for a run that never started.
         trainer = Trainer(cfg, run_dir, data, quiet=quiet)
-        write_summary(run_dir, {"status": "running", "steps": 0, "seed": cfg.seed, "name": cfg.name,
-                                "versions": versions()})
-        return trainer.run()
+        with locked(run_dir):
+            write_atomic(run_dir / CONFIG, to_yaml(cfg))
+            write_summary(run_dir, {"status": "running", "steps": 0, "seed": cfg.seed, "name": cfg.name,
+                                    "versions": versions()})
+            return trainer.run()
 
 
 def resume(run_dir: Path, *, quiet: bool = True) -> dict[str, Any]:

@@ -155,3 +155,31 @@ def test_run_directory_path_is_the_last_line_of_stdout(cli, tiny_config, tmp_pat
     run_dir = r.path
     assert run_dir.parent == Path("runs") / "tiny"
     assert run_dir.name.endswith("-s0") and (tmp_path / run_dir / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("override, key", [("seed=99999999999999999999999", "seed:"),
+                                           ("seed=9223372036854775808", "seed:"),
+                                           ("data.seed=4294967296", "data.seed:")])
+def test_seed_beyond_what_torch_and_sklearn_take(cli, tiny_config, tmp_path, override, key):
+    _assert_user_error(cli("train", "--config", tiny_config, "--set", override, "--out", "o2", "--quiet"), key)
+    assert _files(tmp_path) == {"config.yaml"}
+
+
+def test_largest_seeds_train(cli, tiny_config):
+    r = cli("train", "--config", tiny_config, "--set", f"seed={2**63 - 1}", "--set", f"data.seed={2**32 - 1}",
+            "--set", "train.steps=2", "--set", "probes.enabled=true", "--set", "model.bn.precise.when=end",
+            "--quiet")
+    assert r.code == 0, r.err
+
+
+def test_a_run_that_fails_to_start_leaves_no_directory(cli, tiny_config, tmp_path, monkeypatch):
+    from bnexp import train as trainmod
+    from bnexp.errors import UserError
+
+    def fail(*args, **kwargs):
+        raise UserError("refused while building the trainer")
+
+    monkeypatch.setattr(trainmod, "Trainer", fail)
+    _assert_user_error(cli("train", "--config", tiny_config, "--out", "o", "--quiet"), "refused")
+    _assert_user_error(cli("train", "--config", tiny_config, "--quiet"), "refused")
+    assert _files(tmp_path) - {"runs", os.path.join("runs", "tiny")} == {"config.yaml"}

@@ -96,6 +96,8 @@ def test_override_does_not_mutate_its_input():
     ("optim.lr=.inf", "optim.lr"),
     ("optim.lr=true", "optim.lr"),
     ("seed=yes", "seed"),
+    ("seed=9223372036854775808", "seed"),
+    ("data.seed=4294967296", "data.seed"),
     ("train.steps=2.5", "train.steps"),
     ("train.steps=0", "train.steps"),
     ("model.hidden=[10, 0]", "model.hidden"),
