@@ -22,6 +22,9 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
+ERROR_FILE = "error.txt"  # a run that raised outside the training loop: its traceback
+# The statuses of a run that ended on its own: nothing left to resume, and its numbers count in a report.
+FINISHED = ("completed", "diverged")
 
 
 class RunDirError(UserError):
@@ -32,16 +35,21 @@ def versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__, "bnexp": bnexp.__version__}
 
 
-def create_run_dir(out_dir: str | Path, name: str, seed: int, explicit: str | Path | None = None) -> Path:
-    """Make a fresh directory; mkdir is atomic, so two runs racing for one name cannot share it."""
+def create_run_dir(out_dir: str | Path, name: str, seed: int | None, explicit: str | Path | None = None, *,
+                   template: str = "{stamp}-s{seed}", what: str = "run") -> Path:
+    """Make a fresh directory; mkdir is atomic, so two runs racing for one name cannot share it.
+
+    `template` names a directory under out_dir/name from the timestamp (and seed); `what` names it in errors
+    (a comparison uses this too, with "{stamp}").
+    """
     try:
-        return _create_run_dir(out_dir, name, seed, explicit)
+        return _create_run_dir(out_dir, name, seed, explicit, template, what)
     except RunDirError:
         raise
     except (OSError, ValueError) as err:  # a parent that is a file, no permission, a NUL in the path
         where = explicit if explicit is not None else Path(out_dir) / name
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise RunDirError(f"cannot create a run directory at {where}: {reason}") from None
+        raise RunDirError(f"cannot create a {what} directory at {where}: {reason}") from None
 
 
 def refuse_existing(explicit: str | Path) -> None:
@@ -53,7 +61,8 @@ def refuse_existing(explicit: str | Path) -> None:
         raise RunDirError(f"--out {path} already exists ({what}): bnexp never overwrites or merges runs{hint}")
 
 
-def _create_run_dir(out_dir: str | Path, name: str, seed: int, explicit: str | Path | None) -> Path:
+def _create_run_dir(out_dir: str | Path, name: str, seed: int | None, explicit: str | Path | None,
+                    template: str, what: str) -> Path:
     if explicit is not None:
         path = Path(explicit)
         refuse_existing(path)
@@ -70,13 +79,13 @@ def _create_run_dir(out_dir: str | Path, name: str, seed: int, explicit: str | P
     for attempt in range(1, 10_000):
         # Two runs started in the same second (a sweep, parallel workers) get -2, -3, ...
         suffix = "" if attempt == 1 else f"-{attempt}"
-        path = parent / f"{stamp}-s{seed}{suffix}"
+        path = parent / (template.format(stamp=stamp, seed=seed) + suffix)
         try:
             path.mkdir()
             return path
         except FileExistsError:
             continue
-    raise RunDirError(f"could not create a fresh run directory under {parent}")
+    raise RunDirError(f"could not create a fresh {what} directory under {parent}")
 
 
 @contextmanager
@@ -140,7 +149,26 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / SUMMARY).read_text())
+    """summary.json as a dict; a torn or hand-edited file is a RunDirError naming it, never a JSON traceback."""
+    path = Path(run_dir) / SUMMARY
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"not a bnexp run directory (no {SUMMARY}): {run_dir}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        detail = err.strerror if isinstance(err, OSError) and err.strerror else "not valid JSON"
+        raise RunDirError(f"corrupted {path}: {detail}") from None
+    if not isinstance(summary, dict):
+        raise RunDirError(f"corrupted {path}: not a JSON object")
+    status = summary.get("status")
+    if status is not None and not isinstance(status, str):
+        raise RunDirError(f"corrupted {path}: status is not a string")
+    return summary
+
+
+def read_status(run_dir: Path) -> str | None:
+    """The run's status (e.g. one of FINISHED, interrupted, running); RunDirError if summary.json is damaged."""
+    return read_summary(run_dir).get("status")
 
 
 def _parse_rows(text: str) -> list[dict[str, Any]]:
@@ -160,7 +188,15 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    return _parse_rows(path.read_text())
+    try:
+        rows = _parse_rows(path.read_text())
+    except OSError as err:
+        raise RunDirError(f"cannot read {path}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, ValueError):
+        raise RunDirError(f"corrupted {path}: a line before the last is not valid JSON") from None
+    if not all(isinstance(row, dict) and isinstance(row.get("step"), int) for row in rows):
+        raise RunDirError(f"corrupted {path}: every row must be a JSON object with an integer step")
+    return rows
 
 
 def is_run_dir(path: Path) -> bool:
