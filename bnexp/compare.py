@@ -26,13 +26,15 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bnexp.config import (Config, ConfigError, _format_validation_error, apply_override, parse_override,
-                          read_yaml, validate)
+from bnexp.config import (Config, ConfigError, Float, Int, apply_override, format_validation_error,
+                          parse_override, read_yaml, validate)
 from bnexp.errors import UserError
+from bnexp.interrupt import Interrupted
+from bnexp.runs import ERROR_FILE, FINISHED, RunDirError, create_run_dir, read_status, refuse_existing
 
 COMPARE_YAML = "compare.yaml"
-ERROR_FILE = "error.txt"  # a run that raised: the traceback, so the comparison can go on
-_NAME = r"^[A-Za-z0-9_.\-]+$"
+# Arm and comparison names become directory names: "." and ".." would point outside the comparison.
+_NAME = r"^(?!\.\.?$)[A-Za-z0-9_.\-]+$"
 _SEED_DIR = re.compile(r"^s(\d+)$")
 # Keys of the comparison config that still mean something when reporting on existing run directories.
 _REPORT_KEYS = ("name", "target_accuracy", "baseline", "out_dir")
@@ -43,13 +45,14 @@ class CompareError(UserError):
 
 
 class CompareConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # python-re: the Rust engine has no look-ahead, which _NAME needs to refuse "." and "..".
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
 
     name: str = Field("compare", min_length=1, pattern=_NAME)
     base: dict[str, Any] = Field(default_factory=dict)
     arms: dict[str, Optional[dict[str, Any]]] = Field(default_factory=dict)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    target_accuracy: Optional[float] = Field(None, gt=0, le=1)
+    seeds: list[Int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    target_accuracy: Optional[Float] = Field(None, gt=0, le=1)
     baseline: Optional[str] = None
     out_dir: str = "runs"
 
@@ -60,8 +63,8 @@ class CompareConfig(BaseModel):
             raise ValueError("arms: at least one arm is needed (e.g. no_bn: {model.norm: none})")
         for name in arms:
             if not re.match(_NAME, str(name)):
-                raise ValueError(f"arms.{name}: an arm name must be letters, digits, '_', '.' or '-' "
-                                 f"(it names a directory)")
+                raise ValueError(f"arms.{name}: an arm name must be letters, digits, '_', '.' or '-', "
+                                 f"and not '.' or '..' (it names a directory)")
         return arms
 
     @field_validator("seeds")
@@ -114,7 +117,7 @@ def _validate_compare(raw: dict[str, Any]) -> CompareConfig:
     try:
         cmp = CompareConfig.model_validate(raw)
     except ValidationError as err:
-        raise CompareError(f"invalid comparison config: {_format_validation_error(err)}") from None
+        raise CompareError(f"invalid comparison config: {format_validation_error(err)}") from None
     cmp.arms = {arm: _flatten(o or {}) for arm, o in cmp.arms.items()}
     return cmp
 
@@ -148,8 +151,13 @@ def load_compare(path: str | Path, overrides: list[str]) -> CompareConfig:
     return _validate_compare(raw)
 
 
-def _strip(msg: str) -> str:
-    return msg[len("invalid config: "):] if msg.startswith("invalid config: ") else msg
+def _config_problem(raw: dict[str, Any]) -> str | None:
+    """The first problem of a run config as "<dotted key>: <what>", or None if it is valid."""
+    try:
+        Config.model_validate(raw)
+    except ValidationError as err:
+        return format_validation_error(err)
+    return None
 
 
 def plan(cmp: CompareConfig) -> list[Job]:
@@ -167,17 +175,12 @@ def plan(cmp: CompareConfig) -> list[Job]:
             except ConfigError as err:  # e.g. model.norm.x: model.norm is a value, not a section
                 raise CompareError(f"arms.{arm}: {str(err).replace('bad --set ', '')}") from None
             raw["seed"], raw["name"] = seed, arm
-            try:
-                cfg = validate(raw)
-            except ConfigError as err:
-                msg = _strip(str(err))
-                try:
-                    validate({**cmp.base, "seed": seed, "name": arm})
-                    where = f"arms.{arm}"
-                except ConfigError as base_err:
-                    where = "base" if _strip(str(base_err)) == msg else f"arms.{arm}"
-                raise CompareError(f"invalid comparison config: {where}: {msg}") from None
-            jobs.append(Job(arm, seed, cfg))
+            msg = _config_problem(raw)
+            if msg is not None:
+                # The same problem without the arm's overrides is the base's, not the arm's.
+                where = "base" if _config_problem({**cmp.base, "seed": seed, "name": arm}) == msg else f"arms.{arm}"
+                raise CompareError(f"invalid comparison config: {where}: {msg}")
+            jobs.append(Job(arm, seed, validate(raw)))
     return jobs
 
 
@@ -204,29 +207,10 @@ def _resolved_yaml(cmp: CompareConfig) -> str:
     return head + yaml.safe_dump(cmp.model_dump(mode="json"), sort_keys=False)
 
 
-def _create_dir(parent: Path, explicit: Path | None) -> Path:
-    """A fresh directory: mkdir is atomic, so two comparisons started in the same second never share one."""
-    from bnexp.runs import RunDirError
-
-    if explicit is not None:
-        if explicit.exists():
-            raise RunDirError(f"output directory already exists: {explicit} (bnexp never overwrites a comparison)")
-        explicit.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            explicit.mkdir()
-        except FileExistsError:
-            raise RunDirError(f"output directory already exists: {explicit}") from None
-        return explicit
-    parent.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1, 10_000):
-        path = parent / (stamp if attempt == 1 else f"{stamp}-{attempt}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise RunDirError(f"could not create a fresh comparison directory under {parent}")
+def _create_dir(cmp: CompareConfig, explicit: Path | None) -> Path:
+    """<out_dir>/compare/<name>/<timestamp>, or --out: made the way run directories are (never reused)."""
+    return create_run_dir(Path(cmp.out_dir) / "compare", cmp.name, None, explicit, template="{stamp}",
+                          what="comparison")
 
 
 # --- running ----------------------------------------------------------------------------------------------
@@ -234,11 +218,8 @@ def _create_dir(parent: Path, explicit: Path | None) -> Path:
 _WORKER_DATA: dict[str, Any] = {}
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    # An idle worker ignores Ctrl-C; a training one catches it (bnexp.train) and checkpoints first.
+def _init_worker() -> None:
+    # Torch threads are the run's own (config `threads`, set by the Trainer). An idle worker ignores Ctrl-C; a training one catches it (bnexp.train) and checkpoints first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -264,7 +245,7 @@ def run_one(cfg: Config | dict, run_dir: str | Path, action: str, data: Any = No
             summary = trainmod.train(cfg, run_dir, quiet=True, data=data)
         return {"status": summary["status"], "test_accuracy": summary.get("test_accuracy"),
                 "wall_time_s": summary.get("wall_time_s")}
-    except trainmod.Interrupted as sig:
+    except Interrupted as sig:
         return {"status": "interrupted", "exit_code": sig.exit_code}
     except Exception as err:  # noqa: BLE001 - one broken run must not end the comparison
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -328,11 +309,12 @@ def _run_parallel(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, log: _
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     workers = min(jobs, len(todo))
-    threads = max(1, _cores() // workers)
-    log.line(f"{len(todo)} runs on {workers} worker processes, {threads} torch thread(s) each")
+    threads = sorted({"torch's default" if job.cfg.threads is None else str(job.cfg.threads)
+                      for job, _ in todo})
+    log.line(f"{len(todo)} runs on {workers} worker processes, {' or '.join(threads)} torch thread(s) each")
     # spawn, not fork: a forked child would inherit this process's torch thread pool and locks.
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(threads,))
+                               initializer=_init_worker)
     interrupted = None
     try:
         futures = {pool.submit(run_one, job.cfg.model_dump(mode="json"), str(comp_dir / job.rel), action): job
@@ -363,9 +345,16 @@ def _stop(comp_dir: Path, exit_code: int) -> None:
 # --- collecting and reporting -----------------------------------------------------------------------------
 
 def _records_of(comp_dir: Path, jobs: list[Job]):
-    from bnexp.report import load_record
+    """The comparison's runs; a damaged one is recorded as failed, naming the file, and the report goes on."""
+    from bnexp.report import RunRecord, load_record
 
-    return [load_record(job.arm, job.seed, comp_dir / job.rel) for job in jobs]
+    records = []
+    for job in jobs:
+        try:
+            records.append(load_record(job.arm, job.seed, comp_dir / job.rel))
+        except UserError as err:
+            records.append(RunRecord(job.arm, job.seed, comp_dir / job.rel, "failed", error=str(err)))
+    return records
 
 
 def _report(out_dir: Path, records, title: str, target: float | None, baseline: str | None,
@@ -389,18 +378,12 @@ def _describe(cmp: CompareConfig, jobs: list[Job]) -> list[str]:
     return notes
 
 
-def _refuse_existing(out: Path | None) -> None:
-    from bnexp.runs import RunDirError
-
-    if out is not None and Path(out).exists():
-        raise RunDirError(f"output directory already exists: {out} (bnexp never overwrites a comparison)")
-
-
 def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, quiet: bool) -> Path:
     plan_ = plan(cmp)
-    _refuse_existing(out)  # before the datasets load: this mistake should cost no time
+    if out is not None:
+        refuse_existing(out)  # before the datasets load: this mistake should cost no time
     datasets = _prepare_all(plan_)
-    comp_dir = _create_dir(Path(cmp.out_dir) / "compare" / cmp.name, out)
+    comp_dir = _create_dir(cmp, out)
     from bnexp.runs import write_atomic
 
     write_atomic(comp_dir / COMPARE_YAML, _resolved_yaml(cmp))
@@ -416,28 +399,39 @@ def _timing(n: int, seconds: float, jobs: int) -> str:
     return f"{n} runs trained in {seconds:.1f} s wall time (--jobs {jobs}, {_cores()} cores)"
 
 
+def _remove_run(comp_dir: Path, run_dir: Path) -> None:
+    """Delete a run that never started, only ever below the comparison (no symlink may lead out of it)."""
+    root, target = comp_dir.resolve(), run_dir.resolve()
+    if run_dir.is_symlink() or target == root or root not in target.parents:
+        raise CompareError(f"{run_dir}: not a run directory inside the comparison {comp_dir}; "
+                           f"refusing to delete it")
+    shutil.rmtree(target)
+
+
 def resume_comparison(comp_dir: Path, jobs: int, quiet: bool) -> Path:
-    from bnexp.runs import is_run_dir, read_summary
+    from bnexp.runs import is_run_dir
 
     if not (comp_dir / COMPARE_YAML).is_file():
         raise CompareError(f"not a comparison directory (no {COMPARE_YAML}): {comp_dir}")
     cmp = _validate_compare(read_yaml(comp_dir / COMPARE_YAML))
     plan_ = plan(cmp)
     todo: list[tuple[Job, str]] = []
+    damaged: list[str] = []
     for job in plan_:
         run_dir = comp_dir / job.rel
         if is_run_dir(run_dir):
             try:
-                status = read_summary(run_dir).get("status")
-            except (ValueError, AttributeError):
-                status = None  # a torn summary.json: resume decides what the run can still be
-            if status in ("completed", "diverged"):
+                status = read_status(run_dir)
+            except RunDirError as err:
+                damaged.append(str(err))  # reported as a failed run; resuming it would refuse the same way
+                continue
+            if status in FINISHED:
                 continue
             todo.append((job, "resume"))
         else:
             # Never got as far as config.yaml + summary.json: nothing of the run is worth keeping.
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
+            if run_dir.exists() or run_dir.is_symlink():
+                _remove_run(comp_dir, run_dir)
             todo.append((job, "fresh"))
     fresh = [job for job, action in todo if action == "fresh"]
     datasets = _prepare_all(fresh) if jobs <= 1 else {}
@@ -445,6 +439,8 @@ def resume_comparison(comp_dir: Path, jobs: int, quiet: bool) -> Path:
         import typer
 
         typer.echo(f"{len(todo)} of {len(plan_)} runs to finish in {comp_dir}", err=True)
+        for problem in damaged:
+            typer.echo(f"skipped, recorded as failed: {problem}", err=True)
     t0 = time.perf_counter()
     _run_all(todo, comp_dir, jobs, datasets, quiet)
     notes = _describe(cmp, plan_) + [f"resumed: {_timing(len(todo), time.perf_counter() - t0, jobs)}"]
@@ -453,19 +449,50 @@ def resume_comparison(comp_dir: Path, jobs: int, quiet: bool) -> Path:
     return comp_dir
 
 
-def _arm_of(run_dir: Path) -> str:
-    """In a comparison layout (<arm>/s<seed>) the arm is the folder; otherwise the run's config name."""
-    if _SEED_DIR.match(run_dir.name):
-        return run_dir.parent.name
-    try:
-        return str(read_yaml(run_dir / "config.yaml").get("name") or run_dir.name)
-    except ConfigError:
-        return run_dir.name
+# Keys that differ between runs of one experiment without making them different arms.
+_NOT_AN_ARM = ("seed", "name", "out_dir")
+
+
+def _loose_arms(runs: list[Path]) -> dict[Path, tuple[str, int | None]]:
+    """Arm and seed of runs outside a comparison layout, grouped by their resolved config minus _NOT_AN_ARM.
+
+    A group is named by its config's name when that name is its own; otherwise (plain `bnexp train` runs
+    are all "default") by the keys whose values tell the groups apart, e.g. model.norm-none.
+    """
+    configs = {r: _flatten(read_yaml(r / "config.yaml")) for r in runs}
+    key_of = {r: json.dumps({k: v for k, v in c.items() if k not in _NOT_AN_ARM}, sort_keys=True, default=str)
+              for r, c in configs.items()}
+    groups: dict[str, list[Path]] = {}
+    for r in runs:
+        groups.setdefault(key_of[r], []).append(r)
+    names = {g: {str(configs[r].get("name", "default")) for r in rs} for g, rs in groups.items()}
+    label: dict[str, str] = {}
+    for g, rs in groups.items():
+        own = len(names[g]) == 1 and sum(names[g] <= other for other in names.values()) == 1
+        if own or len(groups) == 1:
+            label[g] = sorted(names[g])[0]
+    rest = [g for g in groups if g not in label]
+    if rest:
+        flat = {g: configs[groups[g][0]] for g in groups}
+        keys = sorted({k for g in groups for k in flat[g] if k not in _NOT_AN_ARM
+                       and len({json.dumps(flat[h].get(k), default=str) for h in groups}) > 1})
+        for g in rest:
+            text = "_".join(f"{k}-{flat[g].get(k)}" for k in keys)
+            label[g] = re.sub(r"[^A-Za-z0-9_.\-]", "", text.replace(" ", ""))
+    if len(set(label.values())) != len(label) or not all(re.match(_NAME, v) for v in label.values()):
+        where = ", ".join(str(groups[g][0]) for g in groups)
+        raise CompareError(f"cannot name the arms of these runs ({where}): their configs differ, but not in a "
+                           f"way that gives each a distinct name; give each config its own name: and report again")
+    out = {}
+    for r in runs:
+        seed = configs[r].get("seed")
+        out[r] = (label[key_of[r]], seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
+    return out
 
 
 def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None, quiet: bool) -> Path:
     from bnexp.report import load_record
-    from bnexp.runs import find_runs, read_summary
+    from bnexp.runs import find_runs
 
     found: list[Path] = []
     for p in run_dirs:
@@ -475,7 +502,8 @@ def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None, qu
                 raise CompareError(f"{p} does not exist")
             raise CompareError(f"{p} is not a bnexp run directory (no config.yaml and summary.json)")
         found.extend(r for r in runs if r not in found)
-    _refuse_existing(out)
+    if out is not None:
+        refuse_existing(out)
     raw: dict[str, Any] = {"name": "report"}
     # A report on runs of one comparison keeps its target and baseline unless --set says otherwise.
     parents = {r.parent.parent / COMPARE_YAML for r in found if _SEED_DIR.match(r.name)}
@@ -493,16 +521,19 @@ def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None, qu
                                f"run directories")
         raw[key] = value
         set_keys.add(key)
+    # In a comparison layout (<arm>/s<seed>) the arm is the folder; other runs are grouped by their configs.
+    loose = _loose_arms([r for r in found if not _SEED_DIR.match(r.name)])
     records = []
     for r in found:
         m = _SEED_DIR.match(r.name)
-        records.append(load_record(_arm_of(r), int(m.group(1)) if m else read_summary(r).get("seed"), r))
+        arm, seed = (r.parent.name, int(m.group(1))) if m else loose[r]
+        records.append(load_record(arm, seed, r))
     arms = list(dict.fromkeys(rec.arm for rec in records))
     raw["arms"] = {arm: {} for arm in arms}
     if "baseline" not in set_keys and raw.get("baseline") not in arms:
         raw.pop("baseline", None)  # the source comparison's baseline is not among these runs
     cmp = _validate_compare(raw)
-    report_dir = _create_dir(Path(cmp.out_dir) / "compare" / cmp.name, out)
+    report_dir = _create_dir(cmp, out)
     notes = [f"report on {len(found)} existing run directories"]
     _report(report_dir, records, cmp.name, cmp.target_accuracy, cmp.baseline, arms, notes, quiet)
     return report_dir
@@ -511,10 +542,9 @@ def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None, qu
 def main(config: Path | None = None, overrides: list[str] | None = None, out: Path | None = None,
          jobs: int = 1, resume: Path | None = None, run_dirs: list[Path] | None = None,
          quiet: bool = False) -> Path:
-    """The `bnexp compare` command; returns the comparison (or report) directory."""
+    """The `bnexp compare` command's dispatch (cli.compare validates --jobs >= 1); returns the comparison
+    (or report) directory."""
     overrides, run_dirs = overrides or [], run_dirs or []
-    if jobs < 1:
-        raise CompareError("--jobs: must be >= 1")
     if resume is not None:
         if config is not None or overrides or out is not None or run_dirs:
             raise CompareError("--resume takes the comparison's own compare.yaml: do not combine it with "

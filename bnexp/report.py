@@ -8,7 +8,11 @@ from run directories alone. Conventions, also written into report.md:
 - steps to target: the first evaluated step whose test/accuracy ≥ target. A run that never reaches it
   counts as its full budget (train.steps), so the arm's mean is then a lower bound, shown as "≥".
 - speed-up = baseline's mean steps to target / the arm's ("same accuracy in N× fewer steps"); "≥" when
-  only the baseline's mean is a lower bound, "≤" when only the arm's is, blank when both are.
+  only the baseline's mean is a lower bound, "≤" when only the arm's is, blank when both are. Blank too
+  when either mean is 0 (reached at the first evaluation): the runs cannot resolve a ratio finer than
+  train.eval_every, and 0 steps has none.
+- runs are counted as completed, diverged, failed (raised, or a damaged run directory) and unfinished
+  (interrupted, still running, or never started).
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-FINISHED = ("completed", "diverged")
 _STYLES = ["-", "--", "-.", ":"]
 _ACT_TAG = re.compile(r"^activations/(h\d+)/u(\d+)/p(15|50|85)$")
 
@@ -42,23 +45,24 @@ class RunRecord:
 
 
 def load_record(arm: str, seed: int | None, run_dir: Path) -> RunRecord:
-    from bnexp.runs import CONFIG, SUMMARY, read_metrics, read_summary
+    """A run's record from its files; a damaged file is a UserError naming it (RunDirError, ConfigError)."""
+    from bnexp.config import read_yaml
+    from bnexp.runs import CONFIG, ERROR_FILE, SUMMARY, read_metrics, read_summary
 
     run_dir = Path(run_dir)
     rec = RunRecord(arm, seed, run_dir, "missing")
     if (run_dir / SUMMARY).is_file():
         rec.summary = read_summary(run_dir)
-        rec.status = rec.summary.get("status", "missing")
+        rec.status = rec.summary.get("status") or "missing"
         rec.metrics = read_metrics(run_dir)
-    if (run_dir / "error.txt").is_file():
+    if (run_dir / ERROR_FILE).is_file():
         rec.status = "failed"
-        lines = [ln for ln in (run_dir / "error.txt").read_text().splitlines() if ln.strip()]
+        lines = [ln for ln in (run_dir / ERROR_FILE).read_text(errors="replace").splitlines() if ln.strip()]
         rec.error = lines[-1] if lines else "failed"
     if (run_dir / CONFIG).is_file():
-        import yaml
-
-        cfg = yaml.safe_load((run_dir / CONFIG).read_text()) or {}
-        rec.budget = (cfg.get("train") or {}).get("steps")
+        train = read_yaml(run_dir / CONFIG).get("train")
+        steps = train.get("steps") if isinstance(train, dict) else None
+        rec.budget = steps if isinstance(steps, int) and not isinstance(steps, bool) else None
     return rec
 
 
@@ -74,7 +78,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def steps_to_target(metrics: list[dict[str, Any]], target: float) -> int | None:
     for row in metrics:
         acc = row.get("test/accuracy")
-        if acc is not None and acc >= target:
+        if isinstance(acc, (int, float)) and not isinstance(acc, bool) and acc >= target:
             return int(row["step"])
     return None
 
@@ -84,12 +88,20 @@ def _num(summary: dict[str, Any], key: str) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
+def _unfinished(status: str) -> bool:
+    from bnexp.runs import FINISHED
+
+    return status not in FINISHED and status != "failed"
+
+
 def aggregate(records: list[RunRecord], arms: list[str], target: float | None,
               baseline: str | None) -> list[dict[str, Any]]:
     """One row per arm, raw numbers (nan = not available); the keys are summary.csv's columns."""
     by_arm: dict[str, list[RunRecord]] = defaultdict(list)
     for rec in records:
         by_arm[rec.arm].append(rec)
+    from bnexp.runs import FINISHED
+
     rows = []
     for arm in arms:
         recs = by_arm.get(arm, [])
@@ -97,7 +109,8 @@ def aggregate(records: list[RunRecord], arms: list[str], target: float | None,
         row: dict[str, Any] = {"arm": arm, "runs": len(recs),
                                "completed": sum(r.status == "completed" for r in recs),
                                "diverged": sum(r.status == "diverged" for r in recs),
-                               "failed": sum(r.status not in FINISHED for r in recs)}
+                               "failed": sum(r.status == "failed" for r in recs),
+                               "unfinished": sum(_unfinished(r.status) for r in recs)}
         for key, col in (("test_accuracy", "final_acc"), ("best_test_accuracy", "best_acc"),
                          ("gap_accuracy", "gap_accuracy"), ("running_mean_err", "running_mean_err"),
                          ("running_var_err", "running_var_err"), ("wall_time_s", "wall_time_s")):
@@ -111,7 +124,7 @@ def aggregate(records: list[RunRecord], arms: list[str], target: float | None,
                 s = steps_to_target(r.metrics, target)
                 if s is None:
                     censored = True
-                    s = r.budget if r.budget is not None else r.summary.get("steps")
+                    s = r.budget if r.budget is not None else _num(r.summary, "steps")
                 else:
                     row["reached"] += 1
                 steps.append(float(s))
@@ -122,14 +135,16 @@ def aggregate(records: list[RunRecord], arms: list[str], target: float | None,
     for row in rows:
         row["baseline"] = baseline or ""
         row["speedup"], row["speedup_bound"] = math.nan, ""
-        if base is None or not math.isfinite(base["steps_to_target_mean"]) \
-                or not math.isfinite(row["steps_to_target_mean"]):
+        b_mean = base["steps_to_target_mean"] if base is not None else math.nan
+        a_mean = row["steps_to_target_mean"]
+        # A mean of 0 (target reached at step 0) gives 0× or an infinite ratio: no speed-up is measurable.
+        if not (math.isfinite(b_mean) and math.isfinite(a_mean)) or b_mean == 0 or a_mean == 0:
             continue
         b_low, a_low = base["steps_to_target_lower_bound"], row["steps_to_target_lower_bound"]
         if row is base:
             row["speedup"] = 1.0
         elif not (b_low and a_low):
-            row["speedup"] = base["steps_to_target_mean"] / max(row["steps_to_target_mean"], 1.0)
+            row["speedup"] = b_mean / a_mean
             row["speedup_bound"] = ">=" if b_low else "<=" if a_low else ""
     return rows
 
@@ -158,7 +173,8 @@ def format_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
         speed = ""
         if math.isfinite(r["speedup"]):
             speed = {">=": "≥ ", "<=": "≤ ", "": ""}[r["speedup_bound"]] + f"{r['speedup']:.1f}×"
-        diverged = f"{r['diverged']}/{r['runs']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
+        others = [f"{r[k]} {k}" for k in ("failed", "unfinished") if r[k]]
+        diverged = f"{r['diverged']}/{r['runs']}" + (f" ({', '.join(others)})" if others else "")
         out.append([r["arm"], _pm(r["final_acc_mean"], r["final_acc_std"], 3),
                     _pm(r["best_acc_mean"], r["best_acc_std"], 3), steps, speed,
                     _pm(r["gap_accuracy_mean"], r["gap_accuracy_std"], 3),
@@ -219,18 +235,18 @@ def to_markdown(rows: list[dict[str, Any]], records: list[RunRecord], title: str
               "(running statistics); a diverged run counts with its final network. Steps to target: the "
               "first evaluated step whose test accuracy reaches the target, with (runs that reached it / "
               "runs); a run that never reaches it counts as its full step budget, so the mean is then a "
-              "lower bound (≥). Speed-up: the baseline's mean steps to target over the arm's. gap acc, "
+              "lower bound (≥). Speed-up: the baseline's mean steps to target over the arm's, blank when "
+              "either mean is 0 (no ratio finer than the evaluation interval can be claimed). gap acc, "
               "run-mean err and run-var err are the final probe values of DESIGN.md §2 (blank without BN "
               "or probes).", ""]
     parts += ["## Runs", ""]
     body = []
     for r in records:
-        acc = r.summary.get("test_accuracy")
+        acc, wall = _num(r.summary, "test_accuracy"), _num(r.summary, "wall_time_s")
         s = steps_to_target(r.metrics, target) if target is not None else None
-        wall = r.summary.get("wall_time_s")
         body.append([r.arm, "" if r.seed is None else str(r.seed), r.status + (f": {r.error}" if r.error else ""),
-                     "" if acc is None else f"{acc:.4f}", "" if s is None else str(s),
-                     "" if wall is None else f"{wall:.1f}", str(_rel(r.run_dir, root))])
+                     "" if math.isnan(acc) else f"{acc:.4f}", "" if s is None else str(s),
+                     "" if math.isnan(wall) else f"{wall:.1f}", str(_rel(r.run_dir, root))])
     parts += [_md_table(["arm", "seed", "status", "final acc", "steps to target", "wall s", "run"], body), ""]
     if plots:
         parts += ["## Plots", ""]

@@ -181,9 +181,8 @@ def test_jobs_2_runs_every_run_in_worker_processes(tmp_path):
     cfg = write_cfg(tmp_path / "tiny.yaml", {**TINY, "base": {**TINY["base"], "probes": {"enabled": False}}})
     code, out, err = run_cli(["compare", "-c", str(cfg), "--out", str(tmp_path / "c"), "--jobs", "2"])
     assert code == 0, err
-    import os
-
-    assert f"2 worker processes, {max(1, len(os.sched_getaffinity(0)) // 2)} torch thread(s) each" in err
+    # Each run sets its own torch threads (config `threads`, default 1): that is what is reported.
+    assert "2 worker processes, 1 torch thread(s) each" in err
     comp = tmp_path / "c"
     table = read_csv(comp / "summary.csv")
     for arm in TINY["arms"]:
@@ -313,12 +312,27 @@ def test_steps_to_target_censoring_and_speedup_bounds():
     assert rows["slow"]["speedup"] == pytest.approx(15 / 100) and rows["slow"]["speedup_bound"] == "<="
 
 
+def test_no_speedup_when_the_target_is_reached_at_step_0():
+    from bnexp.report import format_rows
+
+    recs = [_rec("a", 0, [(0, 0.5), (10, 0.9)]), _rec("b", 0, [(0, 0.5), (10, 0.9)]),
+            _rec("c", 0, [(0, 0.01), (10, 0.9)])]
+    rows = aggregate(recs, ["a", "b", "c"], 0.05, "a")
+    by = {r["arm"]: r for r in rows}
+    assert by["a"]["steps_to_target_mean"] == 0 and by["c"]["steps_to_target_mean"] == 10
+    # 0/0 and 0/10 are no speed-ups (they showed 0.0×): every cell is blank, including the baseline's.
+    assert all(math.isnan(r["speedup"]) for r in rows)
+    assert [cells[4] for cells in format_rows(rows)] == ["", "", ""]
+    rows = {r["arm"]: r for r in aggregate(recs, ["c", "a"], 0.05, "c")}
+    assert math.isnan(rows["a"]["speedup"]) and rows["c"]["speedup"] == 1.0
+
+
 def test_single_run_has_no_std_and_unfinished_runs_are_not_averaged():
     recs = [_rec("a", 0, [(0, 0.1), (10, 0.7)]),
             RunRecord("a", 1, Path("/x/a/s1"), "interrupted", {"status": "interrupted", "test_accuracy": 0.0})]
     (row,) = aggregate(recs, ["a"], None, "a")
     assert row["final_acc_mean"] == 0.7 and math.isnan(row["final_acc_std"])
-    assert row["runs"] == 2 and row["completed"] == 1 and row["failed"] == 1
+    assert row["runs"] == 2 and row["completed"] == 1 and row["failed"] == 0 and row["unfinished"] == 1
     assert math.isnan(row["steps_to_target_mean"]) and math.isnan(row["speedup"])
 
 
@@ -346,6 +360,12 @@ def _bad(tmp_path: Path, monkeypatch, argv: list[str]) -> str:
     ({"seeds": []}, "seeds"),
     ({"seeds": [1, 1]}, "seeds: each seed may appear once"),
     ({"bogus": 1}, "bogus: unknown key"),
+    ({"arms": {"..": {}}}, "an arm name must be"),
+    ({"arms": {".": {}}}, "an arm name must be"),
+    ({"name": ".."}, "name: String should match pattern"),
+    ({"seeds": [True, 1.0]}, "seeds.0"),
+    ({"seeds": [0, 1.0]}, "seeds.1"),
+    ({"target_accuracy": True}, "target_accuracy"),
     ({"base": {**TINY["base"], "optim": {"lr": 0}}}, "base: optim.lr"),
     ({"base": "missing.yaml"}, "base: config file not found"),
 ])
@@ -366,10 +386,13 @@ def test_bad_comparison_configs(tmp_path, monkeypatch, change, expected):
     (["--set", "seedz=[1]"], "seedz: unknown key"),
     (["--out", "existing"], "already exists"),
     (["--resume", "existing"], "do not combine"),
+    (["--out", "afile/x"], "cannot create a comparison directory at afile/x"),
+    (["--set", "out_dir=afile"], "cannot create a comparison directory at afile/compare/tiny"),
 ])
 def test_bad_flags(tmp_path, monkeypatch, argv, expected):
-    write_cfg(tmp_path / "c.yaml", TINY)
+    write_cfg(tmp_path / "c.yaml", {**TINY, "seeds": [0]})
     (tmp_path / "existing").mkdir()
+    (tmp_path / "afile").write_text("a file where a directory would go")
     err = _bad(tmp_path, monkeypatch, ["compare", "-c", "c.yaml", *argv])
     assert expected in err
 
@@ -398,3 +421,81 @@ def test_not_a_run_directory(tmp_path, monkeypatch):
     assert "nowhere does not exist" in err
     err = _bad(tmp_path, monkeypatch, ["compare", "--resume", "junk"])
     assert "not a comparison directory" in err
+
+
+def _fake_run(path: Path, cfg: dict, summary: dict | str) -> Path:
+    """A run directory as bnexp writes it (config.yaml, summary.json), without training."""
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+    (path / "summary.json").write_text(summary if isinstance(summary, str) else json.dumps(summary))
+    return path
+
+
+@pytest.mark.parametrize("config, summary, expected", [
+    ({"name": "a"}, '{"status": "compl', "corrupted run/summary.json: not valid JSON"),
+    ({"name": "a"}, "[1, 2]", "corrupted run/summary.json: not a JSON object"),
+    ({"name": "a"}, '{"status": [1]}', "corrupted run/summary.json: status is not a string"),
+    ("model: [", {"status": "completed"}, "malformed YAML in run/config.yaml"),
+])
+def test_damaged_run_directory_is_a_user_error(tmp_path, monkeypatch, config, summary, expected):
+    _fake_run(tmp_path / "run", config, summary)
+    err = _bad(tmp_path, monkeypatch, ["compare", "run"])
+    assert expected in err
+
+
+def test_damaged_metrics_is_a_user_error(tmp_path, monkeypatch):
+    run = _fake_run(tmp_path / "run", {"name": "a"}, {"status": "completed"})
+    (run / "metrics.jsonl").write_text('{"step": 0}\n{"step": \n{"step": 20}\n')
+    err = _bad(tmp_path, monkeypatch, ["compare", "run"])
+    assert "corrupted run/metrics.jsonl" in err
+
+
+def test_runs_named_alike_with_different_configs_are_different_arms(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for norm, acc in (("none", 0.5), ("bnexp", 0.9)):
+        for seed in (0, 1):
+            _fake_run(tmp_path / f"{norm}{seed}", {"name": "default", "seed": seed, "out_dir": f"o{seed}",
+                                                   "model": {"norm": norm, "hidden": [4]}},
+                      {"status": "completed", "seed": seed, "test_accuracy": acc + seed / 100})
+    code, out, err = run_cli(["compare", "none0", "none1", "bnexp0", "bnexp1", "--out", "r", "-q"])
+    assert code == 0, err
+    table = read_csv(tmp_path / "r" / "summary.csv")
+    # Named by the one key that tells them apart; seed and out_dir do not make an arm.
+    assert list(table) == ["model.norm-none", "model.norm-bnexp"]
+    assert [int(table[a]["runs"]) for a in table] == [2, 2]
+    assert float(table["model.norm-bnexp"]["final_acc_mean"]) == pytest.approx(0.905)
+
+
+def test_a_damaged_run_in_a_comparison_is_recorded_as_failed(tiny_comparison, tmp_path):
+    import shutil
+
+    comp, code, _, _ = tiny_comparison
+    assert code == 0
+    copy = tmp_path / "c"
+    shutil.copytree(comp, copy)
+    (copy / "bnexp" / "s1" / "summary.json").write_text('{"status": "compl')
+    before = tree(copy / "no_bn")
+    code, out, err = run_cli(["compare", "--resume", str(copy)])
+    assert code == 0, err
+    assert "0 of 4 runs to finish" in err and "corrupted" in err
+    assert tree(copy / "no_bn") == before
+    table = read_csv(copy / "summary.csv")
+    assert table["bnexp"]["failed"] == "1" and table["bnexp"]["completed"] == "1"
+    assert "| bnexp | 1 | failed: corrupted " in (copy / "report.md").read_text()
+
+
+def test_resume_never_deletes_outside_the_comparison(tiny_comparison, tmp_path, monkeypatch):
+    import shutil
+
+    comp, code, _, _ = tiny_comparison
+    assert code == 0
+    copy = tmp_path / "c"
+    shutil.copytree(comp, copy)
+    outside = tmp_path / "outside"
+    (outside / "s0").mkdir(parents=True)
+    (outside / "s0" / "keep.txt").write_text("not bnexp's")
+    shutil.rmtree(copy / "no_bn")
+    (copy / "no_bn").symlink_to(outside)  # s0 below it is not a run: resume would delete it
+    code, out, err = run_cli(["compare", "--resume", str(copy)])
+    assert code == 2 and "refusing to delete" in err and len(err.strip().splitlines()) == 1
+    assert (outside / "s0" / "keep.txt").read_text() == "not bnexp's"
