@@ -282,6 +282,8 @@ class Trainer:
             probing = self.probes is not None and self.probes.due(step)
             if probing:
                 self.probes.after_backward(step, model)
+            # The lr this update uses (a Python float, no sync); the scheduler moves it on after the step.
+            self._step_lr = opt.param_groups[0]["lr"]
             opt.step()
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -341,7 +343,7 @@ class Trainer:
         row["train/loss"] = losses.mean().item()
         self.last_train_loss = row["train/loss"]
         row["train/accuracy"] = correct / (n * self.cfg.data.batch_size)
-        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        row["lr"] = self._step_lr
         return None
 
     def _weights_finite(self) -> bool:

@@ -183,3 +183,14 @@ def test_a_run_that_fails_to_start_leaves_no_directory(cli, tiny_config, tmp_pat
     _assert_user_error(cli("train", "--config", tiny_config, "--out", "o", "--quiet"), "refused")
     _assert_user_error(cli("train", "--config", tiny_config, "--quiet"), "refused")
     assert _files(tmp_path) - {"runs", os.path.join("runs", "tiny")} == {"config.yaml"}
+
+
+def test_logged_lr_is_the_one_the_step_trained_with(cli, tiny_config, tmp_path):
+    from bnexp.runs import read_metrics
+
+    r = cli("train", "--config", tiny_config, "--set", "optim.warmup_steps=10", "--set", "optim.lr=1.0",
+            "--set", "train.log_every=1", "--set", "train.steps=12", "--quiet")
+    assert r.code == 0, r.err
+    lrs = {row["step"]: row["lr"] for row in read_metrics(tmp_path / r.path) if "lr" in row}
+    # Step s is the s-th update, which warm-up runs at s/10 of the base lr.
+    assert lrs == pytest.approx({s: min(s, 10) / 10 for s in range(1, 13)})
