@@ -152,8 +152,13 @@ class DistConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 
+# A name becomes a directory under out_dir: `.` and `..` (any name of dots only) would escape it. Written
+# without a lookahead because pydantic matches patterns with Rust's regex engine.
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]*[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$"
+
+
 class Config(_Strict):
-    name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field("default", min_length=1, pattern=NAME_PATTERN)
     # torch.manual_seed takes up to 2**64 - 1; below 2**63 leaves room for the probes' and PreciseBN's
     # seed offsets.
     seed: Int = Field(0, ge=0, lt=2**63)
@@ -234,8 +239,14 @@ def format_validation_error(err: ValidationError) -> str:
         msg = msg[len("Value error, "):]
         if not loc:
             return msg
+        # A field validator may name its own key too ("seeds: each seed may appear once"): say it once.
+        if msg.startswith(f"{loc}: "):
+            msg = msg[len(loc) + 2:]
     if first["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
+    if first["type"] == "string_pattern_mismatch" and first.get("ctx", {}).get("pattern") == NAME_PATTERN:
+        return (f"{loc}: {first['input']!r} is not a usable directory name (letters, digits, '_', '.' and '-', "
+                f"not only dots)")
     if "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
         return f"{loc}: {msg} (got {first['input']!r})"
     return f"{loc or '<top>'}: {msg}"
@@ -251,12 +262,45 @@ def validate(raw: dict[str, Any]) -> Config:
         raise ConfigError(f"invalid config: {format_validation_error(err)}") from None
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping: a second `optim:` section would silently
+    replace the first. Refuse it instead. `<<` merge keys may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    continue
+                if duplicate:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _load_yaml(path.read_text())
+    except _DuplicateKey as dup:
+        raise ConfigError(f"duplicate key {dup.key} at line {dup.line} in {path}") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -278,7 +322,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"bad --set {text!r}: expected KEY=VALUE with a dotted key, e.g. model.norm=none")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _load_yaml(value) if value.strip() else None
+    except _DuplicateKey as dup:
+        raise ConfigError(f"bad --set {text!r}: duplicate key {dup.key} in the value of {key}") from None
     except yaml.YAMLError:
         raise ConfigError(f"bad --set {text!r}: the value of {key} is not valid YAML") from None
     return key, parsed

@@ -156,3 +156,53 @@ def test_to_yaml_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(cfg))
     assert load(path) == cfg
+
+
+@pytest.mark.parametrize("name", ["..", ".", "...", "a/b", ""])
+def test_name_cannot_escape_out_dir(name):
+    with pytest.raises(ConfigError, match="name:"):
+        validate({"name": name})
+
+
+@pytest.mark.parametrize("name", ["a.b", ".hidden", "run..2", "2024", "x-y_z"])
+def test_names_with_dots_among_other_characters(name):
+    assert validate({"name": name}).name == name
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("optim: {lr: 0.1}\nseed: 1\noptim: {name: adam}\n")
+    with pytest.raises(ConfigError, match=r"^duplicate key optim at line 3 in .*dup\.yaml$"):
+        load(path)
+    path.write_text("model:\n  norm: none\n  norm: torch\n")
+    with pytest.raises(ConfigError, match="duplicate key norm at line 3"):
+        load(path)
+    with pytest.raises(ConfigError, match="bad --set.*duplicate key a"):
+        parse_override("model.hidden={a: 1, a: 2}")
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("optim: &o {lr: 0.1, name: adam}\ntrain:\n  steps: 5\n  <<: {steps: 7, eval_every: 3}\n")
+    cfg = load(path)
+    assert (cfg.train.steps, cfg.train.eval_every, cfg.optim.lr) == (5, 3, 0.1)
+
+
+def test_a_validator_that_names_its_key_is_not_repeated():
+    from pydantic import ValidationError, field_validator
+
+    from bnexp.config import format_validation_error
+
+    class Arms(BaseModel):
+        seeds: list[int]
+
+        @field_validator("seeds")
+        @classmethod
+        def _distinct(cls, seeds):
+            if len(set(seeds)) != len(seeds):
+                raise ValueError("seeds: each seed may appear once")
+            return seeds
+
+    with pytest.raises(ValidationError) as exc:
+        Arms(seeds=[1, 1])
+    assert format_validation_error(exc.value) == "seeds: each seed may appear once (got [1, 1])"
