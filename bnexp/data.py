@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from bnexp.errors import UserError, first_line
 
+import math
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -45,6 +46,14 @@ class Dataset:
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
     from sklearn.model_selection import train_test_split
 
+    # A stratified split puts at least one example of each class on each side; sklearn rounds the test
+    # side up. Checked here so an extreme fraction is a one-line error, not sklearn's traceback.
+    n, classes = len(y), len(np.unique(y))
+    n_test = math.ceil(test_fraction * n)
+    if n_test < classes or n - n_test < classes:
+        side, count = ("test", n_test) if n_test < classes else ("training", n - n_test)
+        raise DataError(f"data.test_fraction: {test_fraction} leaves {count} of {n} examples for the {side} "
+                        f"set, fewer than the {classes} classes a stratified split needs")
     return train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
 
 

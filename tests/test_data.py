@@ -15,6 +15,7 @@ import torch
 from bnexp.config import DataConfig
 from bnexp.data import BatchSampler, DataError, load_dataset
 from bnexp.runs import read_metrics, read_summary
+from conftest import DEFAULT_CONFIG
 
 
 def test_digits_is_the_offline_default():
@@ -195,3 +196,13 @@ def test_missing_torchvision_dataset_offline(cli, write_config, tmp_path, datase
     assert len(lines) == 1 and "Traceback" not in r.err
     assert lines[0].startswith(f"error: {dataset} not found") and os.path.join("datasets", folder) in lines[0]
     assert sorted(os.listdir(tmp_path)) == ["config.yaml"]  # no data root, no runs/
+
+
+@pytest.mark.parametrize("fraction, side", [(0.001, "test"), (0.005, "test"), (0.995, "training")])
+def test_test_fraction_that_leaves_a_side_without_every_class(cli, tmp_path, fraction, side):
+    r = cli("train", "--config", DEFAULT_CONFIG, "--set", f"data.test_fraction={fraction}",
+            "--set", "data.batch_size=2", "--out", "o", "--quiet")
+    assert r.code == 2 and r.out == "" and "Traceback" not in r.err
+    assert r.err.strip().splitlines() == [r.err.strip()]
+    assert "data.test_fraction" in r.err and f"for the {side} set" in r.err
+    assert os.listdir(tmp_path) == []
