@@ -32,6 +32,14 @@ ConfigOpt = typer.Option(..., "--config", "-c", help="YAML experiment config.", 
 SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
                       help="Override a config key, e.g. --set model.norm=none (repeatable; value parsed as YAML).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+# compare's keys are those of a comparison config (its base run config sits under base.), and its quiet
+# mode hides more than a progress bar.
+CompareSetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
+                             help="Override a comparison config key, e.g. --set base.train.steps=200 or "
+                                  "--set seeds=[0,1] (repeatable; value parsed as YAML). On run directories: "
+                                  "only name, target_accuracy, baseline and out_dir.")
+CompareQuietOpt = typer.Option(False, "--quiet", "-q",
+                               help="Print only the comparison directory: no per-run lines, no table.")
 
 
 def _version(value: bool) -> None:
@@ -129,12 +137,12 @@ def compare(
                                                     "(instead of --config)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Comparison config (YAML).",
                                           show_default=False),
-    set_: Optional[List[str]] = SetOpt,
+    set_: Optional[List[str]] = CompareSetOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Comparison directory to create."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs trained in parallel worker processes."),
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="COMPARISON_DIR",
                                           help="Finish the runs of a comparison that did not complete."),
-    quiet: bool = QuietOpt,
+    quiet: bool = CompareQuietOpt,
 ) -> None:
     """Run arms x seeds and write a report (table, CSV, plots); or report on existing runs."""
     from bnexp import compare as comparemod

@@ -194,3 +194,10 @@ def test_logged_lr_is_the_one_the_step_trained_with(cli, tiny_config, tmp_path):
     lrs = {row["step"]: row["lr"] for row in read_metrics(tmp_path / r.path) if "lr" in row}
     # Step s is the s-th update, which warm-up runs at s/10 of the base lr.
     assert lrs == pytest.approx({s: min(s, 10) / 10 for s in range(1, 13)})
+
+
+def test_compare_help_describes_compare_not_train(cli):
+    r = cli("compare", "--help")
+    text = " ".join(r.out.replace("│", " ").split())
+    assert r.code == 0 and "base.train.steps" in text and "model.norm=none" not in text
+    assert "no table" in text and "No progress bar" not in text
