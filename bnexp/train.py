@@ -108,7 +108,24 @@ class _Progress:
 def _tb_writer(run_dir: Path, purge_step: int | None):
     from torch.utils.tensorboard import SummaryWriter
 
+    if purge_step is not None:
+        _wait_for_a_later_event_file_name(run_dir)
     return SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+
+
+def _wait_for_a_later_event_file_name(run_dir: Path) -> None:
+    """TensorBoard reads a run's event files in file-name order, and applies a resumed writer's purge to
+    what it has read so far. Names are events.out.tfevents.<unix second>.<host>.<pid>..., so a resume in
+    the same second as the previous writer could sort first (pids compare as strings), and the purged
+    steps would then show twice. A strictly later second sorts last."""
+    latest = 0
+    for f in run_dir.glob("events.out.tfevents.*"):
+        stamp = f.name.split(".")[3]
+        if stamp.isdigit():
+            latest = max(latest, int(stamp))
+    wait = latest + 1 - time.time()
+    if wait > 0:
+        time.sleep(wait)
 
 
 def _base_layout() -> dict[str, dict[str, list]]:
