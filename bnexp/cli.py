@@ -42,6 +42,19 @@ CompareQuietOpt = typer.Option(False, "--quiet", "-q",
                                help="Print only the comparison directory: no per-run lines, no table.")
 
 
+def _check_paths(out: Optional[Path], resume: Optional[Path], what: str) -> None:
+    """Say plainly what is wrong with a path whose OS error would only read "File exists" or "not found"."""
+    if resume is not None and resume.exists() and not resume.is_dir():
+        raise UserError(f"--resume {resume}: is a file, not a {what} directory")
+    if out is not None:
+        for parent in out.parents:
+            if parent.exists() or parent.is_symlink():
+                if not parent.is_dir():
+                    raise UserError(f"cannot create a {what} directory at {out}: its parent {parent} is a "
+                                    f"file, not a directory")
+                break
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"bnexp {bnexp.__version__}")
@@ -77,6 +90,7 @@ def train(
         set_ = [*(set_ or []), f"dist.nproc={nproc}"]
     if resume is None and config is None:
         raise UserError("missing option --config (or --resume RUN_DIR)")
+    _check_paths(out, resume, "run")
     # Installed before torch is imported: a signal during start-up ends the command cleanly (see
     # bnexp.interrupt), one during training checkpoints and marks the run interrupted.
     with catch_signals(), _interruptible(resume):
@@ -147,6 +161,7 @@ def compare(
     """Run arms x seeds and write a report (table, CSV, plots); or report on existing runs."""
     from bnexp import compare as comparemod
 
+    _check_paths(out, resume, "comparison")
     path = comparemod.main(config=config, overrides=set_ or [], out=out, jobs=jobs, resume=resume,
                            run_dirs=run_dirs or [], quiet=quiet)
     typer.echo(str(path))

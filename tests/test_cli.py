@@ -201,3 +201,15 @@ def test_compare_help_describes_compare_not_train(cli):
     text = " ".join(r.out.replace("│", " ").split())
     assert r.code == 0 and "base.train.steps" in text and "model.norm=none" not in text
     assert "no table" in text and "No progress bar" not in text
+
+
+def test_paths_of_the_wrong_kind_say_so(cli, tiny_config, tmp_path):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    _assert_user_error(cli("train", "--config", "adir"), "adir is a directory")
+    _assert_user_error(cli("train", "--resume", "afile"), "afile", "is a file, not a run directory")
+    _assert_user_error(cli("train", "--config", tiny_config, "--out", "afile/sub", "--quiet"),
+                       "afile is a file")
+    _assert_user_error(cli("compare", "--config", tiny_config, "--out", "afile/sub"), "afile is a file")
+    assert _files(tmp_path) == {"config.yaml", "adir", "afile"}
+    assert (tmp_path / "afile").read_text() == "x"
