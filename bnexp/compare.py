@@ -26,15 +26,15 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bnexp.config import (Config, ConfigError, Float, Int, apply_override, format_validation_error,
+from bnexp.config import (NAME_PATTERN, Config, ConfigError, Float, Int, apply_override, format_validation_error,
                           parse_override, read_yaml, validate)
 from bnexp.errors import UserError
 from bnexp.interrupt import Interrupted
 from bnexp.runs import ERROR_FILE, FINISHED, RunDirError, create_run_dir, read_status, refuse_existing
 
 COMPARE_YAML = "compare.yaml"
-# Arm and comparison names become directory names: "." and ".." would point outside the comparison.
-_NAME = r"^(?!\.\.?$)[A-Za-z0-9_.\-]+$"
+# Arm and comparison names become directory names: the run name's rule (no "." or "..") applies.
+_NAME = NAME_PATTERN
 _SEED_DIR = re.compile(r"^s(\d+)$")
 # Keys of the comparison config that still mean something when reporting on existing run directories.
 _REPORT_KEYS = ("name", "target_accuracy", "baseline", "out_dir")
@@ -45,8 +45,7 @@ class CompareError(UserError):
 
 
 class CompareConfig(BaseModel):
-    # python-re: the Rust engine has no look-ahead, which _NAME needs to refuse "." and "..".
-    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
+    model_config = ConfigDict(extra="forbid")
 
     name: str = Field("compare", min_length=1, pattern=_NAME)
     base: dict[str, Any] = Field(default_factory=dict)

@@ -362,7 +362,7 @@ def _bad(tmp_path: Path, monkeypatch, argv: list[str]) -> str:
     ({"bogus": 1}, "bogus: unknown key"),
     ({"arms": {"..": {}}}, "an arm name must be"),
     ({"arms": {".": {}}}, "an arm name must be"),
-    ({"name": ".."}, "name: String should match pattern"),
+    ({"name": ".."}, "name: '..' is not a usable directory name"),
     ({"seeds": [True, 1.0]}, "seeds.0"),
     ({"seeds": [0, 1.0]}, "seeds.1"),
     ({"target_accuracy": True}, "target_accuracy"),
