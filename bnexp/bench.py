@@ -57,19 +57,10 @@ def paper_mlp_config(*, probes: bool = False, steps: int = 2000, norm: str | Non
                  # steps would take up to a third of the run whatever the loop does.
                  "synthetic": {"num_samples": 1800, "num_features": 784, "num_classes": 10}},
         "model": {"kind": "mlp", "hidden": [100, 100, 100], "activation": "sigmoid",
-                  "norm": norm or default_norm()},
+                  "norm": norm or "bnexp"},
         "train": {"steps": steps},
         "probes": {"enabled": probes},
     })
-
-
-def default_norm() -> str:
-    """Our layer when it is importable, else torch's reference BN (the loop is what is measured)."""
-    try:
-        import bnexp.norm  # noqa: F401
-    except ImportError:
-        return "torch"
-    return "bnexp"
 
 
 @contextmanager
