@@ -328,7 +328,6 @@ def _record_failure(trainer, run_dir: Path) -> None:
     after it, which the resumed run redoes. Best effort: the original error is what gets reported.
     """
     from bnexp import checkpoint
-    from bnexp.runs import read_summary, write_summary
 
     try:
         found = checkpoint.list_checkpoints(run_dir)

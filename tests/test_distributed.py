@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from bnexp.distributed import FAIL_ENV, ShardSampler, free_port, shard
 

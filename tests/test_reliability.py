@@ -321,17 +321,26 @@ def test_signal_after_the_run_dir_exists_checkpoints_step_0(tmp_path, capsys, mo
     assert_same_run(run_dir, reference)
 
 
-def test_torn_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path, capsys, monkeypatch, reference):
+
+def signal_after_row(monkeypatch, at_step: int, sig: int):
+    """Make the run signal itself right after it logs the row of `at_step`; return the real _write_row."""
     import bnexp.train as trainmod
 
     real_write = trainmod.Trainer._write_row
 
     def write_then_signal(self, step, row):
         real_write(self, step, row)
-        if step == 350:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if step == at_step:
+            os.kill(os.getpid(), sig)
 
     monkeypatch.setattr(trainmod.Trainer, "_write_row", write_then_signal)
+    return real_write
+
+
+def test_torn_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path, capsys, monkeypatch, reference):
+    import bnexp.train as trainmod
+
+    real_write = signal_after_row(monkeypatch, 350, signal.SIGTERM)
     cfg = write(tmp_path / "run.yaml", RUN)
     run_dir = tmp_path / "run"
     assert run_cli(capsys, "train", "-c", cfg, "--out", run_dir, "-q")[0] == 143
@@ -536,14 +545,7 @@ def test_divergence_window_survives_an_interruption(tmp_path, capsys, monkeypatc
     expected = runs.read_summary(tmp_path / "straight")
     assert expected["status"] == "diverged"
 
-    real_write = trainmod.Trainer._write_row
-
-    def write_then_signal(self, step, row):
-        real_write(self, step, row)
-        if step == 150:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(trainmod.Trainer, "_write_row", write_then_signal)
+    real_write = signal_after_row(monkeypatch, 150, signal.SIGINT)
     assert run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "resumed", "-q")[0] == 130
     monkeypatch.setattr(trainmod.Trainer, "_write_row", real_write)
     assert run_cli(capsys, "train", "--resume", tmp_path / "resumed", "-q")[0] == 0
