@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bnexp.errors import RunFailed, UserError
+from bnexp.runs import ERROR_FILE
 
 # Test-only fault injection: "RANK:STEP" makes that rank raise just before that training step.
 FAIL_ENV = "BNEXP_DIST_FAIL_AT"
@@ -524,7 +525,7 @@ def _failure_line(rank: int, code: int | None, report_dir: Path, run_dir: Path) 
     if rep is not None:
         what = rep[1]
         if rep[2].strip():
-            (run_dir / "error.txt").write_text(f"rank {rank}:\n{rep[2]}")
+            (run_dir / ERROR_FILE).write_text(f"rank {rank}:\n{rep[2]}")
     elif code is not None and code < 0:
         what = f"killed by {signal.Signals(-code).name}"
     else:
@@ -624,7 +625,7 @@ def resume(cfg, run_dir: Path, checkpoint_path: Path | None, *, quiet: bool = Tr
     launcher, while it holds the run directory's lock)."""
     run_dir = Path(run_dir)
     if env_rank() == 0:
-        (run_dir / "error.txt").unlink(missing_ok=True)  # a previous failure's traceback
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a previous failure's traceback
     if not under_launcher():
         return launch(cfg, run_dir, quiet=quiet, resume_from=checkpoint_path, resume=True)
     world = int(os.environ["WORLD_SIZE"])
