@@ -368,7 +368,9 @@ def _report(out_dir: Path, records, title: str, target: float | None, baseline: 
 
 def _describe(cmp: CompareConfig, jobs: list[Job]) -> list[str]:
     cfg = jobs[0].cfg
-    notes = [f"data: {cfg.data.dataset}, batch {cfg.data.batch_size}; model: {cfg.model.kind} "
+    # The first arm's resolved settings: the other arms differ from them only by their own overrides.
+    notes = [f"settings (as arm `{jobs[0].arm}` runs them; arms differ by the overrides below): data "
+             f"{cfg.data.dataset}, batch {cfg.data.batch_size}; model: {cfg.model.kind} "
              f"{cfg.model.activation}; optimizer: {cfg.optim.name}, lr {cfg.optim.lr}; "
              f"{cfg.train.steps} steps; seeds {', '.join(map(str, cmp.seeds))}"]
     for arm, overrides in cmp.arms.items():
