@@ -129,6 +129,10 @@ def _interruptible(resume: Optional[Path]):
 
 
 def _report(summary: dict, run_dir: Path) -> None:
+    from bnexp.distributed import env_rank
+
+    if env_rank() != 0:  # under torchrun every rank returns here; the run and its summary are rank 0's
+        return
     acc = summary.get("test_accuracy")
     line = f"{summary['status']} after {summary['steps']} steps"
     if acc is not None:
