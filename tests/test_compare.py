@@ -15,6 +15,7 @@ import yaml
 
 from bnexp import cli
 from bnexp.report import RunRecord, aggregate
+from conftest import REPO
 
 # A comparison small enough to train in about a second per run, big enough for BN to matter.
 TINY = {
@@ -499,3 +500,22 @@ def test_resume_never_deletes_outside_the_comparison(tiny_comparison, tmp_path, 
     code, out, err = run_cli(["compare", "--resume", str(copy)])
     assert code == 2 and "refusing to delete" in err and len(err.strip().splitlines()) == 1
     assert (outside / "s0" / "keep.txt").read_text() == "not bnexp's"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "compare").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_comparison_config_plans(path):
+    """A comparison config in the repository that no longer validates would only fail when a user runs it."""
+    from bnexp.compare import load_compare, plan
+
+    cmp = load_compare(path, [])
+    jobs = plan(cmp)
+    assert len(jobs) == len(cmp.arms) * len(cmp.seeds)
+    assert {j.arm for j in jobs} == set(cmp.arms)
+
+
+@pytest.mark.parametrize("path", [REPO / "configs" / "default.yaml",
+                                  *sorted((REPO / "configs" / "ablations").glob("*.yaml"))], ids=lambda p: p.stem)
+def test_every_shipped_experiment_config_validates(path):
+    from bnexp.config import load
+
+    assert load(path).name
