@@ -19,7 +19,6 @@ import json
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from bnexp.bench_layer import torch_threads
 from bnexp.config import Config, validate
 from bnexp.data import Dataset, load_dataset
 from bnexp.errors import UserError
@@ -63,22 +63,6 @@ def paper_mlp_config(*, probes: bool = False, steps: int = 2000, norm: str | Non
     })
 
 
-@contextmanager
-def torch_threads(n: int | None):
-    """Run with n intra-op threads (None: leave torch's setting), restoring the previous count.
-
-    The loop and memory sections use one thread by default: on a machine that other work keeps busy,
-    OpenMP workers spin-waiting for a descheduled peer made a step of this small network 20-50x slower
-    with two threads on two cores (measured with a load average of 13), and that noise swamps any ratio.
-    Both contenders always run with the same count.
-    """
-    previous = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def read_rss_mb() -> float:

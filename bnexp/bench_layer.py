@@ -12,6 +12,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from rich.table import Table
@@ -38,6 +39,24 @@ _TORCH = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNor
 # reductions, then reads g and x and writes dx. (A single-pass ideal would be 5: x, y, g, x, dx.)
 TRAFFIC_PASSES = 8
 TRAFFIC_PASSES_IDEAL = 5
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run with n intra-op threads (None: leave torch's setting), restoring the previous count.
+
+    Every bench section uses one thread by default: on a machine that other work keeps busy,
+    OpenMP workers spin-waiting for a descheduled peer made a step of this small network 20-50x slower
+    with two threads on two cores (measured with a load average of 13), and that noise swamps any ratio.
+    Both contenders always run with the same count.
+    """
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _time_pair(fns: dict[str, Callable[[], None]], repeats: int, min_sample_s: float,
@@ -149,10 +168,7 @@ def measure_layer(repeats: int = 15, quick: bool = False,
     timer = time.perf_counter if clock == "wall" else time.thread_time
     min_sample_s = 0.002 if quick else 0.01
     budget_s = 0.5 if quick else 4.0
-    saved_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         bandwidth = copy_bandwidth_gbs(32 * 2**20 if quick else 256 * 2**20, 3 if quick else 7, timer)
         rows = []
         for shape in shapes:
@@ -184,8 +200,6 @@ def measure_layer(repeats: int = 15, quick: bool = False,
                         row["ours_over_bound"] = row["ours_ms"] / row["bound_ms"]
                         row["torch_over_bound"] = row["torch_ms"] / row["bound_ms"]
                     rows.append(row)
-    finally:
-        torch.set_num_threads(saved_threads)
     return rows
 
 
