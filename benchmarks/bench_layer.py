@@ -16,9 +16,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: as is)")
     parser.add_argument("--cpu-clock", action="store_true", help="time thread CPU time (needs --threads 1)")
+    parser.add_argument("--path", choices=["kernel", "ops"], default="kernel",
+                        help="the layer's compiled kernel (its default) or its tensor-op path")
     args = parser.parse_args()
     rows = measure_layer(repeats=args.repeats, quick=args.quick, threads=args.threads,
-                         clock="cpu" if args.cpu_clock else "wall")
+                         clock="cpu" if args.cpu_clock else "wall", path=args.path)
     console = Console()
     console.print(render_table(rows))
     for line in summary_lines(rows):

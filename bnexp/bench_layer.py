@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from rich.table import Table
 
-from bnexp import norm
+from bnexp import kernel, norm
 
 SHAPES: list[tuple[int, ...]] = [
     (60, 100),
@@ -149,14 +149,19 @@ def memory_bound(shape: tuple[int, ...], dtype: torch.dtype, bandwidth_gbs: floa
 def measure_layer(repeats: int = 15, quick: bool = False,
                   shapes: list[tuple[int, ...]] | None = None,
                   dtypes: tuple[torch.dtype, ...] = DTYPES,
-                  threads: int | None = None, clock: str = "wall") -> list[dict]:
+                  threads: int | None = None, clock: str = "wall", path: str = "kernel") -> list[dict]:
     """One row per (shape, dtype, mode): ours_ms, torch_ms (medians), ratio (ours/torch); bound on conv.
+
+    ``path`` is the layer's path to time: "kernel" (the compiled kernel, as the layer runs by default;
+    the tensor ops if it cannot be built, and the rows say so) or "ops" (its tensor-op path).
 
     ``clock="wall"`` times with perf_counter (what a user waits for). ``clock="cpu"`` times the calling
     thread's CPU time, which leaves out time the scheduler gives to other processes; it needs
     ``threads=1`` (other intra-op threads' work would not be counted). ``threads`` sets torch's
     intra-op thread count for the run and restores it afterwards.
     """
+    if path not in ("kernel", "ops"):
+        raise ValueError(f"path must be 'kernel' or 'ops', got {path!r}")
     if clock not in ("wall", "cpu"):
         raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
     if clock == "cpu" and threads != 1:
@@ -168,7 +173,8 @@ def measure_layer(repeats: int = 15, quick: bool = False,
     timer = time.perf_counter if clock == "wall" else time.thread_time
     min_sample_s = 0.002 if quick else 0.01
     budget_s = 0.5 if quick else 4.0
-    with torch_threads(threads):
+    with torch_threads(threads), kernel.enabled(path == "kernel") as kern:
+        path_used = "kernel" if kern is not None else "ops"
         bandwidth = copy_bandwidth_gbs(32 * 2**20 if quick else 256 * 2**20, 3 if quick else 7, timer)
         rows = []
         for shape in shapes:
@@ -188,6 +194,7 @@ def measure_layer(repeats: int = 15, quick: bool = False,
                         "mode": mode,
                         "threads": torch.get_num_threads(),
                         "clock": clock,
+                        "path": path_used,
                         "ours_ms": t["ours"]["median"] * 1e3,
                         "torch_ms": t["torch"]["median"] * 1e3,
                         "ratio": t["ours"]["median"] / t["torch"]["median"],
@@ -211,7 +218,9 @@ def geomean_ratio(rows: list[dict], mode: str = "train fwd+bwd", dtype: str | No
 def render_table(rows: list[dict]) -> Table:
     threads = rows[0]["threads"] if rows else torch.get_num_threads()
     clock = rows[0]["clock"] if rows else "wall"
-    table = Table(title=f"bnexp.norm vs torch.nn.BatchNorm*d ({threads} thread(s), {clock} clock, medians)",
+    path = {"kernel": "compiled kernel", "ops": "tensor ops"}[rows[0]["path"]] if rows else "?"
+    table = Table(title=f"bnexp.norm ({path}) vs torch.nn.BatchNorm*d ({threads} thread(s), {clock} clock, "
+                        "medians)",
                   caption=f"bound: {TRAFFIC_PASSES} full-tensor transfers at the measured copy bandwidth; "
                           "min ratio: ratio of the fastest repeats")
     for col, just in [("shape", "left"), ("dtype", "left"), ("mode", "left"), ("ours ms", "right"),

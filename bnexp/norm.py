@@ -1,4 +1,4 @@
-"""Batch normalization written from general tensor operations (Ioffe & Szegedy 2015, Algorithms 1 and 2).
+"""Batch normalization written by us (Ioffe & Szegedy 2015, Algorithms 1 and 2): a compiled kernel and tensor ops.
 
 Drop-in for ``torch.nn.BatchNorm1d/2d/3d``: same constructor, parameter and buffer names, state-dict
 format (``_version = 2``) and errors, but no call into torch's batch-norm kernels, and a hand-written
@@ -8,13 +8,19 @@ Conventions are those of DESIGN.md section 1: normalize with the biased batch va
 ``running_var`` with the unbiased one, ``momentum`` is the weight of the new batch (PyTorch's), and
 ``momentum=None`` is the cumulative average over ``num_batches_tracked``.
 
-Performance notes (measured with bnexp/bench_layer.py on a 2-core CPU): a fresh full-size tensor costs
-more than a pass over one that exists (its pages fault in), so forward allocates only ``y`` and backward
-only ``dx``, and both buffers double as scratch. Forward writes x − mean into ``y``, reduces the squares
-from there (two-pass variance, no cancellation for inputs with a large mean), then makes y in place.
-Backward writes g·x into ``dx`` for Σg·x, then overwrites it with dx = g·k + x·a + b. torch.var_mean,
-vecdot and bmm were all measured slower than these sums (see the helpers' docstrings). On small inputs
-the cost is per-op and autograd.Function overhead, not arithmetic.
+Two paths compute the same thing. Contiguous float32/float64 CPU input goes to our compiled kernel
+(bn_kernel.c via bnexp.kernel): two passes per direction and one foreign call each, statistics
+accumulated in double. Everything else (channels_last or strided input, other dtypes or devices,
+synchronized BN, large inputs when torch runs more than one thread, or no C compiler) takes the
+tensor-op path below. Tests run every comparison with torch on both.
+
+Notes on the tensor-op path (measured with bnexp/bench_layer.py on a 2-core CPU): a fresh full-size
+tensor costs more than a pass over one that exists (its pages fault in), so forward allocates only ``y``
+and backward only ``dx``, and both buffers double as scratch. Forward writes x − mean into ``y``, reduces
+the squares from there (two-pass variance, no cancellation for inputs with a large mean), then makes y in
+place. Backward writes g·x into ``dx`` for Σg·x, then overwrites it with dx = g·k + x·a + b.
+torch.var_mean, vecdot and bmm were all measured slower than these sums (see the helpers' docstrings).
+On small inputs the cost is per-op and autograd.Function overhead, not arithmetic.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
+from torch.autograd.graph import increment_version
 from torch.nn import init
+
+from bnexp import kernel as _kernel
 
 __all__ = [
     "BatchNormBase",
@@ -142,6 +151,31 @@ def _update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var
     torch._foreach_lerp_([running_mean, running_var], [mean, var * (m / (m - 1))], factor)
 
 
+def _kernel_for(x: Tensor, *others: Tensor | None):
+    """The compiled kernel (bnexp.kernel) if it can take x and the per-channel tensors as they are, else None.
+
+    Runs on every call, so it reads only cheap attributes (``device.type`` makes an object: ``is_cpu``
+    does not). The kernel sees raw pointers: every tensor must be contiguous, on the CPU and of x's dtype.
+    """
+    k = _kernel.load()
+    if k is None or not _kernel.eligible(x):
+        return None
+    dtype = x.dtype
+    for t in others:
+        if t is not None and (t.dtype != dtype or not t.is_cpu or not t.is_contiguous()):
+            return None
+    return k
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _ncl(x: Tensor) -> tuple[int, int, int]:
+    n, c = x.shape[0], x.shape[1]
+    return n, c, x.numel() // (n * c)
+
+
 class BatchNormTrainFunction(Function):
     """Training-mode BN: batch statistics forward, the paper's gradients backward.
 
@@ -157,7 +191,29 @@ class BatchNormTrainFunction(Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, unbiased: bool,
-                running: tuple[Tensor, Tensor, float] | None, group=None):
+                running: tuple[Tensor, Tensor, float] | None, group=None, stats_out: bool = True):
+        rm, rv, factor = running if running is not None else (None, None, 0.0)
+        kern = _kernel_for(x, weight, bias, rm, rv) if group is None else None
+        ctx.kernel = kern
+        # Otherwise autograd makes zero gradients for mean and var on every backward (~4 µs a call on
+        # small layers); backward then has to accept an undefined g for y.
+        ctx.set_materialize_grads(False)
+        ctx.unbiased = unbiased
+        if kern is not None:
+            n, c, l = ctx.ncl = _ncl(x)
+            y = kern.empty_like(x)
+            stats = torch.empty(3, c, dtype=x.dtype)  # mean, biased variance, invstd
+            if kern.train_forward[x.dtype](x.data_ptr(), y.data_ptr(), n, c, l, _ptr(weight), _ptr(bias), eps,
+                                           unbiased, stats.data_ptr(), _ptr(rm), _ptr(rv), factor):
+                raise MemoryError("bnexp BatchNorm kernel: out of memory")
+            if rm is not None:
+                increment_version((rm, rv))  # written through pointers, unseen by autograd's checks
+            ctx.save_for_backward(x, weight, stats)
+            if not stats_out:
+                return y
+            mean, var = stats[0], stats[1]
+            ctx.mark_non_differentiable(mean, var)
+            return y, mean, var
         y = torch.empty_like(x)
         mean, var, m, centred = _batch_stats(x, y) if group is None else _synced_batch_stats(x, y, group)
         invstd = (var * (m / (m - 1)) if unbiased else var).add(eps).rsqrt_()
@@ -176,21 +232,21 @@ class BatchNormTrainFunction(Function):
             _update_running(running[0], running[1], mean, var, m, running[2])
         ctx.save_for_backward(x, mean, invstd, scale)
         ctx.m = m
-        ctx.unbiased = unbiased
         ctx.group = group
+        if not stats_out:
+            return y
         ctx.mark_non_differentiable(mean, var)
-        # Otherwise autograd makes zero gradients for mean and var on every backward (~4 µs a call on
-        # small layers); backward then has to accept an undefined g for y.
-        ctx.set_materialize_grads(False)
         return y, mean, var
 
     @staticmethod
-    def backward(ctx, g: Tensor, _g_mean, _g_var):
+    def backward(ctx, g: Tensor, *_g_stats):
         # once_differentiable would do this check, at a few µs a call that small layers notice.
         if torch.is_grad_enabled():
             raise RuntimeError("bnexp BatchNorm does not support double backward (create_graph=True)")
         if g is None:  # y's gradient undefined (grads are not materialized): so are the inputs'
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
+        if ctx.kernel is not None:
+            return _kernel_backward(ctx, g) + (None, None, None, None, None)
         x, mean, invstd, scale = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         m = ctx.m
@@ -218,7 +274,24 @@ class BatchNormTrainFunction(Function):
             torch.addcmul(_vector_shift(b, x), x, _per_channel(a, x), out=dx)
             dx.addcmul_(g, _per_channel(scale, x))
             grad_x = dx
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _kernel_backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    x, weight, stats = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    g = g.contiguous()  # e.g. the expanded gradient of y.sum()
+    n, c, l = ctx.ncl
+    dtype = x.dtype
+    dx = ctx.kernel.empty_like(x) if need_x else None
+    grad_w = torch.empty(c, dtype=dtype) if need_w else None
+    grad_b = torch.empty(c, dtype=dtype) if need_b else None
+    mean = stats.data_ptr()
+    if ctx.kernel.train_backward[dtype](g.data_ptr(), x.data_ptr(), _ptr(dx), n, c, l, _ptr(weight), mean,
+                                        mean + 2 * c * stats.element_size(), ctx.unbiased, _ptr(grad_w),
+                                        _ptr(grad_b)):
+        raise MemoryError("bnexp BatchNorm kernel: out of memory")
+    return dx, grad_w, grad_b
 
 
 def _eval_coefficients(running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
@@ -415,9 +488,11 @@ class BatchNormBase(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        # Each nn.Module attribute read goes through __getattr__ (~0.4 µs); read them once.
-        weight, bias = self.weight, self.bias
-        running_mean, running_var = self.running_mean, self.running_var
+        # An nn.Module attribute read of a parameter or buffer goes through __getattr__ (~0.4 µs, and this
+        # runs per layer per step); the dicts it searches are direct.
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params["weight"], params["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         eps = self.eps
         # Batch statistics in training, and in eval when there are no running estimates (as torch).
         use_batch_stats = self.training or (running_mean is None and running_var is None)
@@ -427,7 +502,7 @@ class BatchNormBase(nn.Module):
 
         if update_running:
             # Counted before the batch is looked at, empty batches included, as torch does.
-            self.num_batches_tracked.add_(1)
+            buffers["num_batches_tracked"].add_(1)
 
         if input.numel() == 0:
             # torch returns an affine-transformed clone and leaves the statistics alone.
@@ -440,7 +515,8 @@ class BatchNormBase(nn.Module):
 
         if use_batch_stats:
             running = (running_mean, running_var, self._momentum_factor()) if update_running else None
-            return BatchNormTrainFunction.apply(input, weight, bias, eps, self.unbiased_normalize, running, group)[0]
+            return BatchNormTrainFunction.apply(input, weight, bias, eps, self.unbiased_normalize, running, group,
+                                                False)
         if torch.is_grad_enabled() and (
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
@@ -448,6 +524,14 @@ class BatchNormBase(nn.Module):
             return BatchNormEvalFunction.apply(input, running_mean, running_var, weight, bias, eps)
         # Inference: nothing here requires grad, so no graph is recorded; skip the autograd.Function
         # machinery (~10 µs a call).
+        kern = _kernel_for(input, running_mean, running_var, weight, bias)
+        if kern is not None:
+            n, c, l = _ncl(input)
+            out = kern.empty_like(input)
+            if kern.eval_forward[input.dtype](input.data_ptr(), out.data_ptr(), n, c, l, running_mean.data_ptr(),
+                                              running_var.data_ptr(), _ptr(weight), _ptr(bias), eps):
+                raise MemoryError("bnexp BatchNorm kernel: out of memory")
+            return out
         _, scale, shift = _eval_coefficients(running_mean, running_var, weight, bias, eps)
         return _eval_forward(input, scale, shift)
 

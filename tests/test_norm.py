@@ -20,6 +20,9 @@ from bnexp.norm import (
     BatchNormTrainFunction,
 )
 
+# Every test here runs on both of the layer's paths: the compiled kernel and the tensor ops.
+pytestmark = pytest.mark.usefixtures("layer_path")
+
 # Small shapes, channels = 3, with room for several values per channel.
 SHAPES = {2: (8, 3), 3: (4, 3, 5), 4: (3, 3, 4, 5), 5: (2, 3, 3, 2, 4)}
 OURS = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}

@@ -14,6 +14,9 @@ from bnexp.models import bn_layers, build_model
 from bnexp.variants import (BatchRenorm1d, BatchRenorm2d, GhostBatchNorm1d, GhostBatchNorm2d, batch_renorm_train,
                             ghost_batch_norm_train, renorm_factors, renorm_limits)
 
+# The variants build on plain BN's Function: every test runs on its compiled kernel and its tensor ops.
+pytestmark = pytest.mark.usefixtures("layer_path")
+
 F64 = dict(rtol=1e-10, atol=1e-12)
 SHAPES = [((16, 5), 1), ((8, 3, 7), 1), ((8, 3, 4, 5), 2)]
 OURS = {1: ours.BatchNorm1d, 2: ours.BatchNorm2d}

@@ -1,0 +1,184 @@
+"""The layer's compiled kernel (bn_kernel.c), built with the system C compiler on first use, called via ctypes.
+
+Why not ``torch.utils.cpp_extension``: building against torch's headers takes a minute or more on two
+cores, on every fresh machine and CI run; bn_kernel.c includes only the C library and builds in about a
+second (it also says why a kernel at all). The price is raw pointers: bnexp.norm passes only non-empty,
+contiguous CPU float32/float64 tensors of one dtype (``eligible``) and takes its tensor-op path for
+anything else.
+
+The shared library is cached in ``$BNEXP_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bnexp``, else
+``~/.cache/bnexp``) under a hash of the source, the compiler command and this CPU's model and flags, since
+it is built for the CPU it runs on (-march=native). ``BNEXP_KERNEL=0`` turns the kernel off; so does a
+build that fails (no compiler, say), with one warning, and the layer then runs its tensor-op path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("bn_kernel.c")
+SOURCES = (SOURCE, Path(__file__).with_name("bn_kernel_body.h"))  # all that the build reads: all in the key
+FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared"]
+NATIVE = ["-march=native"]
+
+_ptr, _i64, _f64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+_SIGNATURES = {
+    # x, y, N, C, L, weight, bias, eps, unbiased, stats, running_mean, running_var, factor
+    "bn_train_forward": ([_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _f64, _int, _ptr, _ptr, _ptr, _f64], _int),
+    # g, x, dx, N, C, L, weight, mean, invstd, unbiased, grad_weight, grad_bias
+    "bn_train_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int, _ptr, _ptr], _int),
+    # x, y, N, C, L, running_mean, running_var, weight, bias, eps
+    "bn_eval_forward": ([_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _f64], _int),
+}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+# Above this many elements ATen's own ops split work across threads; the kernel is single-threaded, so
+# with more than one torch thread the layer leaves large inputs to the tensor-op path.
+PARALLEL_MIN_NUMEL = 1 << 15
+
+
+# Outputs at least this large get huge pages (bn_advise_hugepages in bn_kernel.c says why); below it
+# the allocator reuses memory it already holds, so there are no page faults to save.
+HUGEPAGE_MIN_BYTES = 8 << 20
+
+
+class Kernel:
+    """The kernel's entry points per dtype: ``train_forward[dtype]`` etc., ctypes functions."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.path = path
+        self.lib = lib
+        lib.bn_advise_hugepages.argtypes, lib.bn_advise_hugepages.restype = [_ptr, _i64], _int
+        self._advise = lib.bn_advise_hugepages
+        for name, (argtypes, restype) in _SIGNATURES.items():
+            table = {}
+            for dtype, suffix in _SUFFIX.items():
+                fn = getattr(lib, f"{name}_{suffix}")
+                fn.argtypes, fn.restype = argtypes, restype
+                table[dtype] = fn
+            setattr(self, name.removeprefix("bn_"), table)
+
+    def empty_like(self, x: torch.Tensor) -> torch.Tensor:
+        """An uninitialised output shaped like (contiguous) x, on huge pages when it is large."""
+        out = torch.empty_like(x)
+        nbytes = out.numel() * out.element_size()
+        if nbytes >= HUGEPAGE_MIN_BYTES:
+            self._advise(out.data_ptr(), nbytes)
+        return out
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("BNEXP_CACHE_DIR"):
+        return Path(os.environ["BNEXP_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bnexp"
+
+
+def _cpu_identity() -> str:
+    """Model name and feature flags: a library built with -march=native must not move to another CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build(cc: str, out_dir: Path) -> Path:
+    """Compile into out_dir (atomically: concurrent processes may build at once). Raises on failure."""
+    source = b"".join(p.read_bytes() for p in SOURCES)
+    last_error = ""
+    for extra in (NATIVE, []):  # a compiler that does not know -march=native still gets a portable build
+        command = [cc, *FLAGS, *extra]
+        key = hashlib.sha256(source + repr(command).encode() + _cpu_identity().encode()).hexdigest()[:16]
+        target = out_dir / f"bn_kernel-{key}.so"
+        if target.exists():
+            return target
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            result = subprocess.run([*command, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+            if result.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            last_error = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(f"{cc} failed: {last_error}")
+
+
+_UNSET = object()
+_built: Kernel | None | object = _UNSET  # the outcome of the one build attempt of this process
+_enabled = os.environ.get("BNEXP_KERNEL", "1") != "0"
+
+
+def _build_once() -> Kernel | None:
+    global _built
+    if _built is _UNSET:
+        _built = None
+        cc = _compiler()
+        try:
+            if cc is None:
+                raise RuntimeError("no C compiler found (set CC)")
+            path = _build(cc, cache_dir())
+            _built = Kernel(ctypes.CDLL(str(path)), path)
+        except (OSError, RuntimeError) as exc:
+            warnings.warn(f"bnexp: BN kernel not built ({exc}); the layer uses its slower tensor-op path",
+                          RuntimeWarning, stacklevel=3)
+    return _built  # type: ignore[return-value]
+
+
+def load() -> Kernel | None:
+    """The kernel (built or loaded on first use), or None when it is turned off or cannot be built."""
+    if not _enabled:
+        return None
+    if _built is not _UNSET:
+        return _built  # type: ignore[return-value]
+    return _build_once()
+
+
+def set_enabled(enabled: bool) -> Kernel | None:
+    """Turn the kernel on or off for this process (tests, benchmarks); returns what is now in use."""
+    global _enabled
+    _enabled = bool(enabled)
+    return load()
+
+
+@contextmanager
+def enabled(on: bool) -> Iterator[Kernel | None]:
+    """Run a block with the kernel on or off, then restore the previous setting."""
+    global _enabled
+    previous = _enabled
+    try:
+        yield set_enabled(on)
+    finally:
+        _enabled = previous
+
+
+def eligible(x: torch.Tensor) -> bool:
+    """Whether the kernel can take x: contiguous CPU float32/float64, and threads cannot do better."""
+    return (
+        x.dtype in _SUFFIX
+        and x.numel() > 0
+        and x.is_cpu
+        and x.is_contiguous()
+        and (x.numel() < PARALLEL_MIN_NUMEL or torch.get_num_threads() == 1)
+    )
