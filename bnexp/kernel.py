@@ -7,7 +7,7 @@ contiguous CPU float32/float64 tensors of one dtype (``eligible``) and takes its
 anything else.
 
 The shared library is cached in ``$BNEXP_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bnexp``, else
-``~/.cache/bnexp``) under a hash of the source, the compiler command and this CPU's model and flags, since
+``~/.cache/bnexp``; a temporary directory if that cannot be written) under a hash of the source, the compiler command and this CPU's model and flags, since
 it is built for the CPU it runs on (-march=native). ``BNEXP_KERNEL=0`` turns the kernel off; so does a
 build that fails (no compiler, say), with one warning, and the layer then runs its tensor-op path.
 """
@@ -138,7 +138,10 @@ def _build_once() -> Kernel | None:
         try:
             if cc is None:
                 raise RuntimeError("no C compiler found (set CC)")
-            path = _build(cc, cache_dir())
+            try:
+                path = _build(cc, cache_dir())
+            except OSError:  # an unwritable cache (a read-only home, say): build where we may write
+                path = _build(cc, Path(tempfile.gettempdir()) / f"bnexp-{os.getuid()}")
             _built = Kernel(ctypes.CDLL(str(path)), path)
         except (OSError, RuntimeError) as exc:
             warnings.warn(f"bnexp: BN kernel not built ({exc}); the layer uses its slower tensor-op path",

@@ -229,3 +229,14 @@ def test_kernel_build_in_a_fresh_process(tmp_path, env, expect_kernel, expect_wa
     assert len(built) == (1 if expect_kernel else 0)
     if env.get("BNEXP_KERNEL") == "0":
         assert not cache.exists()
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path):
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the cache directory should be")
+    env = {**os.environ, "BNEXP_CACHE_DIR": str(blocked / "cache"), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    result = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["kernel", "True"] and "not built" not in result.stderr
+    assert len(list((tmp_path / "tmp").glob("bnexp-*/*.so"))) == 1
