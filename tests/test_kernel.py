@@ -15,6 +15,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bnexp import kernel, norm
 from bnexp.norm import BatchNorm1d, BatchNorm2d, BatchNormTrainFunction
@@ -90,6 +92,31 @@ def test_awkward_shapes_match_torch(kernel_on, path_log, shape, dtype):
     with torch.no_grad():
         assert _rel(ours(x), theirs(x)) < tol
     assert path_log == ["kernel"] * 3
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # kernel_on holds for every example
+@given(shape=st.integers(2, 5).flatmap(lambda rank: st.tuples(
+    st.integers(1, 9), st.integers(1, 6), *[st.integers(1, 7)] * (rank - 2))),
+    affine=st.booleans(), momentum=st.sampled_from([0.1, 0.9, None]), seed=st.integers(0, 2**16))
+def test_random_shapes_match_torch(kernel_on, shape, affine, momentum, seed):
+    if torch.Size(shape).numel() // shape[1] < 2:
+        shape = (2, *shape[1:])  # training needs two values per channel
+    ours, theirs = _pair(len(shape), shape[1], torch.float64, seed, affine=affine, momentum=momentum)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(2):
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 4 + 3
+        g = torch.randn(shape, generator=gen, dtype=torch.float64)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(x1), theirs(x2)
+        y1.backward(g), y2.backward(g)
+        assert _rel(y1, y2) < 1e-10 and _rel(x1.grad, x2.grad) < 1e-10
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            assert _rel(p.grad, q.grad) < 1e-10
+    assert _rel(ours.running_mean, theirs.running_mean) < 1e-10 and _rel(ours.running_var, theirs.running_var) < 1e-10
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        assert _rel(ours(x), theirs(x)) < 1e-10
 
 
 def test_large_output_on_huge_pages_matches_torch(kernel_on):
