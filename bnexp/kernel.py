@@ -7,8 +7,8 @@ contiguous CPU float32/float64 tensors of one dtype (``eligible``) and takes its
 anything else.
 
 The shared library is cached in ``$BNEXP_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bnexp``, else
-``~/.cache/bnexp``; a temporary directory if that cannot be written) under a hash of the source, the compiler command and this CPU's model and flags, since
-it is built for the CPU it runs on (-march=native). ``BNEXP_KERNEL=0`` turns the kernel off; so does a
+``~/.cache/bnexp``; a temporary directory if that cannot be written) under a hash of the source, the
+compiler command and this CPU's model and flags, since it is built for the CPU it runs on (-march=native). ``BNEXP_KERNEL=0`` turns the kernel off; so does a
 build that fails (no compiler, say), with one warning, and the layer then runs its tensor-op path.
 """
 
@@ -32,6 +32,7 @@ SOURCE = Path(__file__).with_name("bn_kernel.c")
 SOURCES = (SOURCE, Path(__file__).with_name("bn_kernel_body.h"))  # all that the build reads: all in the key
 FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared"]
 NATIVE = ["-march=native"]
+BUILD_TIMEOUT_S = 120  # about 1 s normally; a hung compiler must not hang training
 
 _ptr, _i64, _f64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 _SIGNATURES = {
@@ -114,7 +115,11 @@ def _build(cc: str, out_dir: Path) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            result = subprocess.run([*command, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+            try:
+                result = subprocess.run([*command, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                                        text=True, timeout=BUILD_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{cc} took more than {BUILD_TIMEOUT_S} s") from None
             if result.returncode == 0:
                 os.replace(tmp, target)
                 return target
