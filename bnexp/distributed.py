@@ -243,6 +243,7 @@ def _make_trainer_class():
             n = len(self._losses) - self._reduced
             if n <= 0:
                 return
+            self._count_pending()  # per-step correct counts, aligned with the losses
             # The config makes shards equal (data.batch_size % dist.nproc == 0): the global batch's mean
             # loss is the mean of the shards' means.
             losses = torch.stack(self._losses[self._reduced:]).detach().double()

@@ -2,8 +2,12 @@
 
 Step s means "after s optimizer updates"; step 0 is the network at initialisation, evaluated and probed
 so curves start where training does. The hot path does no host-device synchronisation: per-step losses
-stay on the device and are read once per log interval, which is also when divergence is detected (so a
-diverged run trains at most log_every - 1 steps past the step it records).
+and logits stay on the device and are read once per log interval, which is also when divergence is
+detected (so a diverged run trains at most log_every - 1 steps past the step it records).
+
+Every torch call costs a few microseconds of dispatch here, against a ~1 ms step of the paper's network, so
+the loop's own bookkeeping is kept to references per step (no op beyond two detaches) and a handful of
+batched ops per log interval; `bnexp bench --only loop` measures what is left against a bare loop.
 
 Reliability: checkpoints hold everything that determines the rest of the run (model, optimizer,
 scheduler, the torch RNG, the data order, the probes, the pending loss interval), so an interrupted run
@@ -200,9 +204,18 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.last_train_loss: float | None = None  # shown on the progress bar
         self.elapsed = 0.0  # wall time of earlier sessions of a resumed run
+        # Pending until the next log interval, one entry per step: the loss, and the logits and labels whose
+        # correct predictions are counted for the whole interval at once (argmax, compare and sum per step
+        # cost more than the rest of the loop's bookkeeping together). _correct holds steps already counted
+        # (restored from a checkpoint, or made global by bnexp.distributed).
         self._losses: list[torch.Tensor] = []
+        self._outs: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
         self._correct: list[torch.Tensor] = []
-        self._window = torch.zeros(0, dtype=torch.float64)  # the last divergence_window losses, on the host
+        self._window: list[float] = []  # the last divergence_window losses, on the host
+        # The weights, for the divergence check: detached aliases (no autograd on the check), fixed for the
+        # run since the optimizer and load_state_dict update these very tensors in place.
+        self._params = [p.detach() for p in self.model.parameters()]
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -219,8 +232,8 @@ class Trainer:
             "last_eval": self.last_eval,
             "elapsed": self.elapsed + (time.perf_counter() - self._t0),
             "pending_losses": [t.cpu() for t in self._losses],
-            "pending_correct": [t.cpu() for t in self._correct],
-            "loss_window": self._window.clone(),
+            "pending_correct": [t.cpu() for t in self._count_pending()],
+            "loss_window": torch.tensor(self._window, dtype=torch.float64),
         }
 
     def load_checkpoint(self, state: dict[str, Any], path: Path) -> None:
@@ -248,8 +261,9 @@ class Trainer:
         self.last_eval = dict(state["last_eval"])
         self.elapsed = state["elapsed"]
         self._losses = [t.to(self.device) for t in state["pending_losses"]]
+        self._outs, self._labels = [], []
         self._correct = [t.to(self.device) for t in state["pending_correct"]]
-        self._window = state["loss_window"].to(torch.float64)
+        self._window = state["loss_window"].to(torch.float64).tolist()
 
     # --- the loop ----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -305,7 +319,8 @@ class Trainer:
             if self.scheduler is not None:
                 self.scheduler.step()
             self._losses.append(loss.detach())
-            self._correct.append((out.detach().argmax(1) == y).sum())
+            self._outs.append(out.detach())
+            self._labels.append(y)
             self.step = step
 
             last = step == cfg.train.steps
@@ -337,6 +352,14 @@ class Trainer:
         self.writer.flush()
         checkpoint.save(self.run_dir, self.step, self.state_dict())
 
+    def _count_pending(self) -> list[torch.Tensor]:
+        """The pending steps' correct counts, one 0-d tensor per step (their logits are dropped)."""
+        if self._outs:
+            hits = torch.stack(self._outs).argmax(-1) == torch.stack(self._labels)
+            self._correct.extend(hits.sum(-1).unbind())
+            self._outs, self._labels = [], []
+        return self._correct
+
     def _flush_train_metrics(self, step: int, row: dict[str, float]) -> tuple[int, float] | None:
         """Move the interval's losses to the host (the one sync per log interval).
 
@@ -344,50 +367,57 @@ class Trainer:
         train.divergence_loss (float32 cross-entropy via log-softmax rarely overflows; a blown-up network
         shows as a huge finite loss instead), or its update made the weights non-finite.
         """
-        losses = torch.stack(self._losses).double().cpu()
-        correct = torch.stack(self._correct).sum().item()
         n = len(self._losses)
-        self._losses, self._correct = [], []
-        bad = ~torch.isfinite(losses)
-        bad |= self._above_chance(losses)
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            return step - n + 1 + i, float(losses[i])
+        # Each weight tensor's 2-norm, in one fused op (torch.isfinite over every weight costs ~10x more, the
+        # inf-norm ~15x): finite when all its weights are; read with the losses in one transfer.
+        norms = list(torch._foreach_norm(self._params, 2)) if self._params else []
+        host = torch.stack(self._losses + norms).tolist()
+        parts = []
+        if self._correct:
+            parts.append(torch.stack(self._correct).sum())
+        if self._outs:
+            parts.append((torch.stack(self._outs).argmax(-1) == torch.stack(self._labels)).sum())
+        correct = sum(int(p.item()) for p in parts)
+        self._losses, self._outs, self._labels, self._correct = [], [], [], []
+        losses = host[:n]
+        i = self._first_divergent(losses)
+        if i is not None:
+            return step - n + 1 + i, losses[i]
         # A non-finite gradient with a finite loss shows as non-finite weights after the update; any
         # earlier step's would have made a later loss in this interval non-finite already.
-        if not self._weights_finite():
-            return step, float(losses[-1])
-        row["train/loss"] = losses.mean().item()
+        if not all(map(math.isfinite, host[n:])) and not self._weights_finite():
+            return step, losses[-1]
+        row["train/loss"] = math.fsum(losses) / n
         self.last_train_loss = row["train/loss"]
         row["train/accuracy"] = correct / (n * self.cfg.data.batch_size)
         row["lr"] = self._step_lr
         return None
 
     def _weights_finite(self) -> bool:
-        """Whether every weight is finite, at a tenth of the cost of torch.isfinite over each parameter
-        (a boolean temporary and two passes per parameter, every flush): a sum per parameter is finite
-        when all of its weights are, and only a non-finite total (or an overflow) needs the exact test."""
-        params = [p.detach() for p in self.model.parameters()]
-        if not params or torch.isfinite(torch.stack([p.sum().float() for p in params]).sum()):
-            return True
-        return all(torch.isfinite(p).all() for p in params)
+        """The exact test, for when a norm is not finite: a norm overflows for huge but finite weights."""
+        return all(bool(torch.isfinite(p).all()) for p in self._params)
 
-    def _above_chance(self, losses: torch.Tensor) -> torch.Tensor:
-        """Per step of `losses`: whether the mean loss over the window ending there exceeds the limit."""
+    def _first_divergent(self, losses: list[float]) -> int | None:
+        """Index of the first of `losses` (the newest steps) that is not finite or ends a full window of
+        divergence_window steps whose mean loss exceeds the limit; the window moves on either way."""
         tc = self.cfg.train
-        history = torch.cat([self._window, losses])
-        self._window = history[-tc.divergence_window:]
-        if tc.divergence_factor is None:
-            return torch.zeros_like(losses, dtype=torch.bool)
-        limit = tc.divergence_factor * math.log(self.data.num_classes)
         w = tc.divergence_window
-        # Window sums by differences of a cumulative sum; a window that would reach before step 1 is not
-        # full yet and never counts.
-        csum = torch.cat([torch.zeros(1, dtype=history.dtype), history.cumsum(0)])
-        ends = torch.arange(len(history) - len(losses), len(history)) + 1
-        full = ends >= w
-        sums = csum[ends] - csum[(ends - w).clamp(min=0)]
-        return full & (sums / w > limit)
+        history = self._window + losses
+        self._window = history[-w:]
+        first = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        if tc.divergence_factor is None:
+            return first
+        limit = tc.divergence_factor * math.log(self.data.num_classes)
+        k0 = len(history) - len(losses)  # where losses start in history
+        stop = len(losses) if first is None else first  # a step before the non-finite one
+        # No window mean exceeds the largest loss in it: a healthy run stops at this one max().
+        if stop == 0 or len(history) < w or max(history[max(0, k0 + 1 - w):k0 + stop]) <= limit:
+            return first
+        for i in range(stop):
+            end = k0 + i + 1  # a window that would reach before step 1 is not full yet and never counts
+            if end >= w and sum(history[end - w:end]) / w > limit:
+                return i
+        return first
 
     def _log_step(self, step: int, row: dict[str, float], evaluate_now: bool = True, probe: bool = True) -> None:
         if self.precise is not None and (evaluate_now or probe) and self.precise.due(step):

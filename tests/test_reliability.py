@@ -641,3 +641,71 @@ def test_every_row_is_on_disk_when_a_checkpoint_is_written(tmp_path, monkeypatch
     assert trainmod.train(cfg, run_dir)["status"] == "completed"
     assert [s for s, _, _ in seen] == [150, 300]
     assert all(row_max == tb_max == step for step, row_max, tb_max in seen)
+
+
+def test_logged_train_loss_and_accuracy_match_an_independent_loop(tmp_path):
+    """The loop counts correct predictions for a whole log interval at once, from the logits it kept: each
+    row still holds the mean loss and the accuracy of exactly its own steps, as a plain loop sees them."""
+    from bnexp import train as trainmod
+    from bnexp.config import validate
+    from bnexp.data import BatchSampler, load_dataset
+    from bnexp.models import build_model
+
+    raw = {**RUN, "optim": {"name": "sgd", "lr": 0.3}, "probes": {"enabled": False},
+           "train": {"steps": 23, "eval_every": 100, "log_every": 5, "checkpoint_every": 100}}
+    cfg = validate(raw)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert trainmod.train(cfg, run_dir)["status"] == "completed"
+    rows = {r["step"]: r for r in runs.read_metrics(run_dir) if "train/loss" in r}
+    assert sorted(rows) == [5, 10, 15, 20, 23]
+
+    data = load_dataset(cfg.data)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
+    sampler = BatchSampler(len(data.y_train), cfg.data.batch_size, cfg.seed)
+    losses, correct = [], []
+    for _ in range(23):
+        idx = sampler.next()
+        out = model(data.x_train[idx])
+        loss = torch.nn.functional.cross_entropy(out, data.y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        correct.append(int((out.argmax(1) == data.y_train[idx]).sum()))
+    for end, start in ((5, 0), (10, 5), (15, 10), (20, 15), (23, 20)):
+        n = end - start
+        assert rows[end]["train/loss"] == pytest.approx(math.fsum(losses[start:end]) / n, rel=1e-12)
+        assert rows[end]["train/accuracy"] == sum(correct[start:end]) / (n * cfg.data.batch_size)
+
+
+@pytest.mark.parametrize("value, diverged", [(float("inf"), True), (1e30, False)])
+def test_weights_are_checked_after_the_last_update_of_each_log_interval(tmp_path, monkeypatch, value, diverged):
+    """A weight made non-finite by the interval's last update ends the run at that step, though no loss
+    saw it yet. The check reads one norm per weight tensor: a huge but finite weight overflows its norm,
+    and must then pass the exact test rather than count as divergence."""
+    from bnexp import train as trainmod
+    from bnexp.config import validate
+
+    cfg = validate({**RUN, "model": {**RUN["model"], "norm": "none"}, "optim": {"name": "sgd", "lr": 0.1},
+                    "probes": {"enabled": False},
+                    "train": {"steps": 20, "eval_every": 100, "log_every": 5, "checkpoint_every": 100,
+                              "divergence_factor": None}})
+    real_flush = trainmod.Trainer._flush_train_metrics
+
+    def flush(self, step, row):
+        if step == 10:  # as if step 10's update had produced it
+            with torch.no_grad():
+                self.model.out.bias[0] = value
+        return real_flush(self, step, row)
+
+    monkeypatch.setattr(trainmod.Trainer, "_flush_train_metrics", flush)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    summary = trainmod.train(cfg, run_dir)
+    if diverged:
+        assert (summary["status"], summary["diverged_step"]) == ("diverged", 10)
+    else:
+        assert summary["status"] == "completed" and summary["steps"] == 20
