@@ -308,7 +308,7 @@ def run_rank(cfg, run_dir: Path, rank: int, world: int, *, quiet: bool, resume_f
         if trainer is not None:
             _close_logs(trainer)
         if rank != 0:
-            # Only once the TensorBoard writer's thread has stopped: it would write into the removed directory.
+            # Only once the logs are closed: a flush would write into the removed directory.
             shutil.rmtree(own_dir, ignore_errors=True)
 
 

@@ -1,0 +1,80 @@
+"""bnexp.events: the synchronous TensorBoard event writer reads back as SummaryWriter's files do."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from bnexp import events
+
+
+def test_crc32c_equals_tensorboards_at_every_length_and_block_edge():
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    rng = random.Random(0)
+    sizes = list(range(0, 80)) + [events._BLOCK + d for d in (-1, 0, 1, 2, 3, 4, 5)] + [3 * events._BLOCK + 2, 9000]
+    for n in sizes:
+        data = bytes(rng.getrandbits(8) for _ in range(n))
+        assert events.masked_crc32c(data) == masked_crc32c(data), n
+    assert events.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+
+
+def _read(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def test_rows_histograms_and_purge_read_back(tmp_path):
+    w = events.EventWriter(tmp_path)
+    for step in range(5):
+        w.add_scalars({"a": step * 1.5, "b/c": -step}, step)
+    w.add_histogram("h", torch.arange(100.0), 3)
+    w.close()
+    w.close()  # harmless
+    acc = _read(tmp_path)
+    assert [(e.step, e.value) for e in acc.Scalars("a")] == [(s, s * 1.5) for s in range(5)]
+    assert [e.value for e in acc.Scalars("b/c")] == [0, -1, -2, -3, -4]
+    (h,) = acc.Histograms("h")
+    assert h.step == 3 and h.histogram_value.num == 100 and h.histogram_value.max == 99
+
+    # A resumed writer purges the steps from purge_step on that the earlier file holds.
+    w = events.EventWriter(tmp_path, purge_step=3)
+    while len(list(tmp_path.glob("events.out.tfevents.*"))) < 2:  # pragma: no cover - same-second name
+        w.close()
+        w = events.EventWriter(tmp_path, purge_step=3)
+    w.add_scalars({"a": 100.0}, 3)
+    w.close()
+    assert [(e.step, e.value) for e in _read(tmp_path).Scalars("a")] == [(0, 0), (1, 1.5), (2, 3.0), (3, 100.0)]
+
+
+def test_events_reach_the_file_at_flush_or_after_flush_secs(tmp_path):
+    w = events.EventWriter(tmp_path, flush_secs=3600)
+    size = os.path.getsize(w.path)
+    assert size > 0  # the file-version event, written at once
+    w.add_scalars({"a": 1.0}, 1)
+    assert os.path.getsize(w.path) == size  # held until flush
+    w.flush()
+    assert os.path.getsize(w.path) > size
+    w.close()
+    (tmp_path / "v").mkdir()
+    v = events.EventWriter(tmp_path / "v", flush_secs=0)
+    size = os.path.getsize(v.path)
+    v.add_scalars({"a": 1.0}, 1)
+    assert os.path.getsize(v.path) > size  # flush_secs passed: on disk without a flush
+    v.close()
+
+
+def test_histogram_bins_are_summary_writers(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    reference = SummaryWriter(str(tmp_path / "tb"))
+    reference.close()
+    assert events._default_bins() == reference.default_bins
+    np.testing.assert_array_equal(np.diff(events._default_bins()) > 0, True)
