@@ -204,7 +204,8 @@ def is_run_dir(path: Path) -> bool:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step, flushed as written so a killed run keeps its rows."""
+    """metrics.jsonl: one JSON object per logged step, flushed as written so a killed run keeps its rows
+    (the Trainer writes them in small batches, and always before a checkpoint)."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None):
         self.path = run_dir / METRICS
@@ -220,7 +221,10 @@ class MetricsLog:
         write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def write(self, row: dict[str, Any]) -> None:
-        self._f.write(json.dumps(json_safe(row)) + "\n")
+        self.write_many([row])
+
+    def write_many(self, rows: list[dict[str, Any]]) -> None:
+        self._f.write("".join(json.dumps(json_safe(row)) + "\n" for row in rows))
         self._f.flush()
 
     def close(self) -> None:

@@ -211,6 +211,14 @@ class Trainer:
         self._labels: list[torch.Tensor] = []
         self._correct: list[torch.Tensor] = []
         self._window: list[float] = []  # the last divergence_window losses, on the host
+        # Logged rows not written out yet, and those of them still waiting for their train/accuracy (with
+        # the interval's counted steps, logits and labels). Code that runs once per row after a step runs
+        # with cold caches, several times slower than the same code run again at once: rows are written
+        # out, and their correct predictions counted, for ~10 rows at a time (_write_rows).
+        self._rows: list[tuple[int, dict[str, Any]]] = []
+        self._accuracy_due: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor],
+                                       list[torch.Tensor]]] = []
+        self._rows_written_at = time.monotonic()
         # The weights, for the divergence check: detached aliases (no autograd on the check), fixed for the
         # run since the optimizer and load_state_dict update these very tensors in place.
         self._params = [p.detach() for p in self.model.parameters()]
@@ -291,6 +299,12 @@ class Trainer:
             except Interrupted:
                 self._finish("interrupted", None)
                 raise
+            except BaseException:
+                # A crash: the rows logged so far still reach the files (the error is what gets reported).
+                with contextlib.suppress(Exception):
+                    self._write_rows()
+                    self.writer.flush()
+                raise
             finally:
                 progress.close()
             return self._finish(status, diverged_step)
@@ -347,6 +361,7 @@ class Trainer:
     def _checkpoint(self) -> None:
         # Every logged row up to this step must be on disk before the checkpoint is: a run resumed from it
         # rewrites only the steps after it (TensorBoard's writer would otherwise hold rows for up to 2 min).
+        self._write_rows()
         self.writer.flush()
         checkpoint.save(self.run_dir, self.step, self.state_dict())
 
@@ -370,12 +385,7 @@ class Trainer:
         # inf-norm ~15x): finite when all its weights are; read with the losses in one transfer.
         norms = list(torch._foreach_norm(self._params, 2)) if self._params else []
         host = torch.stack(self._losses + norms).tolist()
-        parts = []
-        if self._correct:
-            parts.append(torch.stack(self._correct).sum())
-        if self._outs:
-            parts.append((torch.stack(self._outs).argmax(-1) == torch.stack(self._labels)).sum())
-        correct = sum(int(p.item()) for p in parts)
+        counted, outs, labels = self._correct, self._outs, self._labels
         self._losses, self._outs, self._labels, self._correct = [], [], [], []
         losses = host[:n]
         i = self._first_divergent(losses)
@@ -387,7 +397,8 @@ class Trainer:
             return step, losses[-1]
         row["train/loss"] = math.fsum(losses) / n
         self.last_train_loss = row["train/loss"]
-        row["train/accuracy"] = correct / (n * self.cfg.data.batch_size)
+        row["train/accuracy"] = None  # counted when the row is written out (_write_rows)
+        self._accuracy_due.append((row, counted, outs, labels))
         row["lr"] = self._step_lr
         return None
 
@@ -429,10 +440,41 @@ class Trainer:
         if probe and self.probes is not None:
             row.update(self.probes.measure(step, self.model, self.writer))
         self._write_row(step, row)
+        self._write_rows()
 
-    def _write_row(self, step: int, row: dict[str, float]) -> None:
-        self.writer.add_scalars(row, step)
-        self.metrics.write({"step": step, **row})
+    def _write_row(self, step: int, row: dict[str, Any]) -> None:
+        """Log a row: it is written out with the next batch, which is at most ~10 rows or 2 s away and
+        always before a checkpoint, so a resumed run's files are exactly as if it had not stopped."""
+        self._rows.append((step, row))
+        if len(self._rows) >= 10 or time.monotonic() - self._rows_written_at > 2.0:
+            self._write_rows()
+
+    def _write_rows(self) -> None:
+        if not self._rows:
+            return
+        self._count_accuracies()
+        for step, row in self._rows:
+            self.writer.add_scalars(row, step)
+        self.metrics.write_many([{"step": step, **row} for step, row in self._rows])
+        self._rows = []
+        self._rows_written_at = time.monotonic()
+
+    def _count_accuracies(self) -> None:
+        """train/accuracy of the rows that wait for it: one count over all their steps."""
+        due, self._accuracy_due = self._accuracy_due, []
+        if not due:
+            return
+        outs = [o for _, _, os_, _ in due for o in os_]
+        hits = iter([])
+        if outs:
+            labels = [y for _, _, _, ys in due for y in ys]
+            hits = iter((torch.stack(outs).argmax(-1) == torch.stack(labels)).sum(-1).tolist())
+        counted = [c for _, cs, _, _ in due for c in cs]
+        earlier = iter(torch.stack(counted).tolist() if counted else [])
+        m = self.cfg.data.batch_size
+        for row, cs, os_, _ in due:
+            correct = sum(next(earlier) for _ in cs) + sum(next(hits) for _ in os_)
+            row["train/accuracy"] = correct / ((len(cs) + len(os_)) * m)
 
     def _progress_info(self) -> str:
         loss, acc = self.last_train_loss, self.last_eval.get("test_accuracy")
@@ -441,6 +483,7 @@ class Trainer:
 
     def _finish(self, status: str, diverged_step: int | None) -> dict[str, Any]:
         cfg = self.cfg
+        self._write_rows()
         if status != "interrupted" and (not self.last_eval or status == "diverged"):
             test_loss, test_acc = evaluate(self.model, self.data.x_test, self.data.y_test)
             self.last_eval = {"test_loss": test_loss, "test_accuracy": test_acc}

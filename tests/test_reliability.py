@@ -709,3 +709,30 @@ def test_weights_are_checked_after_the_last_update_of_each_log_interval(tmp_path
         assert (summary["status"], summary["diverged_step"]) == ("diverged", 10)
     else:
         assert summary["status"] == "completed" and summary["steps"] == 20
+
+
+def test_rows_logged_before_a_crash_are_on_disk(tmp_path, monkeypatch):
+    """Rows are written out in small batches; a run that raises still leaves every row it logged in
+    metrics.jsonl and the event file, with train/accuracy filled in."""
+    from bnexp import train as trainmod
+    from bnexp.config import validate
+
+    cfg = validate({**RUN, "probes": {"enabled": False},
+                    "train": {**RUN["train"], "steps": 100, "eval_every": 1000, "checkpoint_every": 1000}})
+    real_flush = trainmod.Trainer._flush_train_metrics
+
+    def flush(self, step, row):
+        if step == 63:
+            raise RuntimeError("simulated crash")
+        return real_flush(self, step, row)
+
+    monkeypatch.setattr(trainmod.Trainer, "_flush_train_metrics", flush)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainmod.train(cfg, run_dir)
+    rows = runs.read_metrics(run_dir)
+    logged = list(range(7, 63, 7))
+    assert [r["step"] for r in rows] == [0, *logged]
+    assert all(0 <= r["train/accuracy"] <= 1 for r in rows[1:])
+    assert [s for s, _ in scalars(run_dir)["train/accuracy"]] == logged
