@@ -268,6 +268,7 @@ class Probes:
         self._grads: dict[str, torch.Tensor] = {}
         self._grads_step: int | None = None
         self._last: dict[str, float] = {}
+        self.f_eval: torch.Tensor | None = None  # the last measure()'s eval-mode logits of the test set
 
     # --- choosing and naming -----------------------------------------------------------------------
     @staticmethod
@@ -311,30 +312,42 @@ class Probes:
     def measure(self, step: int, model: nn.Module, writer=None) -> dict[str, float]:
         """All scalar probe values of this step, keyed by TensorBoard tag; histograms go to `writer`."""
         was_training = model.training
-        values: dict[str, torch.Tensor] = {}
+        # Values are gathered as a few vectors with their tags, not one 0-d tensor per tag: every torch op
+        # costs microseconds here, and a probe step has ~50 values.
+        tags: list[str] = []
+        parts: list[torch.Tensor] = []
+
+        def add(values: tuple[list[str], torch.Tensor | None]) -> None:
+            if values[0]:
+                tags.extend(values[0])
+                parts.append(values[1].reshape(-1))
+
+        self.f_eval = None
         try:
-            if self._grads_step == step:
-                values.update({f"grad_norm/{name}": g for name, g in self._grads.items()})
+            if self._grads_step == step and self._grads:
+                add(([f"grad_norm/{name}" for name in self._grads], torch.stack(list(self._grads.values()))))
             self._grads, self._grads_step = {}, None
             # Batch statistics need two values per channel: a one-example test set has no f_train.
             gap = self.has_bn and self.pcfg.gap and len(self.data.y_test) >= 2
             stats, test_logits = {}, None
             if self.has_bn and (self.pcfg.running_stats or gap):
                 stats, test_logits = self.train_mode_pass(model, with_test=gap)
-                values.update(self._running_stat_values(model, stats))
+                for values in self._running_stat_values(model, stats):
+                    add(values)
             if gap or self.pcfg.activations:
                 f_eval, acts = self.eval_pass(model)
+                self.f_eval = f_eval  # the evaluation of this step reuses it (bnexp.train.evaluate)
                 if self.pcfg.activations:
-                    values.update(self._activation_values(acts, step, writer))
+                    for values in self._activation_values(acts, step, writer):
+                        add(values)
                 if test_logits is not None:
-                    values.update(self._gap_values(test_logits, f_eval))
+                    add(self._gap_values(test_logits, f_eval))
         finally:
             model.train(was_training)
-        if not values:
+        if not tags:
             return {}
-        # One host transfer for the whole step.
-        scalars = torch.stack([v.detach().reshape(()).double() for v in values.values()]).cpu().tolist()
-        out = dict(zip(values, scalars))
+        # One host transfer for the whole step (cat promotes float32 parts to float64, exactly).
+        out = dict(zip(tags, torch.cat(parts).tolist()))
         self._last = dict(out)
         return out
 
@@ -388,8 +401,8 @@ class Probes:
         """Algorithm 2's estimate per BN layer: μ_pop = mean_B μ_B, σ²_pop = n/(n−1)·mean_B σ²_B."""
         return population_statistics(model, self.data.x_train, self.population_idx)
 
-    def _running_stat_values(self, model: nn.Module, stats: dict) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+    def _running_stat_values(self, model: nn.Module, stats: dict) -> list[tuple[list[str], torch.Tensor]]:
+        out = []
         bns = {layer: bn for layer, _, _, bn in _bn_sites(model)}
         for name, s in stats.items():
             bn = bns[name]
@@ -398,17 +411,21 @@ class Probes:
             eps = bn.eps
             rm, rv = bn.running_mean.double(), bn.running_var.double()
             pop = _population(s)
+            tags, values = [], []
             if self.pcfg.running_stats:
-                out[f"running_stats/{name}/mean_err"] = ((rm - pop["mean"]).abs() / (pop["var"] + eps).sqrt()).mean()
-                out[f"running_stats/{name}/var_err"] = torch.log((rv + eps) / (pop["var"] + eps)).abs().mean()
+                tags += [f"running_stats/{name}/mean_err", f"running_stats/{name}/var_err"]
+                values += [((rm - pop["mean"]).abs() / (pop["var"] + eps).sqrt()).mean(),
+                           torch.log((rv + eps) / (pop["var"] + eps)).abs().mean()]
             if self.pcfg.gap:
                 # Batch Renorm's d and r per probe batch, channel-averaged, then averaged over the batches.
                 inv_run = (rv + eps).rsqrt()
-                out[f"gap/{name}/d"] = ((s["mean"] - rm).abs() * inv_run).mean()
-                out[f"gap/{name}/r"] = ((s["var"] + eps).sqrt() * inv_run).mean()
+                tags += [f"gap/{name}/d", f"gap/{name}/r"]
+                values += [((s["mean"] - rm).abs() * inv_run).mean(), ((s["var"] + eps).sqrt() * inv_run).mean()]
+            if tags:
+                out.append((tags, torch.stack(values)))
         return out
 
-    def _gap_values(self, test_logits: torch.Tensor, f_eval: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _gap_values(self, test_logits: torch.Tensor, f_eval: torch.Tensor) -> tuple[list[str], torch.Tensor]:
         y = self.data.y_test
         # ‖f_train − f_eval‖_F / ‖f_eval‖_F per test batch as it was run, then the mean over batches.
         tr = test_logits
@@ -419,21 +436,21 @@ class Probes:
         acc_eval = (f_eval.argmax(1) == y).double().mean()
         log_train, log_eval = F.log_softmax(f_train.double(), 1), F.log_softmax(f_eval.double(), 1)
         kl = F.kl_div(log_eval, log_train, log_target=True, reduction="none").sum(1).mean()
-        return {"gap/accuracy": acc_train - acc_eval, "gap/logits": ratio.mean(), "gap/kl": kl,
-                "gap/train_mode_accuracy": acc_train, "gap/eval_mode_accuracy": acc_eval}
+        return (["gap/accuracy", "gap/logits", "gap/kl", "gap/train_mode_accuracy", "gap/eval_mode_accuracy"],
+                torch.stack([acc_train - acc_eval, ratio.mean(), kl, acc_train, acc_eval]))
 
-    def _activation_values(self, acts: dict[str, torch.Tensor], step: int, writer) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+    def _activation_values(self, acts: dict[str, torch.Tensor], step: int,
+                           writer) -> list[tuple[list[str], torch.Tensor]]:
+        out = []
         hist = writer is not None and self._histogram_due(step)
         for name, vals in acts.items():
-            q = _quantiles(vals)
-            for row, unit in enumerate(self.units[name].tolist()):
-                for col, p in enumerate(_PERCENTILES):
-                    out[f"activations/{name}/u{unit}/{p}"] = q[col, row]
-                if hist:
-                    finite = vals[row][torch.isfinite(vals[row])]
-                    if finite.numel():  # a diverged run still gets its scalars (NaN), not a crash
-                        writer.add_histogram(f"activations/{name}/u{unit}", finite, step)
+            q = _quantiles(vals)  # (percentile, unit); the tags go unit by unit
+            units = self.units[name].tolist()
+            out.append(([f"activations/{name}/u{unit}/{p}" for unit in units for p in _PERCENTILES], q.t()))
+            for row, unit in enumerate(units if hist else ()):
+                finite = vals[row][torch.isfinite(vals[row])]
+                if finite.numel():  # a diverged run still gets its scalars (NaN), not a crash
+                    writer.add_histogram(f"activations/{name}/u{unit}", finite, step)
         return out
 
     # --- outputs ------------------------------------------------------------------------------------

@@ -69,14 +69,19 @@ def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
-    """Test loss and accuracy in eval mode (running statistics), the way the network is deployed."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096,
+             logits: torch.Tensor | None = None) -> tuple[float, float]:
+    """Test loss and accuracy in eval mode (running statistics), the way the network is deployed.
+
+    `logits`: the model's eval-mode outputs for x, when the caller has them already (the probes' eval
+    pass makes the same forwards, over the same chunks): the figures are then the same without a forward.
+    """
     was_training = model.training
     model.eval()
     loss = torch.zeros((), device=x.device, dtype=torch.float64)
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
     for i in range(0, len(y), chunk):
-        out = model(x[i:i + chunk])
+        out = model(x[i:i + chunk]) if logits is None else logits[i:i + chunk]
         loss += F.cross_entropy(out, y[i:i + chunk], reduction="sum").double()
         correct += (out.argmax(1) == y[i:i + chunk]).sum()
     model.train(was_training)
@@ -431,14 +436,21 @@ class Trainer:
     def _log_step(self, step: int, row: dict[str, float], evaluate_now: bool = True, probe: bool = True) -> None:
         if self.precise is not None and (evaluate_now or probe) and self.precise.due(step):
             self.precise.apply(self.model, step)
+        probed, f_eval = {}, None
+        if probe and self.probes is not None:
+            # First: its eval-mode pass over the test set is the evaluation's forward too.
+            from bnexp.probes import _CHUNK
+
+            probed = self.probes.measure(step, self.model, self.writer)
+            f_eval, self.probes.f_eval = self.probes.f_eval, None
         if evaluate_now:
-            test_loss, test_acc = evaluate(self.model, self.data.x_test, self.data.y_test)
+            test_loss, test_acc = evaluate(self.model, self.data.x_test, self.data.y_test,
+                                           **({} if f_eval is None else {"chunk": _CHUNK, "logits": f_eval}))
             row["test/loss"], row["test/accuracy"] = test_loss, test_acc
             self.last_eval = {"test_loss": test_loss, "test_accuracy": test_acc}
             if math.isfinite(test_loss):
                 self.best_test_accuracy = max(self.best_test_accuracy, test_acc)
-        if probe and self.probes is not None:
-            row.update(self.probes.measure(step, self.model, self.writer))
+        row.update(probed)
         self._write_row(step, row)
         self._write_rows()
 

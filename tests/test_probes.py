@@ -135,6 +135,20 @@ def test_probes_never_change_training(tmp_path, variant):
     assert probed.sampler.state_dict()["epoch"] == plain.sampler.state_dict()["epoch"]
 
 
+def test_evaluation_at_a_probe_step_equals_one_without_probes(tmp_path):
+    """At a probe step the evaluation reuses the probes' eval-mode logits instead of a forward of its own:
+    test loss and accuracy are bit for bit those of a run without probes, also over a test set larger
+    than one forward's chunk (4096 rows)."""
+    big = {"data.synthetic.num_samples": 21000, "data.test_fraction": 0.2, "train.steps": 6,
+           "train.eval_every": 3, "probes.every": 3}
+    _train(tmp_path, "on", **big)
+    _train(tmp_path, "off", **big, **{"probes.enabled": False})
+    keys = ("test/loss", "test/accuracy")
+    on = [(r["step"], *(r[k] for k in keys)) for r in read_metrics(tmp_path / "on") if "test/loss" in r]
+    off = [(r["step"], *(r[k] for k in keys)) for r in read_metrics(tmp_path / "off") if "test/loss" in r]
+    assert [s for s, *_ in on] == [0, 3, 6] and on == off
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_measure_leaves_model_as_it_found_it(tmp_path, norm):
     cfg, data, model = setup(tmp_path, **{"model.norm": norm})
