@@ -43,6 +43,11 @@ def test_rows_histograms_and_purge_read_back(tmp_path):
     assert [e.value for e in acc.Scalars("b/c")] == [0, -1, -2, -3, -4]
     (h,) = acc.Histograms("h")
     assert h.step == 3 and h.histogram_value.num == 100 and h.histogram_value.max == 99
+    from torch.utils.tensorboard.summary import make_histogram
+
+    want = make_histogram(np.arange(100.0), events._default_bins())  # SummaryWriter.add_histogram's
+    assert list(h.histogram_value.bucket_limit) == list(want.bucket_limit)
+    assert list(h.histogram_value.bucket) == list(want.bucket)
 
     # A resumed writer purges the steps from purge_step on that the earlier file holds.
     w = events.EventWriter(tmp_path, purge_step=3)
