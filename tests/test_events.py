@@ -12,15 +12,13 @@ import torch
 from bnexp import events
 
 
-def test_crc32c_equals_tensorboards_at_every_length_and_block_edge():
+def test_masked_crc32c_equals_tensorboards():
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
     rng = random.Random(0)
-    sizes = list(range(0, 80)) + [events._BLOCK + d for d in (-1, 0, 1, 2, 3, 4, 5)] + [3 * events._BLOCK + 2, 9000]
-    for n in sizes:
+    for n in list(range(0, 40)) + [255, 256, 257, 4096, 9000]:
         data = bytes(rng.getrandbits(8) for _ in range(n))
         assert events.masked_crc32c(data) == masked_crc32c(data), n
-    assert events.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
 
 
 def _read(run_dir):
