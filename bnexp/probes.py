@@ -158,10 +158,10 @@ class _GroupedBN(nn.Module):
                 if p is not None:
                     setattr(twin, name, nn.Parameter(p.detach().repeat(groups), requires_grad=False))
             self.twins[groups] = twin.train()
-        for name in ("weight", "bias"):  # this step's γ and β
+        for name in ("weight", "bias"):  # this step's γ and β, tiled by a broadcast copy (no temporary)
             p = getattr(bn, name)
             if p is not None:
-                getattr(twin, name).copy_(p.detach().repeat(groups))
+                getattr(twin, name).view(groups, -1).copy_(p.detach())
         return twin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
