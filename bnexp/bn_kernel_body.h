@@ -152,6 +152,21 @@ int NAME(bn_train_forward)(const T *restrict x, T *restrict y, int64_t N, int64_
     return 0;
 }
 
+/* Training-mode forward of G batches of N rows stacked along dim 0, each normalized by its own statistics
+ * and none of them updating running statistics (the probes' grouped pass, bnexp.probes). stats receives,
+ * per batch, its 3·C values as bn_train_forward writes them. */
+int NAME(bn_grouped_forward)(const T *x, T *y, int64_t G, int64_t N, int64_t C, int64_t L, const T *w,
+                             const T *b, double eps, int unbiased, T *stats)
+{
+    const int64_t per = N * C * L;
+    for (int64_t g = 0; g < G; g++) {
+        int rc = NAME(bn_train_forward)(x + g * per, y + g * per, N, C, L, w, b, eps, unbiased,
+                                        stats + g * 3 * C, NULL, NULL, 0.0);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 /* Training backward. Σg and Σg·(x−μ) per channel, then
  * dx = k·(g − Σg/m − c·x̂·Σg·x̂/m), k = γ·invstd, c = m/(m−1) when normalizing by the unbiased variance,
  * formed as dx = g·k + (x−μ)·A + B with per-channel A = −k·c·invstd²·Σg(x−μ)/m and B = −k·Σg/m.

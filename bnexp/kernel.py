@@ -38,6 +38,8 @@ _ptr, _i64, _f64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctype
 _SIGNATURES = {
     # x, y, N, C, L, weight, bias, eps, unbiased, stats, running_mean, running_var, factor
     "bn_train_forward": ([_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _f64, _int, _ptr, _ptr, _ptr, _f64], _int),
+    # x, y, G, N, C, L, weight, bias, eps, unbiased, stats
+    "bn_grouped_forward": ([_ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _f64, _int, _ptr], _int),
     # g, x, dx, N, C, L, weight, mean, invstd, unbiased, grad_weight, grad_bias
     "bn_train_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int, _ptr, _ptr], _int),
     # x, y, N, C, L, running_mean, running_var, weight, bias, eps

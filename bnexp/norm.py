@@ -294,6 +294,30 @@ def _kernel_backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tens
     return dx, grad_w, grad_b
 
 
+def grouped_train_forward(bn: nn.Module, x: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Training-mode BN of `groups` equal batches stacked along dim 0 of x, each normalized by its own
+    statistics, running statistics untouched: (y, mean, var), the statistics (groups, C) and biased.
+
+    The probes' grouped pass (bnexp.probes._GroupedBN) through the compiled kernel, one call for all
+    batches: the arithmetic of bn_train_forward per batch. None when the kernel cannot take it (then the
+    probes fold the batches into channels and run the layer itself); only for plain BN of this module,
+    not its subclasses (the variants' training forwards differ) or synchronized BN.
+    """
+    if type(bn) not in (BatchNorm1d, BatchNorm2d, BatchNorm3d) or bn.stats != "local" or torch.is_grad_enabled():
+        return None  # (no autograd here: the probes run without gradients)
+    weight, bias = bn.weight, bn.bias
+    kern = _kernel_for(x, weight, bias)
+    if kern is None:
+        return None
+    n, c, l = _ncl(x)
+    y = kern.empty_like(x)
+    stats = torch.empty(groups, 3, c, dtype=x.dtype)
+    if kern.grouped_forward[x.dtype](x.data_ptr(), y.data_ptr(), groups, n // groups, c, l, _ptr(weight),
+                                     _ptr(bias), bn.eps, bn.unbiased_normalize, stats.data_ptr()):
+        raise MemoryError("bnexp BatchNorm kernel: out of memory")
+    return y, stats[:, 0], stats[:, 1]
+
+
 def _eval_coefficients(running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
                        bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     invstd = running_var.add(eps).rsqrt_()

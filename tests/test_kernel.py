@@ -267,3 +267,30 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["kernel", "True"] and "not built" not in result.stderr
     assert len(list((tmp_path / "tmp").glob("bnexp-*/*.so"))) == 1
+
+
+def test_grouped_forward_is_the_layer_on_each_batch(kernel_on):
+    from bnexp.variants import BatchRenorm2d
+
+    torch.manual_seed(0)
+    bn = BatchNorm2d(3, unbiased_normalize=True)
+    with torch.no_grad():
+        bn.weight.normal_(), bn.bias.normal_()
+    x = torch.randn(4 * 5, 3, 2, 3) * 2 + 1
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with torch.no_grad():
+        y, mean, var = norm.grouped_train_forward(bn, x, 4)
+        for g in range(4):
+            xb = x[g * 5:(g + 1) * 5]
+            yb, mb, vb = BatchNormTrainFunction.apply(xb, bn.weight, bn.bias, bn.eps, True, None, None)
+            torch.testing.assert_close(y[g * 5:(g + 1) * 5], yb, rtol=0, atol=0)
+            torch.testing.assert_close(mean[g], mb, rtol=0, atol=0)
+            torch.testing.assert_close(var[g], vb, rtol=0, atol=0)
+    assert all(torch.equal(v, bn.state_dict()[k]) for k, v in before.items())  # running stats untouched
+    # Not for what trains differently, what synchronizes, or when autograd would need a graph.
+    with torch.no_grad():
+        assert norm.grouped_train_forward(BatchRenorm2d(3), x, 4) is None
+        assert norm.grouped_train_forward(torch.nn.BatchNorm2d(3), x, 4) is None
+        assert norm.grouped_train_forward(BatchNorm2d(3, stats="global"), x, 4) is None
+        assert norm.grouped_train_forward(bn, x.to(memory_format=torch.channels_last), 4) is None
+    assert norm.grouped_train_forward(bn, x, 4) is None

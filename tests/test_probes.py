@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from bnexp import checkpoint
+from bnexp import probes as probes_mod
 from bnexp.config import apply_overrides, validate
 from bnexp.data import BatchSampler, load_dataset
 from bnexp.models import bn_layers, build_model, hidden_blocks
@@ -168,6 +169,7 @@ def test_measure_leaves_model_as_it_found_it(tmp_path, norm):
 
 # --- each quantity against an independent computation -------------------------------------------------
 
+@pytest.mark.usefixtures("layer_path")  # bnexp's layer: the grouped kernel call, or a twin
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_population_statistics_from_the_data(tmp_path, norm, kind):
@@ -288,6 +290,7 @@ def _assert_gap_of_batches(values, model, data, idx: torch.Tensor, keep: torch.T
     assert values["gap/kl"] > 0 and values["gap/logits"] > 0
 
 
+@pytest.mark.usefixtures("layer_path")  # bnexp's layer: the grouped kernel call, or a twin
 @pytest.mark.parametrize("norm,test_size", [
     ("torch", 75), ("bnexp", 75), ("torch", 10), ("bnexp", 10), ("renorm", 75), ("ghost", 75),
 ])  # 75: the last batch overlaps its predecessor; 10 < m: one batch
@@ -311,6 +314,20 @@ def test_gap_against_per_batch_forwards(tmp_path, norm, test_size):
             rs.append(((var + eps).sqrt() / (rv + eps).sqrt()).mean().item())
         assert values[f"gap/{name}/d"] == pytest.approx(sum(ds) / len(ds), rel=1e-4)
         assert values[f"gap/{name}/r"] == pytest.approx(sum(rs) / len(rs), rel=1e-4)
+
+
+@pytest.mark.parametrize("test_size", [75, 10])
+def test_kept_probe_batches_give_the_values_of_batches_indexed_afresh(tmp_path, monkeypatch, test_size):
+    cfg, data, model = setup(tmp_path, **VARIANTS["bnexp"], **{"data.test_size": test_size})
+    train_a_little(model, data, steps=8)
+    kept = Probes(cfg, model, data)
+    first = kept.measure(0, model)
+    assert kept._gather_cache and all(t is not None for t in kept._gather_cache.values())
+    assert kept.measure(0, model) == first  # from the kept rows
+    monkeypatch.setattr(probes_mod, "_GATHER_KEEP_BYTES", 0)
+    afresh = Probes(cfg, model, data)
+    assert afresh.measure(0, model) == first
+    assert list(afresh._gather_cache.values()) == [None]  # nothing kept: indexed per chunk
 
 
 @pytest.mark.parametrize("test_size,batches", [
