@@ -165,20 +165,16 @@ def load() -> Kernel | None:
     return _build_once()
 
 
-def set_enabled(enabled: bool) -> Kernel | None:
-    """Turn the kernel on or off for this process (tests, benchmarks); returns what is now in use."""
-    global _enabled
-    _enabled = bool(enabled)
-    return load()
-
-
 @contextmanager
 def enabled(on: bool) -> Iterator[Kernel | None]:
-    """Run a block with the kernel on or off, then restore the previous setting."""
+    """Run a block with the kernel on or off (tests, benchmarks, `bnexp check`), then restore the setting.
+
+    Yields what the layer then uses: the kernel, or None.
+    """
     global _enabled
-    previous = _enabled
+    previous, _enabled = _enabled, bool(on)
     try:
-        yield set_enabled(on)
+        yield load()
     finally:
         _enabled = previous
 

@@ -74,16 +74,12 @@ def mnist1d_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("mnist1d-data")
 
 
-
 @pytest.fixture(params=["kernel", "tensor-ops"])
 def layer_path(request):
     """Run a test once with the layer's compiled kernel and once with its tensor-op path (bnexp.kernel)."""
     from bnexp import kernel
 
-    was = kernel.load() is not None
-    if request.param == "kernel":
-        assert kernel.set_enabled(True) is not None, "the BN kernel did not build (is a C compiler installed?)"
-    else:
-        kernel.set_enabled(False)
-    yield request.param
-    kernel.set_enabled(was)
+    with kernel.enabled(request.param == "kernel") as built:
+        if request.param == "kernel":
+            assert built is not None, "the BN kernel did not build (is a C compiler installed?)"
+        yield request.param

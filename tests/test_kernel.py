@@ -27,11 +27,9 @@ OURS = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: norm.BatchNorm3d}
 
 @pytest.fixture
 def kernel_on():
-    was = kernel.load() is not None
-    k = kernel.set_enabled(True)
-    assert k is not None, "the BN kernel did not build (is a C compiler installed?)"
-    yield k
-    kernel.set_enabled(was)
+    with kernel.enabled(True) as k:
+        assert k is not None, "the BN kernel did not build (is a C compiler installed?)"
+        yield k
 
 
 @pytest.fixture
@@ -163,16 +161,13 @@ def test_unbiased_normalize_and_no_input_grad_agree_with_the_tensor_ops():
     w = torch.randn(4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
     results = []
-    was = kernel.load() is not None
-    try:
-        for on in (True, False):
-            assert (kernel.set_enabled(on) is not None) == on
+    for on in (True, False):
+        with kernel.enabled(on) as k:
+            assert (k is not None) == on
             w.grad = b.grad = None
             y, mean, var = BatchNormTrainFunction.apply(x, w, b, 1e-3, True, None, None)
             y.backward(g)  # x does not require grad: only γ and β get one
             results.append((y.detach(), mean, var, w.grad.clone(), b.grad.clone()))
-    finally:
-        kernel.set_enabled(was)
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
