@@ -7,7 +7,7 @@ import argparse
 
 from rich.console import Console
 
-from bnexp.bench import loop_table, measure_loop
+from bnexp.bench import QUICK_LOOP, loop_table, measure_loop
 
 
 def main() -> None:
@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both contenders")
     args = ap.parse_args()
     if args.quick:
-        args.chunks, args.chunk, args.warmup = 2, 50, 10
+        vars(args).update(QUICK_LOOP)
     results, info = measure_loop(chunks=args.chunks, chunk=args.chunk, warmup=args.warmup, norm=args.norm,
                                  threads=args.threads)
     Console(width=160).print(loop_table(results, info))

@@ -7,7 +7,7 @@ import argparse
 
 from rich.console import Console
 
-from bnexp.bench import measure_memory, memory_table
+from bnexp.bench import QUICK_MEMORY, measure_memory, memory_table
 
 
 def main() -> None:
@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.warmup, args.sample_every = 300, 50, 50
+        vars(args).update(QUICK_MEMORY)
     results, info = measure_memory(steps=args.steps, warmup=args.warmup, sample_every=args.sample_every,
                                    norm=args.norm, threads=args.threads)
     Console(width=160).print(memory_table(results, info))

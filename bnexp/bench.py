@@ -38,6 +38,10 @@ SECTIONS = ("layer", "loop", "memory")
 # Targets of issue 8: bnexp's steps/s as a fraction of the bare loop's.
 LOOP_TARGETS = {"probes off": 0.95, "probes on": 0.90}
 
+# --quick: smoke-test sizes of the loop and memory sections (bnexp bench and the benchmarks/ scripts).
+QUICK_LOOP = {"chunks": 2, "chunk": 50, "warmup": 10}
+QUICK_MEMORY = {"steps": 300, "warmup": 50, "sample_every": 50}
+
 
 class BenchError(UserError):
     """An unknown section name or a section whose code is not there: one line, exit status 2."""
@@ -364,8 +368,8 @@ def main(quick: bool = False, only: list[str] | None = None, console: Console | 
         if section == "layer":
             run_layer(console, quick)
         elif section == "loop":
-            args = dict(chunks=2, chunk=50, warmup=10) if quick else {}
+            args = QUICK_LOOP if quick else {}
             console.print(loop_table(*measure_loop(**args)))
         elif section == "memory":
-            args = dict(steps=300, warmup=50, sample_every=50) if quick else {}
+            args = QUICK_MEMORY if quick else {}
             console.print(memory_table(*measure_memory(**args)))
