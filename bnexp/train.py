@@ -227,6 +227,7 @@ class Trainer:
         # The weights, for the divergence check: detached aliases (no autograd on the check), fixed for the
         # run since the optimizer and load_state_dict update these very tensors in place.
         self._params = [p.detach() for p in self.model.parameters()]
+        self.checkpoints = checkpoint.Writer(run_dir)
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -309,6 +310,8 @@ class Trainer:
                 with contextlib.suppress(Exception):
                     self._write_rows()
                     self.writer.flush()
+                with contextlib.suppress(Exception):
+                    self.checkpoints.close()  # the last checkpoint handed over still reaches the disk
                 raise
             finally:
                 progress.close()
@@ -368,7 +371,7 @@ class Trainer:
         # rewrites only the steps after it (TensorBoard's writer would otherwise hold rows for up to 2 min).
         self._write_rows()
         self.writer.flush()
-        checkpoint.save(self.run_dir, self.step, self.state_dict())
+        self.checkpoints.save(self.step, self.state_dict())
 
     def _count_pending(self) -> list[torch.Tensor]:
         """The pending steps' correct counts, one 0-d tensor per step (their logits are dropped)."""
@@ -495,6 +498,8 @@ class Trainer:
 
     def _finish(self, status: str, diverged_step: int | None) -> dict[str, Any]:
         cfg = self.cfg
+        # An interrupted run's summary sends users to its checkpoint: the file must be on disk first.
+        self.checkpoints.close()
         self._write_rows()
         if status != "interrupted" and (not self.last_eval or status == "diverged"):
             test_loss, test_acc = evaluate(self.model, self.data.x_test, self.data.y_test)

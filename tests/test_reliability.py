@@ -174,21 +174,23 @@ def test_signal_mid_run_then_resume_equals_uninterrupted_run(tmp_path, capsys, r
 
 # --- SIGKILL while a checkpoint is being written --------------------------------------------------------
 
-# Runs the CLI with torch.save patched so that the third checkpoint stops half written (and fsynced), then
-# tells the test by creating a marker file and waits to be killed: a deterministic "kill -9 mid-write".
+# Runs the CLI with the checkpoint file write patched so that the third checkpoint stops half written (and
+# fsynced) under its temporary name, then tells the test by creating a marker file and waits to be killed:
+# a deterministic "kill -9 mid-write". (The write runs on the checkpoint writer's thread; the loop blocks at
+# the next checkpoint, waiting for it.)
 PAUSE_IN_SAVE = """
-import io, os, sys, time
-import torch
-real_save, calls = torch.save, [0]
-def save(obj, f, *a, **k):
+import os, sys, time
+import bnexp.checkpoint as ck
+real_write, calls = ck.write, [0]
+def write(run_dir, step, data):
     calls[0] += 1
     if calls[0] == 3:
-        buf = io.BytesIO(); real_save(obj, buf, *a, **k); data = buf.getvalue()
-        f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
+        with open(run_dir / ck.CHECKPOINTS / f".step-{step:08d}.pt.tmp", "wb") as f:
+            f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
         open(os.environ["PAUSE_MARKER"], "w").close()
         time.sleep(600)
-    return real_save(obj, f, *a, **k)
-torch.save = save
+    return real_write(run_dir, step, data)
+ck.write = write
 from bnexp.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -618,29 +620,33 @@ def test_hot_loop_reads_nothing_back_from_the_device_between_log_steps(tmp_path,
 
 
 def test_every_row_is_on_disk_when_a_checkpoint_is_written(tmp_path, monkeypatch):
-    """A SIGKILL after a checkpoint may lose only rows after it: when save() runs, metrics.jsonl and the
-    TensorBoard event file on disk already hold every row logged so far (the writer's queue is flushed)."""
+    """A SIGKILL after a checkpoint may lose only rows after it: when its file is written (on the
+    checkpoint writer's thread, while training goes on), metrics.jsonl and the TensorBoard event file on
+    disk already hold every row logged up to its step (the writer's queue is flushed)."""
     from bnexp import train as trainmod
     from bnexp.config import validate
 
     cfg = validate({**RUN, "train": {**RUN["train"], "steps": 300}})
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    seen: list[tuple[int, int, int]] = []
-    real_save = checkpoint.save
+    seen: list[tuple[int, set[int], set[int]]] = []
+    real_write = checkpoint.write
 
-    def save_after_looking(folder, step, state):
+    def write_after_looking(folder, step, data):
         on_disk = scalars(folder)  # read back as a separate reader would, e.g. after the process died
         tb_steps = {s for series in on_disk.values() for s, _ in series}
         rows = {r["step"] for r in runs.read_metrics(folder)}
-        seen.append((step, max(rows), max(tb_steps)))
-        assert rows <= tb_steps | {step}, sorted(rows - tb_steps)
-        return real_save(folder, step, state)
+        seen.append((step, rows, tb_steps))
+        return real_write(folder, step, data)
 
-    monkeypatch.setattr(trainmod.checkpoint, "save", save_after_looking)
+    monkeypatch.setattr(trainmod.checkpoint, "write", write_after_looking)
     assert trainmod.train(cfg, run_dir)["status"] == "completed"
+    logged = [r["step"] for r in runs.read_metrics(run_dir)]
     assert [s for s, _, _ in seen] == [150, 300]
-    assert all(row_max == tb_max == step for step, row_max, tb_max in seen)
+    for step, rows, tb_steps in seen:
+        upto = {s for s in logged if s <= step}
+        assert step in upto and upto <= rows, sorted(upto - rows)
+        assert upto <= tb_steps, sorted(upto - tb_steps)
 
 
 def test_logged_train_loss_and_accuracy_match_an_independent_loop(tmp_path):
@@ -736,3 +742,69 @@ def test_rows_logged_before_a_crash_are_on_disk(tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == [0, *logged]
     assert all(0 <= r["train/accuracy"] <= 1 for r in rows[1:])
     assert [s for s, _ in scalars(run_dir)["train/accuracy"]] == logged
+
+
+# --- checkpoints written off the training thread --------------------------------------------------------
+
+def test_checkpoint_writer_saves_the_state_of_its_step_and_waits_for_the_file(tmp_path, monkeypatch):
+    """save() returns before the file is written, but serializes first: changing the tensors afterwards
+    does not reach the file. wait() returns once the file is durable under its name."""
+    started, release = threading.Event(), threading.Event()
+    real_write = checkpoint.write
+
+    def slow_write(run_dir, step, data):
+        started.set()
+        assert release.wait(30)
+        return real_write(run_dir, step, data)
+
+    monkeypatch.setattr(checkpoint, "write", slow_write)
+    state = {k: torch.zeros(3) if k == "model" else None for k in checkpoint.REQUIRED}
+    writer = checkpoint.Writer(tmp_path)
+    writer.save(7, state)
+    assert started.wait(30)
+    state["model"] += 1  # the loop trains on while the file is written
+    assert checkpoint.list_checkpoints(tmp_path) == []
+    release.set()
+    assert writer.wait() == tmp_path / "checkpoints" / "step-00000007.pt"
+    assert torch.equal(checkpoint.load(checkpoint.list_checkpoints(tmp_path)[-1])["model"], torch.zeros(3))
+    writer.close()
+
+
+def test_a_failed_checkpoint_write_fails_the_run(tmp_path, monkeypatch):
+    """An error on the writer's thread (a full disk, say) is raised in the loop at the next checkpoint, and
+    the run ends as a crash: no summary claims a checkpoint that is not there."""
+    from bnexp import train as trainmod
+    from bnexp.config import validate
+
+    def full_disk(run_dir, step, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write", full_disk)
+    cfg = validate({**RUN, "probes": {"enabled": False}, "train": {**RUN["train"], "steps": 200}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        trainmod.train(cfg, run_dir)
+    assert checkpoint.list_checkpoints(run_dir) == []
+    assert not (run_dir / runs.SUMMARY).exists() or runs.read_summary(run_dir)["status"] != "completed"
+
+
+def test_interrupted_run_reports_only_once_its_checkpoint_is_on_disk(tmp_path, capsys, monkeypatch):
+    """A signal's checkpoint is written on the writer's thread (slowly here); the run still says it can be
+    resumed only after the file is durable, and a resume continues from it."""
+    real_write = checkpoint.write
+
+    def slow_write(run_dir, step, data):
+        time.sleep(0.3)
+        return real_write(run_dir, step, data)
+
+    monkeypatch.setattr(checkpoint, "write", slow_write)
+    signal_after_row(monkeypatch, 210, signal.SIGINT)
+    cfg = write(tmp_path / "run.yaml", {**RUN, "train": {**RUN["train"], "steps": 300}})
+    run_dir = tmp_path / "run"
+    rc, out, err = run_cli(capsys, "train", "-c", cfg, "--out", run_dir, "-q")
+    assert rc == 130 and "Traceback" not in err
+    summary = runs.read_summary(run_dir)
+    assert (summary["status"], summary["steps"]) == ("interrupted", 210)
+    assert checkpoint.list_checkpoints(run_dir)[-1].name == "step-00000210.pt"
+    assert checkpoint.load(checkpoint.list_checkpoints(run_dir)[-1])["step"] == 210
