@@ -254,10 +254,15 @@ def _make_trainer_class():
             self._correct[self._reduced:] = list(packed[n:].round().to(torch.int64).unbind())
             self._reduced = len(self._losses)
 
-        def _flush_train_metrics(self, step, row):
+        def _salvage_rows(self):
+            # No read: it starts with a collective, which the ranks still running would never join.
+            self._write_rows()
+            self.writer.flush()
+
+        def _read_train_metrics(self):
             self._reduce_pending()
             try:
-                return super()._flush_train_metrics(step, row)
+                return super()._read_train_metrics()
             finally:
                 self._reduced = len(self._losses)
 

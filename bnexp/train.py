@@ -2,12 +2,15 @@
 
 Step s means "after s optimizer updates"; step 0 is the network at initialisation, evaluated and probed
 so curves start where training does. The hot path does no host-device synchronisation: per-step losses
-and logits stay on the device and are read once per log interval, which is also when divergence is
-detected (so a diverged run trains at most log_every - 1 steps past the step it records).
+and logits stay on the device and are read back READ_ROWS (10) log rows at a time, and always before an
+evaluation, a probe or a checkpoint. That is also when divergence is detected, so a diverged run trains
+past the step it records up to the next read (at most READ_ROWS * log_every - 1 steps, 99 by default),
+and no evaluation, probe or checkpoint ever sees a diverged network. The reads fall at the same steps on
+every run of a config, so a diverged run's final state is reproducible too.
 
 Every torch call costs a few microseconds of dispatch here, against a ~1 ms step of the paper's network, so
 the loop's own bookkeeping is kept to references per step (no op beyond two detaches) and a handful of
-batched ops per log interval; `bnexp bench --only loop` measures what is left against a bare loop.
+batched ops per read; `bnexp bench --only loop` measures what is left against a bare loop.
 
 Reliability: checkpoints hold everything that determines the rest of the run (model, optimizer,
 scheduler, the torch RNG, the data order, the probes, the pending loss interval), so an interrupted run
@@ -35,6 +38,11 @@ from bnexp.interrupt import Interrupted  # noqa: F401 - re-exported: callers cat
 from bnexp.models import build_model
 from bnexp.runs import (CONFIG, FINISHED, MetricsLog, RunDirError, create_run_dir, locked, read_status,
                         refuse_existing, versions, write_atomic, write_summary)
+
+
+# Logged rows read back and written out together (at most; an evaluation, probe or checkpoint step reads
+# at once). A read costs ~100 µs of cold code on the bench workload whether it covers 1 row or 10.
+READ_ROWS = 10
 
 
 def resolve_device(name: str) -> torch.device:
@@ -207,23 +215,23 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.last_train_loss: float | None = None  # shown on the progress bar
         self.elapsed = 0.0  # wall time of earlier sessions of a resumed run
-        # Pending until the next log interval, one entry per step: the loss, and the logits and labels whose
-        # correct predictions are counted for the whole interval at once (argmax, compare and sum per step
-        # cost more than the rest of the loop's bookkeeping together). _correct holds steps already counted
-        # (restored from a checkpoint, or made global by bnexp.distributed).
+        # Every step not read back to the host yet, one entry per step, oldest first: the loss, and the
+        # logits and labels whose correct predictions are counted for many steps at once (argmax, compare
+        # and sum per step cost more than the rest of the loop's bookkeeping together). _correct holds the
+        # steps already counted, aligned with _losses; _outs and _labels the steps after them.
         self._losses: list[torch.Tensor] = []
         self._outs: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
         self._correct: list[torch.Tensor] = []
         self._window: list[float] = []  # the last divergence_window losses, on the host
-        # Logged rows not written out yet, and those of them still waiting for their train/accuracy (with
-        # the interval's counted steps, logits and labels). Code that runs once per row after a step runs
-        # with cold caches, several times slower than the same code run again at once: rows are written
-        # out, and their correct predictions counted, for ~10 rows at a time (_write_rows).
+        # Logged rows not written out yet, in step order, and those of them still waiting for their
+        # train/loss and train/accuracy (with how many steps each averages). Code that runs once per row
+        # after a step runs with cold caches, several times slower than the same code run again at once:
+        # the steps are read back, checked for divergence and their rows written out ~READ_ROWS rows at a
+        # time (_read_train_metrics), and always before an evaluation, a probe or a checkpoint.
         self._rows: list[tuple[int, dict[str, Any]]] = []
-        self._accuracy_due: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor],
-                                       list[torch.Tensor]]] = []
-        self._rows_written_at = time.monotonic()
+        self._unread: list[tuple[dict[str, Any], int]] = []
+        self._unread_steps = 0  # the steps the rows in _unread average, together
         # The weights, for the divergence check: detached aliases (no autograd on the check), fixed for the
         # run since the optimizer and load_state_dict update these very tensors in place.
         self._params = [p.detach() for p in self.model.parameters()]
@@ -275,6 +283,7 @@ class Trainer:
         self._losses = [t.to(self.device) for t in state["pending_losses"]]
         self._outs, self._labels = [], []
         self._correct = [t.to(self.device) for t in state["pending_correct"]]
+        self._rows, self._unread, self._unread_steps = [], [], 0
         self._window = state["loss_window"].to(torch.float64).tolist()
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -308,8 +317,7 @@ class Trainer:
             except BaseException:
                 # A crash: the rows logged so far still reach the files (the error is what gets reported).
                 with contextlib.suppress(Exception):
-                    self._write_rows()
-                    self.writer.flush()
+                    self._salvage_rows()
                 with contextlib.suppress(Exception):
                     self.checkpoints.close()  # the last checkpoint handed over still reaches the disk
                 raise
@@ -322,7 +330,10 @@ class Trainer:
         x_all, y_all = self.data.x_train, self.data.y_train
         log_every, eval_every, ckpt_every = cfg.train.log_every, cfg.train.eval_every, cfg.train.checkpoint_every
         for step in range(start + 1, cfg.train.steps + 1):
-            if received:  # a signal during start-up or the step-0 evaluation: nothing trained since
+            if received:  # a signal after the last step's own check, or during start-up or the step-0 eval
+                bad = self._read_train_metrics()
+                if bad is not None:
+                    return bad
                 self._interrupt(received[0])
             idx = self.sampler.next()
             x, y = x_all[idx], y_all[idx]
@@ -345,18 +356,31 @@ class Trainer:
 
             last = step == cfg.train.steps
             row: dict[str, float] = {}
-            if step % log_every == 0 or last:
-                bad = self._flush_train_metrics(step, row)
+            logging = step % log_every == 0 or last
+            if logging:
+                # The row's train metrics are filled in when its steps are read back.
+                row["train/loss"] = row["train/accuracy"] = None
+                row["lr"] = self._step_lr
+                self._unread.append((row, len(self._losses) - self._unread_steps))
+                self._unread_steps = len(self._losses)
+            evaluating = step % eval_every == 0 or last
+            checkpointing = step % ckpt_every == 0 or last or received
+            if evaluating or probing or checkpointing or len(self._unread) >= READ_ROWS:
+                bad = self._read_train_metrics()
                 if bad is not None:
-                    self._write_row(bad[0], {"train/diverged": 1.0, "train/loss": bad[1]})
-                    return bad[0]
-            if step % eval_every == 0 or last or probing:
-                self._log_step(step, row, evaluate_now=step % eval_every == 0 or last, probe=probing)
-            elif row:
+                    return bad
+            if evaluating or probing:
+                self._log_step(step, row, evaluate_now=evaluating, probe=probing)
+            elif logging:
                 self._write_row(step, row)
-            if row or step % 50 == 0:
+                if not self._unread:  # read at this step: every row is complete
+                    self._write_rows()
+            if logging or step % 50 == 0:
                 progress.update(step, self._progress_info())
-            if step % ckpt_every == 0 or last or received:
+            if checkpointing or received:  # a signal may have arrived during this step's logging
+                bad = self._read_train_metrics()
+                if bad is not None:
+                    return bad
                 self._checkpoint()
             if received and not last:
                 raise Interrupted(received[0], self.run_dir)
@@ -381,34 +405,55 @@ class Trainer:
             self._outs, self._labels = [], []
         return self._correct
 
-    def _flush_train_metrics(self, step: int, row: dict[str, float]) -> tuple[int, float] | None:
-        """Move the interval's losses to the host (the one sync per log interval).
+    def _read_train_metrics(self) -> int | None:
+        """Read the steps of the rows waiting for train/loss and train/accuracy back to the host (one
+        transfer for up to READ_ROWS rows), check them for divergence and fill the rows in.
 
-        Returns (step, loss) of the first step that diverged: its loss was not finite or exceeded
-        train.divergence_loss (float32 cross-entropy via log-softmax rarely overflows; a blown-up network
-        shows as a huge finite loss instead), or its update made the weights non-finite.
+        On divergence, returns the first step that diverged, having logged its train/diverged row and
+        dropped the rows from that step on: its loss was not finite or ended a window whose mean exceeds
+        the limit (float32 cross-entropy via log-softmax rarely overflows; a blown-up network shows as a
+        huge finite loss instead), or, when the read reaches the latest step, that step's update made the
+        weights non-finite (an earlier update's would show in a later loss).
         """
-        n = len(self._losses)
+        n = self._unread_steps
+        if not self._unread:
+            return None
+        unread, self._unread, self._unread_steps = self._unread, [], 0
+        correct = self._count_pending()[:n]
         # Each weight tensor's 2-norm, in one fused op (torch.isfinite over every weight costs ~10x more, the
         # inf-norm ~15x): finite when all its weights are; read with the losses in one transfer.
-        norms = list(torch._foreach_norm(self._params, 2)) if self._params else []
-        host = torch.stack(self._losses + norms).tolist()
-        counted, outs, labels = self._correct, self._outs, self._labels
-        self._losses, self._outs, self._labels, self._correct = [], [], [], []
+        whole = n == len(self._losses)
+        norms = list(torch._foreach_norm(self._params, 2)) if whole and self._params else []
+        host = torch.stack(self._losses[:n] + norms).tolist()
+        hits = torch.stack(correct).tolist()
+        first_step = self.step - len(self._losses) + 1
+        del self._losses[:n], self._correct[:n]
         losses = host[:n]
         i = self._first_divergent(losses)
+        if i is None and not all(map(math.isfinite, host[n:])) and not self._weights_finite():
+            i = n - 1
         if i is not None:
-            return step - n + 1 + i, losses[i]
-        # A non-finite gradient with a finite loss shows as non-finite weights after the update; any
-        # earlier step's would have made a later loss in this interval non-finite already.
-        if not all(map(math.isfinite, host[n:])) and not self._weights_finite():
-            return step, losses[-1]
-        row["train/loss"] = math.fsum(losses) / n
-        self.last_train_loss = row["train/loss"]
-        row["train/accuracy"] = None  # counted when the row is written out (_write_rows)
-        self._accuracy_due.append((row, counted, outs, labels))
-        row["lr"] = self._step_lr
+            bad = first_step + i
+            self._rows = [(s, r) for s, r in self._rows if s < bad]
+            done = 0
+            for row, k in unread:
+                if first_step + done + k - 1 >= bad:
+                    break
+                self._fill(row, losses[done:done + k], hits[done:done + k])
+                done += k
+            self._write_row(bad, {"train/diverged": 1.0, "train/loss": losses[i]})
+            self._write_rows()
+            return bad
+        done = 0
+        for row, k in unread:
+            self._fill(row, losses[done:done + k], hits[done:done + k])
+            done += k
+        self.last_train_loss = unread[-1][0]["train/loss"]
         return None
+
+    def _fill(self, row: dict[str, Any], losses: list[float], hits: list[float]) -> None:
+        row["train/loss"] = math.fsum(losses) / len(losses)
+        row["train/accuracy"] = sum(hits) / (len(hits) * self.cfg.data.batch_size)
 
     def _weights_finite(self) -> bool:
         """The exact test, for when a norm is not finite: a norm overflows for huge but finite weights."""
@@ -457,39 +502,27 @@ class Trainer:
         self._write_row(step, row)
         self._write_rows()
 
+    def _salvage_rows(self) -> None:
+        """After a crash: the rows logged so far still reach the files."""
+        self._read_train_metrics()
+        self._write_rows()
+        self.writer.flush()
+
     def _write_row(self, step: int, row: dict[str, Any]) -> None:
-        """Log a row: it is written out with the next batch, which is at most ~10 rows or 2 s away and
+        """Log a row. It reaches the files with the next batch: the next read (_read_train_metrics) and
         always before a checkpoint, so a resumed run's files are exactly as if it had not stopped."""
         self._rows.append((step, row))
-        if len(self._rows) >= 10 or time.monotonic() - self._rows_written_at > 2.0:
-            self._write_rows()
 
     def _write_rows(self) -> None:
-        if not self._rows:
+        """Write out the logged rows, up to the first that still waits for its train metrics."""
+        waiting = {id(row) for row, _ in self._unread}
+        ready = next((k for k, (_, row) in enumerate(self._rows) if id(row) in waiting), len(self._rows))
+        if not ready:
             return
-        self._count_accuracies()
-        for step, row in self._rows:
+        rows, self._rows = self._rows[:ready], self._rows[ready:]
+        for step, row in rows:
             self.writer.add_scalars(row, step)
-        self.metrics.write_many([{"step": step, **row} for step, row in self._rows])
-        self._rows = []
-        self._rows_written_at = time.monotonic()
-
-    def _count_accuracies(self) -> None:
-        """train/accuracy of the rows that wait for it: one count over all their steps."""
-        due, self._accuracy_due = self._accuracy_due, []
-        if not due:
-            return
-        outs = [o for _, _, os_, _ in due for o in os_]
-        hits = iter([])
-        if outs:
-            labels = [y for _, _, _, ys in due for y in ys]
-            hits = iter((torch.stack(outs).argmax(-1) == torch.stack(labels)).sum(-1).tolist())
-        counted = [c for _, cs, _, _ in due for c in cs]
-        earlier = iter(torch.stack(counted).tolist() if counted else [])
-        m = self.cfg.data.batch_size
-        for row, cs, os_, _ in due:
-            correct = sum(next(earlier) for _ in cs) + sum(next(hits) for _ in os_)
-            row["train/accuracy"] = correct / ((len(cs) + len(os_)) * m)
+        self.metrics.write_many([{"step": step, **row} for step, row in rows])
 
     def _progress_info(self) -> str:
         loss, acc = self.last_train_loss, self.last_eval.get("test_accuracy")

@@ -214,14 +214,14 @@ def test_resume_finishes_interrupted_and_missing_runs_and_leaves_completed_ones(
     comp = tmp_path / "c"
     # Interrupt the third run (bnexp seed 0) at step 30 the way Ctrl-C would: the training loop checkpoints,
     # marks it interrupted, and the comparison stops there, leaving bnexp seed 1 not even started.
-    original = trainmod.Trainer._flush_train_metrics
+    original = trainmod.Trainer._write_row
 
-    def flush(self, step, row):
+    def write_row(self, step, row):
         if self.cfg.name == "bnexp" and self.cfg.seed == 0 and step == 30:
             signal.raise_signal(signal.SIGINT)
         return original(self, step, row)
 
-    monkeypatch.setattr(trainmod.Trainer, "_flush_train_metrics", flush)
+    monkeypatch.setattr(trainmod.Trainer, "_write_row", write_row)
     code, out, err = run_cli(["compare", "-c", str(cfg), "--out", str(comp)])
     monkeypatch.undo()
     assert code == 130, err

@@ -687,60 +687,77 @@ def test_logged_train_loss_and_accuracy_match_an_independent_loop(tmp_path):
         assert rows[end]["train/accuracy"] == sum(correct[start:end]) / (n * cfg.data.batch_size)
 
 
-@pytest.mark.parametrize("value, diverged", [(float("inf"), True), (1e30, False)])
-def test_weights_are_checked_after_the_last_update_of_each_log_interval(tmp_path, monkeypatch, value, diverged):
-    """A weight made non-finite by the interval's last update ends the run at that step, though no loss
-    saw it yet. The check reads one norm per weight tensor: a huge but finite weight overflows its norm,
-    and must then pass the exact test rather than count as divergence."""
+@pytest.mark.parametrize("value, at, expected", [(float("inf"), 50, 50), (1e30, 50, None),
+                                                 (float("inf"), 23, 24)])
+def test_non_finite_weights_end_the_run_at_the_first_step_that_shows_them(tmp_path, monkeypatch, value, at,
+                                                                         expected):
+    """Steps are read back ten log rows at a time (here at step 50, then at the last, 60). A weight made
+    non-finite by the update of the last step a read covers ends the run at that step, though no loss saw
+    it yet; one made non-finite earlier ends it at the next step, whose loss is the first to show it. The
+    check reads one norm per weight tensor: a huge but finite weight overflows its norm, and must then pass
+    the exact test rather than count as divergence."""
     from bnexp import train as trainmod
     from bnexp.config import validate
 
     cfg = validate({**RUN, "model": {**RUN["model"], "norm": "none"}, "optim": {"name": "sgd", "lr": 0.1},
                     "probes": {"enabled": False},
-                    "train": {"steps": 20, "eval_every": 100, "log_every": 5, "checkpoint_every": 100,
+                    "train": {"steps": 60, "eval_every": 100, "log_every": 5, "checkpoint_every": 100,
                               "divergence_factor": None}})
-    real_flush = trainmod.Trainer._flush_train_metrics
+    assert trainmod.READ_ROWS * cfg.train.log_every == 50
+    real_step, updates = torch.optim.SGD.step, []
 
-    def flush(self, step, row):
-        if step == 10:  # as if step 10's update had produced it
+    def step(opt, *args, **kwargs):
+        out = real_step(opt, *args, **kwargs)
+        updates.append(1)
+        if len(updates) == at:  # as if this update had produced it
             with torch.no_grad():
-                self.model.out.bias[0] = value
-        return real_flush(self, step, row)
+                opt.param_groups[0]["params"][-1][0] = value  # the output layer's bias
+        return out
 
-    monkeypatch.setattr(trainmod.Trainer, "_flush_train_metrics", flush)
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     summary = trainmod.train(cfg, run_dir)
-    if diverged:
-        assert (summary["status"], summary["diverged_step"]) == ("diverged", 10)
+    rows = runs.read_metrics(run_dir)
+    if expected is None:
+        assert summary["status"] == "completed" and summary["steps"] == 60
+        assert [r["step"] for r in rows] == [0, *range(5, 61, 5)]
     else:
-        assert summary["status"] == "completed" and summary["steps"] == 20
+        assert (summary["status"], summary["diverged_step"]) == ("diverged", expected)
+        # The rows before the diverged step's interval, then its train/diverged row.
+        assert [r["step"] for r in rows] == [0, *range(5, expected, 5), expected]
+        assert rows[-1]["train/diverged"] == 1.0
 
 
 def test_rows_logged_before_a_crash_are_on_disk(tmp_path, monkeypatch):
-    """Rows are written out in small batches; a run that raises still leaves every row it logged in
-    metrics.jsonl and the event file, with train/accuracy filled in."""
+    """Rows wait to be read back in batches of ten; a run that raises still leaves every row it logged in
+    metrics.jsonl and the event file, with the train metrics an uncrashed run logs."""
     from bnexp import train as trainmod
     from bnexp.config import validate
+    from bnexp.data import BatchSampler
 
     cfg = validate({**RUN, "probes": {"enabled": False},
                     "train": {**RUN["train"], "steps": 100, "eval_every": 1000, "checkpoint_every": 1000}})
-    real_flush = trainmod.Trainer._flush_train_metrics
+    (tmp_path / "whole").mkdir()
+    trainmod.train(cfg, tmp_path / "whole")
+    whole = {r["step"]: r for r in runs.read_metrics(tmp_path / "whole")}
+    real_next, draws = BatchSampler.next, []
 
-    def flush(self, step, row):
-        if step == 63:
+    def next_(sampler):
+        draws.append(1)
+        if len(draws) == 64:  # steps 7, 14, ..., 63 are logged, none read back yet
             raise RuntimeError("simulated crash")
-        return real_flush(self, step, row)
+        return real_next(sampler)
 
-    monkeypatch.setattr(trainmod.Trainer, "_flush_train_metrics", flush)
+    monkeypatch.setattr(BatchSampler, "next", next_)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainmod.train(cfg, run_dir)
     rows = runs.read_metrics(run_dir)
-    logged = list(range(7, 63, 7))
+    logged = list(range(7, 64, 7))
     assert [r["step"] for r in rows] == [0, *logged]
-    assert all(0 <= r["train/accuracy"] <= 1 for r in rows[1:])
+    assert rows[1:] == [whole[s] for s in logged]
     assert [s for s, _ in scalars(run_dir)["train/accuracy"]] == logged
 
 
