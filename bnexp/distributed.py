@@ -247,11 +247,11 @@ def _make_trainer_class():
             # The config makes shards equal (data.batch_size % dist.nproc == 0): the global batch's mean
             # loss is the mean of the shards' means.
             losses = torch.stack(self._losses[self._reduced:]).detach().double()
-            correct = torch.stack(self._correct[self._reduced:]).double()
+            correct = self._correct[self._reduced:].double()
             packed = torch.cat([losses, correct])
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
             self._losses[self._reduced:] = list((packed[:n] / self.world).to(torch.float32).unbind())
-            self._correct[self._reduced:] = list(packed[n:].round().to(torch.int64).unbind())
+            self._correct[self._reduced:] = packed[n:].round().to(torch.int64)
             self._reduced = len(self._losses)
 
         def _salvage_rows(self):

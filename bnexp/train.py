@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnexp import checkpoint, distributed, interrupt
+from bnexp import checkpoint, distributed, interrupt, kernel
 from bnexp.config import Config, ConfigError, OptimConfig, to_yaml
 from bnexp.errors import first_line
 from bnexp.data import BatchSampler, Dataset, load_dataset
@@ -218,11 +218,12 @@ class Trainer:
         # Every step not read back to the host yet, one entry per step, oldest first: the loss, and the
         # logits and labels whose correct predictions are counted for many steps at once (argmax, compare
         # and sum per step cost more than the rest of the loop's bookkeeping together). _correct holds the
-        # steps already counted, aligned with _losses; _outs and _labels the steps after them.
+        # counts of the steps already counted (one int64 vector), aligned with _losses; _outs and _labels
+        # the steps after them.
         self._losses: list[torch.Tensor] = []
         self._outs: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
-        self._correct: list[torch.Tensor] = []
+        self._correct = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._window: list[float] = []  # the last divergence_window losses, on the host
         # Logged rows not written out yet, in step order, and those of them still waiting for their
         # train/loss and train/accuracy (with how many steps each averages). Code that runs once per row
@@ -252,7 +253,7 @@ class Trainer:
             "last_eval": self.last_eval,
             "elapsed": self.elapsed + (time.perf_counter() - self._t0),
             "pending_losses": [t.cpu() for t in self._losses],
-            "pending_correct": [t.cpu() for t in self._count_pending()],
+            "pending_correct": list(self._count_pending().cpu().unbind()),
             "loss_window": torch.tensor(self._window, dtype=torch.float64),
         }
 
@@ -282,7 +283,8 @@ class Trainer:
         self.elapsed = state["elapsed"]
         self._losses = [t.to(self.device) for t in state["pending_losses"]]
         self._outs, self._labels = [], []
-        self._correct = [t.to(self.device) for t in state["pending_correct"]]
+        self._correct = torch.tensor([int(t) for t in state["pending_correct"]], dtype=torch.int64,
+                                     device=self.device)
         self._rows, self._unread, self._unread_steps = [], [], 0
         self._window = state["loss_window"].to(torch.float64).tolist()
 
@@ -397,11 +399,11 @@ class Trainer:
         self.writer.flush()
         self.checkpoints.save(self.step, self.state_dict())
 
-    def _count_pending(self) -> list[torch.Tensor]:
-        """The pending steps' correct counts, one 0-d tensor per step (their logits are dropped)."""
+    def _count_pending(self) -> torch.Tensor:
+        """The pending steps' correct counts, one per step (their logits are dropped)."""
         if self._outs:
-            hits = torch.stack(self._outs).argmax(-1) == torch.stack(self._labels)
-            self._correct.extend(hits.sum(-1).unbind())
+            hits = kernel.count_hits(torch.stack(self._outs), torch.stack(self._labels))
+            self._correct = torch.cat([self._correct, hits.to(self._correct.device)])
             self._outs, self._labels = [], []
         return self._correct
 
@@ -425,9 +427,10 @@ class Trainer:
         whole = n == len(self._losses)
         norms = list(torch._foreach_norm(self._params, 2)) if whole and self._params else []
         host = torch.stack(self._losses[:n] + norms).tolist()
-        hits = torch.stack(correct).tolist()
+        hits = correct.tolist()
         first_step = self.step - len(self._losses) + 1
-        del self._losses[:n], self._correct[:n]
+        del self._losses[:n]
+        self._correct = self._correct[n:]
         losses = host[:n]
         i = self._first_divergent(losses)
         if i is None and not all(map(math.isfinite, host[n:])) and not self._weights_finite():

@@ -289,3 +289,44 @@ def test_grouped_forward_is_the_layer_on_each_batch(kernel_on):
         assert norm.grouped_train_forward(BatchNorm2d(3, stats="global"), x, 4) is None
         assert norm.grouped_train_forward(bn, x.to(memory_format=torch.channels_last), 4) is None
     assert norm.grouped_train_forward(bn, x, 4) is None
+
+
+# --- the training loop's correct-prediction count (bn_count_hits) ---------------------------------------
+
+def _logit_blocks(steps, m, classes, dtype, seed):
+    """Logits with ties (small integers), NaN, +inf and -inf in some rows, and their labels."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-2, 3, (steps, m, classes), generator=g).to(dtype)
+    flat = logits.view(-1)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        flat[torch.randint(0, flat.numel(), (max(1, flat.numel() // 13),), generator=g)] = value
+    return logits, torch.randint(0, classes, (steps, m), generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("steps, m, classes", [(1, 1, 1), (3, 5, 2), (10, 60, 10), (7, 33, 100)])
+def test_count_hits_is_argmax_exactly(kernel_on, monkeypatch, dtype, steps, m, classes):
+    """argmax's rule, ties (first largest) and NaN (counts as the largest, first one wins) included."""
+    called = []
+    real = kernel_on.count_hits[dtype]
+    monkeypatch.setitem(kernel_on.count_hits, dtype, lambda *a: called.append(1) or real(*a))
+    for seed in range(5):
+        logits, labels = _logit_blocks(steps, m, classes, dtype, seed)
+        want = (logits.argmax(-1) == labels).sum(-1)
+        got = kernel.count_hits(logits, labels)
+        assert got.dtype == torch.int64 and torch.equal(got, want), seed
+        # random logits too: ties never happen, and NaN-free rows are the common case
+        logits = torch.randn(steps, m, classes, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(kernel.count_hits(logits, labels), (logits.argmax(-1) == labels).sum(-1))
+    assert len(called) == 10
+
+
+def test_count_hits_without_the_kernel_or_for_what_it_cannot_take():
+    logits, labels = _logit_blocks(4, 9, 3, torch.float32, 0)
+    want = (logits.argmax(-1) == labels).sum(-1)
+    with kernel.enabled(False):
+        assert kernel.loaded() is None
+        assert torch.equal(kernel.count_hits(logits, labels), want)
+    with kernel.enabled(True):
+        for x in (logits.half(), logits.transpose(0, 1).contiguous().transpose(0, 1)):
+            assert torch.equal(kernel.count_hits(x, labels), (x.argmax(-1) == labels).sum(-1))
