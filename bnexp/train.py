@@ -216,13 +216,15 @@ class Trainer:
         self.last_train_loss: float | None = None  # shown on the progress bar
         self.elapsed = 0.0  # wall time of earlier sessions of a resumed run
         # Every step not read back to the host yet, one entry per step, oldest first: the loss, and the
-        # logits and labels whose correct predictions are counted for many steps at once (argmax, compare
-        # and sum per step cost more than the rest of the loop's bookkeeping together). _correct holds the
-        # counts of the steps already counted (one int64 vector), aligned with _losses; _outs and _labels
-        # the steps after them.
+        # logits and batch indices whose correct predictions are counted for many steps at once (argmax,
+        # compare and sum per step cost more than the rest of the loop's bookkeeping together). _correct
+        # holds the counts of the steps already counted (one int64 vector), aligned with _losses; _outs and
+        # _batches the steps after them. The indices are views of the sampler's permutation, where the
+        # labels would be new tensors: keeping one more allocation per step alive measurably slowed the
+        # allocator's reuse of the step's memory (the labels are indexed out again when counting).
         self._losses: list[torch.Tensor] = []
         self._outs: list[torch.Tensor] = []
-        self._labels: list[torch.Tensor] = []
+        self._batches: list[torch.Tensor] = []
         self._correct = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._window: list[float] = []  # the last divergence_window losses, on the host
         # Logged rows not written out yet, in step order, and those of them still waiting for their
@@ -282,7 +284,7 @@ class Trainer:
         self.last_eval = dict(state["last_eval"])
         self.elapsed = state["elapsed"]
         self._losses = [t.to(self.device) for t in state["pending_losses"]]
-        self._outs, self._labels = [], []
+        self._outs, self._batches = [], []
         self._correct = torch.tensor([int(t) for t in state["pending_correct"]], dtype=torch.int64,
                                      device=self.device)
         self._rows, self._unread, self._unread_steps = [], [], 0
@@ -353,7 +355,7 @@ class Trainer:
                 self.scheduler.step()
             self._losses.append(loss.detach())
             self._outs.append(out.detach())
-            self._labels.append(y)
+            self._batches.append(idx)
             self.step = step
 
             last = step == cfg.train.steps
@@ -402,9 +404,10 @@ class Trainer:
     def _count_pending(self) -> torch.Tensor:
         """The pending steps' correct counts, one per step (their logits are dropped)."""
         if self._outs:
-            hits = kernel.count_hits(torch.stack(self._outs), torch.stack(self._labels))
+            labels = self.data.y_train[torch.stack(self._batches)]
+            hits = kernel.count_hits(torch.stack(self._outs), labels)
             self._correct = torch.cat([self._correct, hits.to(self._correct.device)])
-            self._outs, self._labels = [], []
+            self._outs, self._batches = [], []
         return self._correct
 
     def _read_train_metrics(self) -> int | None:
