@@ -51,6 +51,45 @@ def _default_bins() -> list[float]:
     return [-b for b in reversed(buckets)] + [0] + buckets
 
 
+def histogram_proto(values: np.ndarray, bins: np.ndarray):
+    """The HistogramProto that SummaryWriter.add_histogram writes (torch's make_histogram, max_bins None),
+    field for field, at a fifth of its cost (~25 against ~130 µs for 360 values): the buckets are found for
+    the values (a few hundred) rather than counted over every one of the ~1,500 default bins, and the
+    trimming to the occupied range that make_histogram does afterwards falls out of that directly."""
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto
+
+    values = values.reshape(-1)
+    if values.size == 0:
+        raise ValueError("The input has no element.")
+    # np.histogram's buckets: [b_i, b_i+1), the last one closed; values outside the edges are not counted.
+    inside = values[(values >= bins[0]) & (values <= bins[-1])]
+    idx = np.minimum(np.searchsorted(bins, inside, side="right") - 1, len(bins) - 2)
+    if idx.size == 0:
+        raise ValueError("The histogram is empty, please file a bug report.")
+    start, end = int(idx.min()), int(idx.max()) + 1  # the first and one past the last occupied bucket
+    # TensorBoard takes each bucket's right edge; an empty bucket on the left carries the leftmost one.
+    low = max(start - 1, 0)
+    counts = np.bincount(idx - low, minlength=end - low)
+    if start == 0:
+        counts = np.concatenate([[0], counts])
+    # Serialized by hand and parsed: every field is a double, the two lists packed ones, so their bytes are
+    # numpy's; building the message from ~600-element Python lists was a third of the cost.
+    limits, counts = bins[start:end + 1].astype("<f8").tobytes(), counts.astype("<f8").tobytes()
+    head = struct.pack("<BdBdBdBdBd", 0x09, values.min(), 0x11, values.max(), 0x19, len(values),
+                       0x21, values.sum(), 0x29, values.dot(values))
+    return HistogramProto.FromString(b"".join((head, b"\x32", _varint(len(limits)), limits,
+                                               b"\x3a", _varint(len(counts)), counts)))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 class EventWriter:
     """The part of SummaryWriter that bnexp uses, with the writes described in the module docstring."""
 
@@ -99,12 +138,13 @@ class EventWriter:
         self.add_summary(scalar(tag, value), step)
 
     def add_histogram(self, tag: str, values, step: int | None = None) -> None:
-        from torch.utils.tensorboard.summary import histogram
-
         if self._bins is None:
-            # An array: numpy converts a list of bin edges on every call, which was half the cost.
             self._bins = np.array(_default_bins())
-        self.add_summary(histogram(tag, values, self._bins), step)
+        values = values.detach().cpu().double().numpy() if hasattr(values, "detach") else np.asarray(
+            values, dtype=np.float64)
+        self.add_summary(self._Summary(value=[self._Summary.Value(tag=tag, histo=histogram_proto(values,
+                                                                                                self._bins))]),
+                         step)
 
     def add_custom_scalars(self, layout: dict) -> None:
         from torch.utils.tensorboard.summary import custom_scalars

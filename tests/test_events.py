@@ -81,3 +81,37 @@ def test_histogram_bins_are_summary_writers(tmp_path):
     reference.close()
     assert events._default_bins() == reference.default_bins
     np.testing.assert_array_equal(np.diff(events._default_bins()) > 0, True)
+
+
+@pytest.mark.parametrize("case", ["normal", "wide", "edges", "zeros", "one", "negative", "outside", "ints"])
+def test_histogram_proto_is_summary_writers(case):
+    """Our histogram builder writes the very proto torch's make_histogram builds (SummaryWriter's)."""
+    from torch.utils.tensorboard.summary import make_histogram
+
+    bins = np.array(events._default_bins())
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        values = {
+            "normal": lambda: rng.normal(size=360),
+            "wide": lambda: rng.normal(size=500) * 10.0 ** rng.integers(-8, 12, size=500),
+            "edges": lambda: rng.choice(bins[700:900], size=100),  # exactly on bucket edges
+            "zeros": lambda: np.concatenate([np.zeros(7), rng.normal(size=5)]),
+            "one": lambda: rng.normal(size=1),
+            "negative": lambda: -np.abs(rng.normal(size=50)),
+            "outside": lambda: np.concatenate([rng.normal(size=30), [1e21, -1e21, bins[-1], bins[0]]]),
+            "ints": lambda: rng.integers(-3, 4, size=40).astype(float),
+        }[case]()
+        want = make_histogram(values.copy(), bins)
+        got = events.histogram_proto(values, bins)
+        assert got == want, (case, trial)
+
+
+def test_histogram_proto_refuses_what_make_histogram_refuses():
+    from torch.utils.tensorboard.summary import make_histogram
+
+    bins = np.array(events._default_bins())
+    for values in (np.array([]), np.array([1e25, -1e25])):
+        with pytest.raises(ValueError):
+            make_histogram(values, bins)
+        with pytest.raises(ValueError):
+            events.histogram_proto(values, bins)
