@@ -259,10 +259,10 @@ def _make_trainer_class():
             self._write_rows()
             self.writer.flush()
 
-        def _read_train_metrics(self):
+        def _read_train_metrics(self, weights=False):
             self._reduce_pending()
             try:
-                return super()._read_train_metrics()
+                return super()._read_train_metrics(weights)
             finally:
                 self._reduced = len(self._losses)
 

@@ -2,11 +2,12 @@
 
 Step s means "after s optimizer updates"; step 0 is the network at initialisation, evaluated and probed
 so curves start where training does. The hot path does no host-device synchronisation: per-step losses
-and logits stay on the device and are read back READ_ROWS (10) log rows at a time, and always before an
-evaluation, a probe or a checkpoint. That is also when divergence is detected, so a diverged run trains
-past the step it records up to the next read (at most READ_ROWS * log_every - 1 steps, 99 by default),
-and no evaluation, probe or checkpoint ever sees a diverged network. The reads fall at the same steps on
-every run of a config, so a diverged run's final state is reproducible too.
+and logits stay on the device and are read back every READ_ROWS (10) log intervals, and always before an
+evaluation, a probe or a checkpoint, and on a signal. That is also when divergence is detected, so a
+diverged run trains past the step it records up to the next read (at most READ_ROWS * log_every - 1
+steps, 99 by default), and no evaluation or probe ever sees a diverged network. The reads are scheduled by
+step number (plus one at a signal, which checks the losses but not the weights), so an interrupted and
+resumed run reads, detects and stops exactly where an uninterrupted one does.
 
 Every torch call costs a few microseconds of dispatch here, against a ~1 ms step of the paper's network, so
 the loop's own bookkeeping is kept to references per step (no op beyond two detaches) and a handful of
@@ -40,8 +41,9 @@ from bnexp.runs import (CONFIG, FINISHED, MetricsLog, RunDirError, create_run_di
                         refuse_existing, versions, write_atomic, write_summary)
 
 
-# Logged rows read back and written out together (at most; an evaluation, probe or checkpoint step reads
-# at once). A read costs ~100 µs of cold code on the bench workload whether it covers 1 row or 10.
+# Steps are read back every READ_ROWS log intervals, by step number, and at every evaluation, probe,
+# checkpoint and signal. A read costs ~100 µs of cold code on the bench workload whether it covers 1 row
+# or 10.
 READ_ROWS = 10
 
 
@@ -227,6 +229,10 @@ class Trainer:
         self._batches: list[torch.Tensor] = []
         self._correct = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._window: list[float] = []  # the last divergence_window losses, on the host
+        # Steps read back and checked already whose row is not logged yet (the log interval in progress):
+        # their losses and correct counts on the host.
+        self._read_losses: list[float] = []
+        self._read_hits: list[int] = []
         # Logged rows not written out yet, in step order, and those of them still waiting for their
         # train/loss and train/accuracy (with how many steps each averages). Code that runs once per row
         # after a step runs with cold caches, several times slower than the same code run again at once:
@@ -256,6 +262,9 @@ class Trainer:
             "elapsed": self.elapsed + (time.perf_counter() - self._t0),
             "pending_losses": [t.cpu() for t in self._losses],
             "pending_correct": list(self._count_pending().cpu().unbind()),
+            # float64 holds the float32 losses exactly
+            "read_losses": torch.tensor(self._read_losses, dtype=torch.float64),
+            "read_hits": torch.tensor(self._read_hits, dtype=torch.int64),
             "loss_window": torch.tensor(self._window, dtype=torch.float64),
         }
 
@@ -288,6 +297,8 @@ class Trainer:
         self._correct = torch.tensor([int(t) for t in state["pending_correct"]], dtype=torch.int64,
                                      device=self.device)
         self._rows, self._unread, self._unread_steps = [], [], 0
+        self._read_losses = state["read_losses"].tolist() if "read_losses" in state else []
+        self._read_hits = state["read_hits"].tolist() if "read_hits" in state else []
         self._window = state["loss_window"].to(torch.float64).tolist()
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -333,9 +344,10 @@ class Trainer:
         cfg, model, opt = self.cfg, self.model, self.optimizer
         x_all, y_all = self.data.x_train, self.data.y_train
         log_every, eval_every, ckpt_every = cfg.train.log_every, cfg.train.eval_every, cfg.train.checkpoint_every
+        read_every = READ_ROWS * log_every
         for step in range(start + 1, cfg.train.steps + 1):
             if received:  # a signal after the last step's own check, or during start-up or the step-0 eval
-                bad = self._read_train_metrics()
+                bad = self._read_train_metrics(weights=False)
                 if bad is not None:
                     return bad
                 self._interrupt(received[0])
@@ -365,12 +377,15 @@ class Trainer:
                 # The row's train metrics are filled in when its steps are read back.
                 row["train/loss"] = row["train/accuracy"] = None
                 row["lr"] = self._step_lr
-                self._unread.append((row, len(self._losses) - self._unread_steps))
-                self._unread_steps = len(self._losses)
+                steps = len(self._read_losses) + len(self._losses)
+                self._unread.append((row, steps - self._unread_steps))
+                self._unread_steps = steps
             evaluating = step % eval_every == 0 or last
-            checkpointing = step % ckpt_every == 0 or last or received
-            if evaluating or probing or checkpointing or len(self._unread) >= READ_ROWS:
-                bad = self._read_train_metrics()
+            checkpointing = step % ckpt_every == 0 or last
+            # By step number, so that a resumed run reads (and checks the weights) where this one does.
+            scheduled = evaluating or probing or checkpointing or step % read_every == 0
+            if scheduled or received:
+                bad = self._read_train_metrics(weights=scheduled)
                 if bad is not None:
                     return bad
             if evaluating or probing:
@@ -382,7 +397,7 @@ class Trainer:
             if logging or step % 50 == 0:
                 progress.update(step, self._progress_info())
             if checkpointing or received:  # a signal may have arrived during this step's logging
-                bad = self._read_train_metrics()
+                bad = self._read_train_metrics(weights=scheduled)
                 if bad is not None:
                     return bad
                 self._checkpoint()
@@ -410,51 +425,57 @@ class Trainer:
             self._outs, self._batches = [], []
         return self._correct
 
-    def _read_train_metrics(self) -> int | None:
-        """Read the steps of the rows waiting for train/loss and train/accuracy back to the host (one
-        transfer for up to READ_ROWS rows), check them for divergence and fill the rows in.
+    def _read_train_metrics(self, weights: bool = False) -> int | None:
+        """Read every step trained since the last read back to the host (one transfer), check them for
+        divergence, and fill in the train/loss and train/accuracy of the rows waiting for them.
 
         On divergence, returns the first step that diverged, having logged its train/diverged row and
         dropped the rows from that step on: its loss was not finite or ended a window whose mean exceeds
         the limit (float32 cross-entropy via log-softmax rarely overflows; a blown-up network shows as a
-        huge finite loss instead), or, when the read reaches the latest step, that step's update made the
-        weights non-finite (an earlier update's would show in a later loss).
+        huge finite loss instead), or, with `weights`, the latest step's update made the weights
+        non-finite (an earlier update's would show in a later loss). Nothing changes if the read fails.
         """
-        n = self._unread_steps
-        if not self._unread:
+        n = len(self._losses)
+        if not n and not self._unread:
             return None
-        unread, self._unread, self._unread_steps = self._unread, [], 0
-        correct = self._count_pending()[:n]
-        # Each weight tensor's 2-norm, in one fused op (torch.isfinite over every weight costs ~10x more, the
-        # inf-norm ~15x): finite when all its weights are; read with the losses in one transfer.
-        whole = n == len(self._losses)
-        norms = list(torch._foreach_norm(self._params, 2)) if whole and self._params else []
-        host = torch.stack(self._losses[:n] + norms).tolist()
-        hits = correct.tolist()
-        first_step = self.step - len(self._losses) + 1
-        del self._losses[:n]
-        self._correct = self._correct[n:]
-        losses = host[:n]
+        losses: list[float] = []
+        hits: list[int] = []
+        norms_finite = True
+        if n:
+            correct = self._count_pending()
+            # Each weight tensor's 2-norm, in one fused op (torch.isfinite over every weight costs ~10x
+            # more, the inf-norm ~15x): finite when all its weights are; read with the losses at once.
+            norms = list(torch._foreach_norm(self._params, 2)) if weights and self._params else []
+            host = torch.stack(self._losses + norms).tolist()
+            hits = correct.tolist()
+            losses, norms_finite = host[:n], all(map(math.isfinite, host[n:]))
+        first_step = self.step - n + 1  # the step of losses[0]
+        self._losses, self._correct = [], self._correct[:0]
         i = self._first_divergent(losses)
-        if i is None and not all(map(math.isfinite, host[n:])) and not self._weights_finite():
+        if i is None and not norms_finite and not self._weights_finite():
             i = n - 1
+        values, counts = self._read_losses + losses, self._read_hits + hits
+        base = first_step - len(self._read_losses)  # the step of values[0]
+        unread, self._unread, self._unread_steps = self._unread, [], 0
+        done = 0
         if i is not None:
             bad = first_step + i
             self._rows = [(s, r) for s, r in self._rows if s < bad]
-            done = 0
             for row, k in unread:
-                if first_step + done + k - 1 >= bad:
+                if base + done + k - 1 >= bad:
                     break
-                self._fill(row, losses[done:done + k], hits[done:done + k])
+                self._fill(row, values[done:done + k], counts[done:done + k])
                 done += k
+            self._read_losses, self._read_hits = [], []
             self._write_row(bad, {"train/diverged": 1.0, "train/loss": losses[i]})
             self._write_rows()
             return bad
-        done = 0
         for row, k in unread:
-            self._fill(row, losses[done:done + k], hits[done:done + k])
+            self._fill(row, values[done:done + k], counts[done:done + k])
             done += k
-        self.last_train_loss = unread[-1][0]["train/loss"]
+        self._read_losses, self._read_hits = values[done:], counts[done:]
+        if unread:
+            self.last_train_loss = unread[-1][0]["train/loss"]
         return None
 
     def _fill(self, row: dict[str, Any], losses: list[float], hits: list[float]) -> None:

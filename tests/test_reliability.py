@@ -553,6 +553,9 @@ def test_divergence_window_survives_an_interruption(tmp_path, capsys, monkeypatc
     assert run_cli(capsys, "train", "--resume", tmp_path / "resumed", "-q")[0] == 0
     got = runs.read_summary(tmp_path / "resumed")
     assert (got["status"], got["diverged_step"]) == ("diverged", expected["diverged_step"])
+    # The run stops at the same read, so even the diverged network's final evaluation is the same.
+    for key in ("test_loss", "test_accuracy", "best_test_accuracy"):
+        assert got[key] == expected[key], key
     assert runs.read_metrics(tmp_path / "resumed") == runs.read_metrics(tmp_path / "straight")
 
 
@@ -825,3 +828,114 @@ def test_interrupted_run_reports_only_once_its_checkpoint_is_on_disk(tmp_path, c
     assert (summary["status"], summary["steps"]) == ("interrupted", 210)
     assert checkpoint.list_checkpoints(run_dir)[-1].name == "step-00000210.pt"
     assert checkpoint.load(checkpoint.list_checkpoints(run_dir)[-1])["step"] == 210
+
+
+# --- reads of the training metrics: scheduled by step, complete before anything looks at the network ---
+
+def _blow_up_after_update(monkeypatch, at: int, value: float) -> None:
+    """Set the output layer's first bias to `value` right after the update of step `at` (of whichever
+    Trainer is training, so a resumed run gets it at the same step)."""
+    import bnexp.train as trainmod
+
+    trainers = []
+    real_init, real_step = trainmod.Trainer.__init__, torch.optim.SGD.step
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        trainers.append(self)
+
+    def step(opt, *args, **kwargs):
+        out = real_step(opt, *args, **kwargs)
+        if trainers and trainers[-1].step + 1 == at:  # Trainer.step counts the updates before this one
+            with torch.no_grad():
+                opt.param_groups[0]["params"][-1][0] = value
+        return out
+
+    monkeypatch.setattr(trainmod.Trainer, "__init__", init)
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+
+
+@pytest.mark.parametrize("at, expected", [(47, 48), (49, 50), (100, 100), (147, 148), (149, 150)])
+def test_no_evaluation_probe_or_checkpoint_sees_a_diverged_network(tmp_path, monkeypatch, at, expected):
+    """log_every 7 divides none of eval_every 50, probes.every 100, checkpoint_every 150: the read before
+    each of them covers the steps after the last log row too, and checks the weights. A weight set to NaN
+    by update `at` ends the run at the first step whose loss shows it, or at `at` itself when a read falls
+    there (100: an evaluation and a probe); nothing is evaluated, probed or checkpointed from then on."""
+    from bnexp import train as trainmod
+    from bnexp.config import validate
+
+    cfg = validate({**RUN, "model": {**RUN["model"], "norm": "none"}, "optim": {"name": "sgd", "lr": 0.1},
+                    "probes": {**RUN["probes"], "every": 100},
+                    "train": {"steps": 300, "eval_every": 50, "log_every": 7, "checkpoint_every": 150,
+                              "divergence_factor": None}})
+    _blow_up_after_update(monkeypatch, at, float("nan"))
+    looked_at: list[int] = []  # steps that evaluated, probed or checkpointed
+    for name in ("_log_step", "_checkpoint"):
+        real = getattr(trainmod.Trainer, name)
+        monkeypatch.setattr(trainmod.Trainer, name,
+                            lambda self, *a, _real=real, **k: looked_at.append(self.step) or _real(self, *a, **k))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    summary = trainmod.train(cfg, run_dir)
+    assert (summary["status"], summary["diverged_step"]) == ("diverged", expected)
+    assert looked_at and max(looked_at) < expected, looked_at
+    rows = runs.read_metrics(run_dir)
+    assert (rows[-1]["step"], rows[-1]["train/diverged"]) == (expected, 1.0)
+    assert all(r["step"] < expected for r in rows[:-1])
+    looked = [r["step"] for r in rows if "test/loss" in r or any(k.startswith("gap/") for k in r)]
+    assert looked and max(looked) < expected
+    assert all(math.isfinite(r["test/loss"]) for r in rows if "test/loss" in r)
+    assert all(int(p.name[5:13]) < expected for p in checkpoint.list_checkpoints(run_dir))
+
+
+@pytest.mark.parametrize("at, value", [(27, 1e4), (30, float("inf"))])
+def test_a_signal_does_not_move_the_reads_of_a_resumed_run(tmp_path, capsys, monkeypatch, at, value):
+    """Interrupted at step 15 (a read of its own, off the schedule) and resumed, a run that then diverges
+    stops at the very read, with the very network, of an uninterrupted one: reads fall at multiples of
+    READ_ROWS log rows by step number, and a signal's read checks the losses but not the weights."""
+    from bnexp import train as trainmod
+
+    raw = {**RUN, "optim": {"name": "sgd", "lr": 0.1}, "probes": {"enabled": False},
+           "train": {"steps": 200, "eval_every": 1000, "log_every": 1, "checkpoint_every": 1000,
+                     "divergence_window": 3}}
+    cfg = write(tmp_path / "run.yaml", raw)
+    _blow_up_after_update(monkeypatch, at, value)
+    assert run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "straight", "-q")[0] == 0
+    expected = runs.read_summary(tmp_path / "straight")
+    assert expected["status"] == "diverged"
+
+    real_write = signal_after_row(monkeypatch, 15, signal.SIGINT)
+    assert run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "resumed", "-q")[0] == 130
+    monkeypatch.setattr(trainmod.Trainer, "_write_row", real_write)
+    assert run_cli(capsys, "train", "--resume", tmp_path / "resumed", "-q")[0] == 0
+    got = runs.read_summary(tmp_path / "resumed")
+    for key in ("status", "diverged_step", "steps", "test_loss", "test_accuracy", "best_test_accuracy"):
+        assert got[key] == expected[key] or (got[key] != got[key] and expected[key] != expected[key]), key
+    assert runs.read_metrics(tmp_path / "resumed") == runs.read_metrics(tmp_path / "straight")
+
+
+def test_a_read_that_fails_changes_nothing(tmp_path, monkeypatch):
+    """A read that raises (here the correct-prediction count) leaves the pending steps and rows as they
+    were: the crash path writes every row completed before it, none with an empty train/loss."""
+    from bnexp import train as trainmod
+    from bnexp.config import validate
+
+    cfg = validate({**RUN, "probes": {"enabled": False},
+                    "train": {**RUN["train"], "steps": 200, "eval_every": 1000, "checkpoint_every": 1000}})
+    real_count, calls = trainmod.Trainer._count_pending, []
+
+    def count(self):
+        calls.append(self.step)
+        if len(calls) >= 2:  # the second read (step 140) and the crash path's
+            raise MemoryError("simulated")
+        return real_count(self)
+
+    monkeypatch.setattr(trainmod.Trainer, "_count_pending", count)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(MemoryError):
+        trainmod.train(cfg, run_dir)
+    assert calls[:2] == [70, 140]
+    rows = runs.read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, *range(7, 71, 7)]
+    assert all(r["train/loss"] is not None and r["train/accuracy"] is not None for r in rows[1:])
