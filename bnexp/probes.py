@@ -462,7 +462,7 @@ class Probes:
             bn = bns[name]
             if getattr(bn, "running_mean", None) is not None:
                 groups.setdefault((tuple(s["mean"].shape), s["n"], bn.eps), []).append(name)
-        out = []
+        per_layer = {}
         for (_, n, eps), names in groups.items():
             rm = torch.stack([bns[name].running_mean for name in names]).double()  # (layers, C)
             rv = torch.stack([bns[name].running_var for name in names]).double()
@@ -479,12 +479,12 @@ class Probes:
                 columns += [((mean_b - rm.unsqueeze(1)).abs() * inv_run).mean((1, 2)),
                             ((var_b + eps).sqrt() * inv_run).mean((1, 2))]
             if columns:
-                tags = [tag for name in names for tag in
-                        ([f"running_stats/{name}/mean_err", f"running_stats/{name}/var_err"]
-                         if self.pcfg.running_stats else []) + ([f"gap/{name}/d", f"gap/{name}/r"]
-                                                                if self.pcfg.gap else [])]
-                out.append((tags, torch.stack(columns, 1)))
-        return out
+                values = torch.stack(columns, 1)  # (layers, values)
+                for j, name in enumerate(names):
+                    per_layer[name] = (([f"running_stats/{name}/mean_err", f"running_stats/{name}/var_err"]
+                                        if self.pcfg.running_stats else [])
+                                       + ([f"gap/{name}/d", f"gap/{name}/r"] if self.pcfg.gap else []), values[j])
+        return [per_layer[name] for name in stats if name in per_layer]  # the layers' order, whatever the groups
 
     def _gap_values(self, test_logits: torch.Tensor, f_eval: torch.Tensor) -> tuple[list[str], torch.Tensor]:
         y = self.data.y_test

@@ -245,6 +245,26 @@ def test_running_stat_errors(tmp_path, norm):
     assert summary["running_var_err"] == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("norm", ["bnexp", "torch"])
+def test_running_stat_errors_of_mixed_widths_come_in_layer_order(tmp_path, norm):
+    """Layers of one width are computed together: with widths 12, 10, 12 each layer still gets its own
+    values, and the tags (the columns of metrics.jsonl) come in the order of the layers."""
+    cfg, data, model = setup(tmp_path, **{"model.norm": norm, "model.hidden": [12, 10, 12]})
+    train_a_little(model, data)
+    probes = Probes(cfg, model, data)
+    values = probes.measure(0, model)
+    bns = bn_layers(model)
+    assert len(bns) == 3
+    assert [k.split("/")[1] for k in values if k.startswith("running_stats/")] == [n for n in bns for _ in "mv"]
+    pop = probes.population_statistics(model)
+    for name, bn in bns.items():
+        rm, rv, var = bn.running_mean.double(), bn.running_var.double(), pop[name]["var"]
+        mean_err = ((rm - pop[name]["mean"]).abs() / (var + bn.eps).sqrt()).mean()
+        var_err = torch.log((rv + bn.eps) / (var + bn.eps)).abs().mean()
+        assert values[f"running_stats/{name}/mean_err"] == pytest.approx(float(mean_err), rel=1e-12)
+        assert values[f"running_stats/{name}/var_err"] == pytest.approx(float(var_err), rel=1e-12)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_gap_is_zero_when_running_stats_are_the_batch_stats(tmp_path, norm):
     # The test set is one batch of m. Its running statistics are set to that batch's statistics, layer by
