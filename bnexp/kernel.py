@@ -180,7 +180,8 @@ def count_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     exactly (argmax(-1) == labels).sum(-1). The kernel counts them when it is loaded and can take them."""
     k = loaded()
     if (k is None or logits.dim() != 3 or logits.dtype not in _SUFFIX or not logits.is_cpu
-            or labels.dtype != torch.int64 or labels.shape != logits.shape[:2] or logits.numel() == 0):
+            or labels.dtype != torch.int64 or not labels.is_cpu or labels.shape != logits.shape[:2]
+            or logits.numel() == 0):
         return (logits.argmax(-1) == labels).sum(-1)
     logits, labels = logits.contiguous(), labels.contiguous()
     hits = torch.empty(logits.shape[0], dtype=torch.int64)
