@@ -339,6 +339,48 @@ def signal_after_row(monkeypatch, at_step: int, sig: int):
     return real_write
 
 
+def _blow_up_after_update(monkeypatch, at: int, value: float) -> None:
+    """Set the output layer's first bias to `value` right after the update of step `at` (of whichever
+    Trainer is training, so a resumed run gets it at the same step)."""
+    import bnexp.train as trainmod
+
+    trainers = []
+    real_init, real_step = trainmod.Trainer.__init__, torch.optim.SGD.step
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        trainers.append(self)
+
+    def step(opt, *args, **kwargs):
+        out = real_step(opt, *args, **kwargs)
+        if trainers and trainers[-1].step + 1 == at:  # Trainer.step counts the updates before this one
+            with torch.no_grad():
+                opt.param_groups[0]["params"][-1][0] = value
+        return out
+
+    monkeypatch.setattr(trainmod.Trainer, "__init__", init)
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+
+
+def assert_a_signal_changes_nothing_in_a_diverging_run(tmp_path, capsys, monkeypatch, cfg: Path,
+                                                     at_row: int) -> None:
+    """Run `cfg` (it must diverge) straight, then again with a SIGINT after the row of `at_row` and a resume:
+    the same divergence, the same final evaluation of the diverged network, the same rows."""
+    import bnexp.train as trainmod
+
+    assert run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "straight", "-q")[0] == 0
+    expected = runs.read_summary(tmp_path / "straight")
+    assert expected["status"] == "diverged"
+    real_write = signal_after_row(monkeypatch, at_row, signal.SIGINT)
+    assert run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "resumed", "-q")[0] == 130
+    monkeypatch.setattr(trainmod.Trainer, "_write_row", real_write)
+    assert run_cli(capsys, "train", "--resume", tmp_path / "resumed", "-q")[0] == 0
+    got = runs.read_summary(tmp_path / "resumed")
+    for key in ("status", "diverged_step", "steps", "test_loss", "test_accuracy", "best_test_accuracy"):
+        assert got[key] == expected[key] or (got[key] != got[key] and expected[key] != expected[key]), key
+    assert runs.read_metrics(tmp_path / "resumed") == runs.read_metrics(tmp_path / "straight")
+
+
 def test_torn_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path, capsys, monkeypatch, reference):
     import bnexp.train as trainmod
 
@@ -540,23 +582,8 @@ def test_non_finite_loss_ends_the_run_at_its_first_step(tmp_path, capsys):
 def test_divergence_window_survives_an_interruption(tmp_path, capsys, monkeypatch):
     """The window of recent losses is part of the checkpoint: interrupted at step 150 (before the window of
     200 is full) and resumed, the run diverges at the very step an uninterrupted one does."""
-    import bnexp.train as trainmod
-
     cfg = write(tmp_path / "none.yaml", {**HIGH_LR, "model": {**HIGH_LR["model"], "norm": "none"}})
-    assert run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "straight", "-q")[0] == 0
-    expected = runs.read_summary(tmp_path / "straight")
-    assert expected["status"] == "diverged"
-
-    real_write = signal_after_row(monkeypatch, 150, signal.SIGINT)
-    assert run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "resumed", "-q")[0] == 130
-    monkeypatch.setattr(trainmod.Trainer, "_write_row", real_write)
-    assert run_cli(capsys, "train", "--resume", tmp_path / "resumed", "-q")[0] == 0
-    got = runs.read_summary(tmp_path / "resumed")
-    assert (got["status"], got["diverged_step"]) == ("diverged", expected["diverged_step"])
-    # The run stops at the same read, so even the diverged network's final evaluation is the same.
-    for key in ("test_loss", "test_accuracy", "best_test_accuracy"):
-        assert got[key] == expected[key], key
-    assert runs.read_metrics(tmp_path / "resumed") == runs.read_metrics(tmp_path / "straight")
+    assert_a_signal_changes_nothing_in_a_diverging_run(tmp_path, capsys, monkeypatch, cfg, 150)
 
 
 def test_high_lr_comparison_runs_the_arms_tested_above():
@@ -707,17 +734,7 @@ def test_non_finite_weights_end_the_run_at_the_first_step_that_shows_them(tmp_pa
                     "train": {"steps": 60, "eval_every": 100, "log_every": 5, "checkpoint_every": 100,
                               "divergence_factor": None}})
     assert trainmod.READ_ROWS * cfg.train.log_every == 50
-    real_step, updates = torch.optim.SGD.step, []
-
-    def step(opt, *args, **kwargs):
-        out = real_step(opt, *args, **kwargs)
-        updates.append(1)
-        if len(updates) == at:  # as if this update had produced it
-            with torch.no_grad():
-                opt.param_groups[0]["params"][-1][0] = value  # the output layer's bias
-        return out
-
-    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    _blow_up_after_update(monkeypatch, at, value)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     summary = trainmod.train(cfg, run_dir)
@@ -832,29 +849,6 @@ def test_interrupted_run_reports_only_once_its_checkpoint_is_on_disk(tmp_path, c
 
 # --- reads of the training metrics: scheduled by step, complete before anything looks at the network ---
 
-def _blow_up_after_update(monkeypatch, at: int, value: float) -> None:
-    """Set the output layer's first bias to `value` right after the update of step `at` (of whichever
-    Trainer is training, so a resumed run gets it at the same step)."""
-    import bnexp.train as trainmod
-
-    trainers = []
-    real_init, real_step = trainmod.Trainer.__init__, torch.optim.SGD.step
-
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        trainers.append(self)
-
-    def step(opt, *args, **kwargs):
-        out = real_step(opt, *args, **kwargs)
-        if trainers and trainers[-1].step + 1 == at:  # Trainer.step counts the updates before this one
-            with torch.no_grad():
-                opt.param_groups[0]["params"][-1][0] = value
-        return out
-
-    monkeypatch.setattr(trainmod.Trainer, "__init__", init)
-    monkeypatch.setattr(torch.optim.SGD, "step", step)
-
-
 @pytest.mark.parametrize("at, expected", [(47, 48), (49, 50), (100, 100), (147, 148), (149, 150)])
 def test_no_evaluation_probe_or_checkpoint_sees_a_diverged_network(tmp_path, monkeypatch, at, expected):
     """log_every 7 divides none of eval_every 50, probes.every 100, checkpoint_every 150: the read before
@@ -893,25 +887,12 @@ def test_a_signal_does_not_move_the_reads_of_a_resumed_run(tmp_path, capsys, mon
     """Interrupted at step 15 (a read of its own, off the schedule) and resumed, a run that then diverges
     stops at the very read, with the very network, of an uninterrupted one: reads fall at multiples of
     READ_ROWS log rows by step number, and a signal's read checks the losses but not the weights."""
-    from bnexp import train as trainmod
-
     raw = {**RUN, "optim": {"name": "sgd", "lr": 0.1}, "probes": {"enabled": False},
            "train": {"steps": 200, "eval_every": 1000, "log_every": 1, "checkpoint_every": 1000,
                      "divergence_window": 3}}
-    cfg = write(tmp_path / "run.yaml", raw)
     _blow_up_after_update(monkeypatch, at, value)
-    assert run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "straight", "-q")[0] == 0
-    expected = runs.read_summary(tmp_path / "straight")
-    assert expected["status"] == "diverged"
-
-    real_write = signal_after_row(monkeypatch, 15, signal.SIGINT)
-    assert run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "resumed", "-q")[0] == 130
-    monkeypatch.setattr(trainmod.Trainer, "_write_row", real_write)
-    assert run_cli(capsys, "train", "--resume", tmp_path / "resumed", "-q")[0] == 0
-    got = runs.read_summary(tmp_path / "resumed")
-    for key in ("status", "diverged_step", "steps", "test_loss", "test_accuracy", "best_test_accuracy"):
-        assert got[key] == expected[key] or (got[key] != got[key] and expected[key] != expected[key]), key
-    assert runs.read_metrics(tmp_path / "resumed") == runs.read_metrics(tmp_path / "straight")
+    assert_a_signal_changes_nothing_in_a_diverging_run(tmp_path, capsys, monkeypatch,
+                                                       write(tmp_path / "run.yaml", raw), 15)
 
 
 def test_a_read_that_fails_changes_nothing(tmp_path, monkeypatch):
