@@ -41,10 +41,6 @@ def serialize(state: dict[str, Any]) -> memoryview:
     return buf.getbuffer()
 
 
-def save(run_dir: Path, step: int, state: dict[str, Any]) -> Path:
-    return write(run_dir, step, serialize(state))
-
-
 def write(run_dir: Path, step: int, data: bytes | memoryview) -> Path:
     """Put serialized checkpoint bytes under their step's name, atomically and durably; prune old ones."""
     folder = run_dir / CHECKPOINTS
