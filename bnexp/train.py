@@ -240,7 +240,6 @@ class Trainer:
         # time (_read_train_metrics), and always before an evaluation, a probe or a checkpoint.
         self._rows: list[tuple[int, dict[str, Any]]] = []
         self._unread: list[tuple[dict[str, Any], int]] = []
-        self._unread_steps = 0  # the steps the rows in _unread average, together
         # The weights, for the divergence check: detached aliases (no autograd on the check), fixed for the
         # run since the optimizer and load_state_dict update these very tensors in place.
         self._params = [p.detach() for p in self.model.parameters()]
@@ -296,7 +295,7 @@ class Trainer:
         self._outs, self._batches = [], []
         self._correct = torch.tensor([int(t) for t in state["pending_correct"]], dtype=torch.int64,
                                      device=self.device)
-        self._rows, self._unread, self._unread_steps = [], [], 0
+        self._rows, self._unread = [], []
         self._read_losses = state["read_losses"].tolist() if "read_losses" in state else []
         self._read_hits = state["read_hits"].tolist() if "read_hits" in state else []
         self._window = state["loss_window"].to(torch.float64).tolist()
@@ -377,9 +376,9 @@ class Trainer:
                 # The row's train metrics are filled in when its steps are read back.
                 row["train/loss"] = row["train/accuracy"] = None
                 row["lr"] = self._step_lr
-                steps = len(self._read_losses) + len(self._losses)
-                self._unread.append((row, steps - self._unread_steps))
-                self._unread_steps = steps
+                # Its steps: those not read back or read but not in a row yet, less the waiting rows' own.
+                steps = len(self._read_losses) + len(self._losses) - sum(k for _, k in self._unread)
+                self._unread.append((row, steps))
             evaluating = step % eval_every == 0 or last
             checkpointing = step % ckpt_every == 0 or last
             # By step number, so that a resumed run reads (and checks the weights) where this one does.
@@ -456,23 +455,20 @@ class Trainer:
             i = n - 1
         values, counts = self._read_losses + losses, self._read_hits + hits
         base = first_step - len(self._read_losses)  # the step of values[0]
-        unread, self._unread, self._unread_steps = self._unread, [], 0
+        unread, self._unread = self._unread, []
+        bad = None if i is None else first_step + i
         done = 0
-        if i is not None:
-            bad = first_step + i
+        for row, k in unread:
+            if bad is not None and base + done + k - 1 >= bad:
+                break  # this row's interval holds the diverged step: it is dropped, as are the later ones
+            self._fill(row, values[done:done + k], counts[done:done + k])
+            done += k
+        if bad is not None:
             self._rows = [(s, r) for s, r in self._rows if s < bad]
-            for row, k in unread:
-                if base + done + k - 1 >= bad:
-                    break
-                self._fill(row, values[done:done + k], counts[done:done + k])
-                done += k
             self._read_losses, self._read_hits = [], []
             self._write_row(bad, {"train/diverged": 1.0, "train/loss": losses[i]})
             self._write_rows()
             return bad
-        for row, k in unread:
-            self._fill(row, values[done:done + k], counts[done:done + k])
-            done += k
         self._read_losses, self._read_hits = values[done:], counts[done:]
         if unread:
             self.last_train_loss = unread[-1][0]["train/loss"]
