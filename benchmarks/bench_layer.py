@@ -7,7 +7,7 @@ import argparse
 
 from rich.console import Console
 
-from bnexp.bench_layer import measure_layer, render_table, summary_lines
+from bnexp.bench.layer import measure_layer, render_table, summary_lines
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import argparse
 
 from rich.console import Console
 
-from bnexp.bench import QUICK_LOOP, loop_table, measure_loop
+from bnexp.bench.loop import QUICK_LOOP, loop_table, measure_loop
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import argparse
 
 from rich.console import Console
 
-from bnexp.bench import QUICK_MEMORY, measure_memory, memory_table
+from bnexp.bench.memory import QUICK_MEMORY, measure_memory, memory_table
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import torch
 
 from bnexp import config as cfgmod
 from bnexp.probes import Probes
-from bnexp.train import prepare, train
+from bnexp.engine.session import prepare, train
 
 _in_probes = [0.0]  # CPU seconds spent inside Probes.measure/after_backward
 

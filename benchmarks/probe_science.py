@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from bnexp import config as cfgmod
-from bnexp.runs import read_metrics
-from bnexp.train import prepare, train
+from bnexp.engine.rundir import read_metrics
+from bnexp.engine.session import prepare, train
 
 DEFAULT = Path(__file__).parents[1] / "configs" / "default.yaml"
 

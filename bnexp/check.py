@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
-from bnexp import kernel, norm
+from bnexp.nn import batchnorm as norm
+from bnexp.nn import kernel
 
 _OURS = {2: norm.BatchNorm1d, 3: norm.BatchNorm1d, 4: norm.BatchNorm2d, 5: norm.BatchNorm3d}
 _TORCH = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
@@ -134,11 +134,11 @@ def _fmt(e: float) -> str:
     return f"{mant}e{int(exp)}"
 
 
-def run_check(seed: int = 0, console: Console | None = None) -> bool:
-    """Compare bnexp.norm with torch.nn.BatchNorm*d; print a table; True when every case passes."""
-    console = console if console is not None else Console()
+def run_check(seed: int = 0) -> tuple[bool, list]:
+    """Compare bnexp.nn's layer with torch.nn.BatchNorm*d: (every case passes, what to show: a table and
+    notes, as rich renderables)."""
     gen = torch.Generator().manual_seed(seed)
-    table = Table(title=f"bnexp.norm vs torch.nn.BatchNorm*d (seed {seed}, {_TRAIN_STEPS} training steps)",
+    table = Table(title=f"bnexp.nn vs torch.nn.BatchNorm*d (seed {seed}, {_TRAIN_STEPS} training steps)",
                   caption="max |ours − torch| / max(1, max |torch|); path: the compiled kernel, or the tensor ops",
                   box=box.SIMPLE_HEAD)
     # The numbers never wrap; on a narrow terminal the case name does.
@@ -146,7 +146,7 @@ def run_check(seed: int = 0, console: Console | None = None) -> bool:
     for col in _COLUMNS:
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("result", no_wrap=True)
-    # Both of the layer's paths on every case: the compiled kernel (bnexp.kernel) takes contiguous float
+    # Both of the layer's paths on every case: the compiled kernel (bnexp.nn.kernel) takes contiguous float
     # input, the tensor ops everything else (and all input when the kernel cannot be built).
     with kernel.enabled(True) as built:
         paths = {"kernel": True, "ops": False} if built is not None else {"ops": False}
@@ -165,11 +165,10 @@ def run_check(seed: int = 0, console: Console | None = None) -> bool:
             all_ok &= ok
             result = "[green]PASS[/green]" if ok else "[bold red]FAIL[/bold red]"
             table.add_row(f"{case.name} · {path}", *cells, result)
-    console.print(table)
     tol = ", ".join(f"{str(k).removeprefix('torch.')} ≤ {v:g}" for k, v in _TOL.items())
-    console.print(("[green]all cases pass[/green]" if all_ok else "[bold red]some cases FAIL[/bold red]")
-                  + f" (tolerance {tol})")
+    shown = [table, ("[green]all cases pass[/green]" if all_ok else "[bold red]some cases FAIL[/bold red]")
+             + f" (tolerance {tol})"]
     if "kernel" not in paths:
-        console.print("[yellow]the compiled kernel could not be built (see the warning above): "
-                      "only the tensor-op path was checked[/yellow]")
-    return all_ok
+        shown.append("[yellow]the compiled kernel could not be built (see the warning above): "
+                     "only the tensor-op path was checked[/yellow]")
+    return all_ok, shown

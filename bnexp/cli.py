@@ -81,7 +81,7 @@ def train(
                                         "(sets dist.nproc; the global batch data.batch_size is split among them)."),
 ) -> None:
     """Train one network from a config; write a run directory and print its path."""
-    from bnexp.interrupt import catch_signals
+    from bnexp.engine.signals import catch_signals
 
     if resume is not None and (config is not None or set_ or out is not None or nproc is not None):
         raise UserError("--resume takes the run's own config.yaml: do not combine it with "
@@ -92,27 +92,27 @@ def train(
         raise UserError("missing option --config (or --resume RUN_DIR)")
     _check_paths(out, resume, "run")
     # Installed before torch is imported: a signal during start-up ends the command cleanly (see
-    # bnexp.interrupt), one during training checkpoints and marks the run interrupted.
+    # bnexp.engine.signals), one during training checkpoints and marks the run interrupted.
     with catch_signals(), _interruptible(resume):
         from bnexp import config as cfgmod
-        from bnexp import train as trainmod
+        from bnexp.engine import session
 
         if resume is not None:
-            summary, run_dir = trainmod.resume(resume, quiet=quiet), resume
+            summary, run_dir = session.resume(resume, quiet=quiet), resume
         else:
             cfg = cfgmod.load(config, set_ or [])
             if out is not None:
                 # Before any data is loaded: a refused run must not even write the mnist1d cache.
-                from bnexp.runs import refuse_existing
+                from bnexp.engine.rundir import refuse_existing
 
                 refuse_existing(out)
-            run_dir, summary = trainmod.start(cfg, out, quiet=quiet)
+            run_dir, summary = session.start(cfg, out, quiet=quiet)
     _report(summary, run_dir)
 
 
 @contextmanager
 def _interruptible(resume: Optional[Path]):
-    from bnexp.interrupt import Interrupted
+    from bnexp.engine.signals import Interrupted
 
     try:
         yield
@@ -129,7 +129,7 @@ def _interruptible(resume: Optional[Path]):
 
 
 def _report(summary: dict, run_dir: Path) -> None:
-    from bnexp.distributed import env_rank
+    from bnexp.dist import env_rank
 
     if env_rank() != 0:  # under torchrun every rank returns here; the run and its summary are rank 0's
         return
@@ -163,20 +163,47 @@ def compare(
     quiet: bool = CompareQuietOpt,
 ) -> None:
     """Run arms x seeds and write a report (table, CSV, plots); or report on existing runs."""
-    from bnexp import compare as comparemod
+    from bnexp.engine.signals import Interrupted
+    from bnexp.experiments import compare as comparemod, report
 
     _check_paths(out, resume, "comparison")
-    path = comparemod.main(config=config, overrides=set_ or [], out=out, jobs=jobs, resume=resume,
-                           run_dirs=run_dirs or [], quiet=quiet)
-    typer.echo(str(path))
+    console = _stderr_console()
+    try:
+        outcome = comparemod.main(config=config, overrides=set_ or [], out=out, jobs=jobs, resume=resume,
+                                  run_dirs=run_dirs or [],
+                                  log=None if quiet else lambda line: console.print(line, soft_wrap=True))
+    except Interrupted as sig:
+        typer.echo(f"interrupted: checkpoints written; finish with bnexp compare --resume {sig.run_dir}", err=True)
+        typer.echo(str(sig.run_dir))
+        raise typer.Exit(sig.exit_code)
+    if not quiet:
+        if not console.is_terminal:  # a log file or pipe: no terminal width to respect, keep rows on one line
+            console = _stderr_console(width=200)
+        console.print(report.table(outcome.rows, outcome.title))
+        for note in outcome.notes:
+            if "wall time" in note:
+                console.print(note, soft_wrap=True)
+    typer.echo(str(outcome.path))
+
+
+def _stderr_console(width: int | None = None):
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, width=width)
 
 
 @app.command()
 def check(seed: int = typer.Option(0, help="Seed of the random cases.")) -> None:
     """Compare bnexp's BN layer with torch.nn.BatchNorm*d on random cases; exit 1 if any case fails."""
+    from rich.console import Console
+
     from bnexp.check import run_check
 
-    if not run_check(seed=seed):
+    ok, shown = run_check(seed=seed)
+    console = Console()
+    for item in shown:
+        console.print(item)
+    if not ok:
         raise typer.Exit(1)
 
 
@@ -187,9 +214,15 @@ def bench(
                                              "(repeatable; default all)."),
 ) -> None:
     """Measure speed and memory as ratios against references run side by side in this process."""
+    from rich.console import Console
+
     from bnexp import bench as benchmod
 
-    benchmod.main(quick=quick, only=only or [])
+    console = Console()
+    if not console.is_terminal and console.width < 160:
+        console = Console(width=160)  # piped or captured: keep each table row on one line
+    for item in benchmod.run(quick=quick, only=only or []):
+        console.print(item)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,7 +91,7 @@ class BNConfig(_Strict):
     ghost_batch_size: Optional[Int] = Field(None, ge=2)
     precise: PreciseConfig = PreciseConfig()
     # Under data parallelism: normalize each process's shard by its own statistics (local, plain DDP) or
-    # by the whole global batch's (global, synchronized BN; bnexp.distributed).
+    # by the whole global batch's (global, synchronized BN; bnexp.nn.sync).
     stats: Literal["local", "global"] = "local"
 
 
@@ -147,7 +147,7 @@ class ProbesConfig(_Strict):
 
 
 class DistConfig(_Strict):
-    # Data-parallel training on torch.distributed (bnexp.distributed); nproc 1 is a plain run.
+    # Data-parallel training on torch.distributed (bnexp.dist, bnexp.engine.parallel); nproc 1 is a plain run.
     nproc: Int = Field(1, ge=1)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
@@ -173,6 +173,14 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     probes: ProbesConfig = ProbesConfig()
     dist: DistConfig = DistConfig()
+
+    @property
+    def bn_batch_size(self) -> int:
+        """The batch BN normalizes over in training: each process's shard with local statistics, else the
+        global batch. Population estimates (probes, PreciseBN) use batches of this size, to estimate what
+        training normalizes with."""
+        m = self.data.batch_size
+        return m // self.dist.nproc if self.model.bn.stats == "local" else m
 
     @model_validator(mode="after")
     def _bn_needs_two_values(self) -> "Config":

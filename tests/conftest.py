@@ -76,8 +76,8 @@ def mnist1d_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(params=["kernel", "tensor-ops"])
 def layer_path(request):
-    """Run a test once with the layer's compiled kernel and once with its tensor-op path (bnexp.kernel)."""
-    from bnexp import kernel
+    """Run a test once with the layer's compiled kernel and once with its tensor-op path (bnexp.nn.kernel)."""
+    from bnexp.nn import kernel
 
     with kernel.enabled(request.param == "kernel") as built:
         if request.param == "kernel":

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bnexp import bench
+from bnexp.bench import loop, memory, workload
 from bnexp.data import load_dataset
 
 @pytest.fixture
@@ -79,9 +80,9 @@ def test_sections_keep_their_own_order():
 
 
 def test_rss_reads_proc_status():
-    before = bench.read_rss_mb()
+    before = memory.read_rss_mb()
     block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched so the pages are resident
-    after = bench.read_rss_mb()
+    after = memory.read_rss_mb()
     assert before > 10 and after - before > 48
     del block
 
@@ -89,16 +90,16 @@ def test_rss_reads_proc_status():
 @pytest.mark.parametrize("norm", ["torch", "bnexp"])
 def test_bare_loop_trains_the_same_network_as_bnexp_train(norm, bench_tmp):
     """The reference does the same work: same init, batches and updates give bit-identical weights."""
-    cfg = bench.paper_mlp_config(probes=False, norm=norm)
+    cfg = workload.paper_mlp_config(probes=False, norm=norm)
     cfg.data.synthetic.num_samples = 400  # 320 train: epochs turn over within the run
     cfg.model.hidden = [16, 16]
     data = load_dataset(cfg.data)
     kept: dict = {}
     draws: list[int] = []
-    bench.run_trainer(cfg, data, 14, draws.append, keep=kept)
+    workload.run_trainer(cfg, data, 14, draws.append, keep=kept)
     assert draws == list(range(1, 16))  # every step's draw, then once after the run
     assert kept["summary"]["status"] == "completed" and kept["summary"]["steps"] == 14
-    bare = bench.BareLoop(cfg, data)
+    bare = workload.BareLoop(cfg, data)
     assert bare.run(9) > 0 and bare.run(5) > 0  # resumable: two calls make one 14-step run
     ours = kept["model"].state_dict()
     assert ours.keys() == bare.model.state_dict().keys()
@@ -108,10 +109,10 @@ def test_bare_loop_trains_the_same_network_as_bnexp_train(norm, bench_tmp):
 
 def test_measure_loop_pairs_chunks_and_reports_medians(bench_tmp):
     threads = torch.get_num_threads()
-    results, info = bench.measure_loop(chunks=3, chunk=4, warmup=2)
+    results, info = loop.measure_loop(chunks=3, chunk=4, warmup=2)
     assert [r.contender for r in results] == ["probes off", "probes on"]
     for r in results:
-        assert len(r.pair_ratios) == 3 and r.target == bench.LOOP_TARGETS[r.contender]
+        assert len(r.pair_ratios) == 3 and r.target == loop.LOOP_TARGETS[r.contender]
         assert r.ratio == pytest.approx(sorted(r.pair_ratios)[1])
         assert r.ms_per_step > 0 and r.bare_ms_per_step > 0
     assert info["threads"] == 1 and info["chunks"] == 3 and info["chunk"] == 4

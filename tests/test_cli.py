@@ -173,20 +173,20 @@ def test_largest_seeds_train(cli, tiny_config):
 
 
 def test_a_run_that_fails_to_start_leaves_no_directory(cli, tiny_config, tmp_path, monkeypatch):
-    from bnexp import train as trainmod
+    from bnexp.engine import session
     from bnexp.errors import UserError
 
     def fail(*args, **kwargs):
         raise UserError("refused while building the trainer")
 
-    monkeypatch.setattr(trainmod, "Trainer", fail)
+    monkeypatch.setattr(session, "Trainer", fail)
     _assert_user_error(cli("train", "--config", tiny_config, "--out", "o", "--quiet"), "refused")
     _assert_user_error(cli("train", "--config", tiny_config, "--quiet"), "refused")
     assert _files(tmp_path) - {"runs", os.path.join("runs", "tiny")} == {"config.yaml"}
 
 
 def test_logged_lr_is_the_one_the_step_trained_with(cli, tiny_config, tmp_path):
-    from bnexp.runs import read_metrics
+    from bnexp.engine.rundir import read_metrics
 
     r = cli("train", "--config", tiny_config, "--set", "optim.warmup_steps=10", "--set", "optim.lr=1.0",
             "--set", "train.log_every=1", "--set", "train.steps=12", "--quiet")

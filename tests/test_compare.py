@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from bnexp import cli
-from bnexp.report import RunRecord, aggregate
+from bnexp.experiments.records import RunRecord
+from bnexp.experiments.report import aggregate
 from conftest import REPO
 
 # A comparison small enough to train in about a second per run, big enough for BN to matter.
@@ -82,7 +83,7 @@ def tiny_comparison(tmp_path_factory) -> tuple[Path, int, str, str]:
 # --- end to end -------------------------------------------------------------------------------------------
 
 def _expected(comp: Path, arm: str, target: float) -> dict[str, float]:
-    """Recompute an arm's row from its runs' summary.json and metrics.jsonl, independently of bnexp.report."""
+    """Recompute an arm's row from its runs' summary.json and metrics.jsonl, independently of bnexp.experiments.report."""
     accs, bests, steps, walls = [], [], [], []
     reached = 0
     for run in sorted((comp / arm).iterdir()):
@@ -193,7 +194,8 @@ def test_jobs_2_runs_every_run_in_worker_processes(tmp_path):
     # Each worker trained with the run's own seed: the two seeds of an arm are different runs, and the
     # network at step 0 is the one that seed makes in-process too.
     from bnexp.config import validate
-    from bnexp.train import evaluate, prepare, Trainer
+    from bnexp.engine.session import prepare
+    from bnexp.engine.trainer import Trainer, evaluate
 
     raw = yaml.safe_load((comp / "no_bn" / "s1" / "config.yaml").read_text())
     cfg1 = validate(raw)
@@ -208,20 +210,20 @@ def test_jobs_2_runs_every_run_in_worker_processes(tmp_path):
 def test_resume_finishes_interrupted_and_missing_runs_and_leaves_completed_ones(tmp_path, monkeypatch):
     import signal
 
-    from bnexp import train as trainmod
+    from bnexp.engine import session
 
     cfg = write_cfg(tmp_path / "tiny.yaml", TINY)
     comp = tmp_path / "c"
     # Interrupt the third run (bnexp seed 0) at step 30 the way Ctrl-C would: the training loop checkpoints,
     # marks it interrupted, and the comparison stops there, leaving bnexp seed 1 not even started.
-    original = trainmod.Trainer._write_row
 
-    def write_row(self, step, row):
-        if self.cfg.name == "bnexp" and self.cfg.seed == 0 and step == 30:
-            signal.raise_signal(signal.SIGINT)
-        return original(self, step, row)
+    class CtrlC:
+        def after_step(self, trainer, step):
+            if trainer.cfg.name == "bnexp" and trainer.cfg.seed == 0 and step == 30:
+                signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(trainmod.Trainer, "_write_row", write_row)
+    real = session.Trainer
+    monkeypatch.setattr(session, "Trainer", lambda *a, callbacks=(), **k: real(*a, callbacks=[*callbacks, CtrlC()], **k))
     code, out, err = run_cli(["compare", "-c", str(cfg), "--out", str(comp)])
     monkeypatch.undo()
     assert code == 130, err
@@ -253,20 +255,20 @@ def test_resume_finishes_interrupted_and_missing_runs_and_leaves_completed_ones(
 
 @pytest.mark.slow
 def test_failed_and_diverged_runs_are_recorded_and_the_comparison_goes_on(tmp_path, monkeypatch):
-    from bnexp import train as trainmod
+    from bnexp.engine.trainer import Trainer
 
     cmp = {**TINY, "seeds": [0], "base": {**TINY["base"], "probes": {"enabled": False}},
            "arms": {"ok": {"model.norm": "none"}, "boom": {"model.norm": "none"},
                     "div": {"model.norm": "none", "model.activation": "relu", "optim.lr": 1.0e6}},
            "baseline": "ok"}
-    original = trainmod.Trainer.run
+    original = Trainer.run
 
     def run(self, *a, **k):
         if self.cfg.name == "boom":
             raise RuntimeError("simulated crash")
         return original(self, *a, **k)
 
-    monkeypatch.setattr(trainmod.Trainer, "run", run)
+    monkeypatch.setattr(Trainer, "run", run)
     code, out, err = run_cli(["compare", "-c", str(write_cfg(tmp_path / "c.yaml", cmp)), "--out",
                               str(tmp_path / "c")])
     assert code == 0, err
@@ -314,7 +316,7 @@ def test_steps_to_target_censoring_and_speedup_bounds():
 
 
 def test_no_speedup_when_the_target_is_reached_at_step_0():
-    from bnexp.report import format_rows
+    from bnexp.experiments.report import format_rows
 
     recs = [_rec("a", 0, [(0, 0.5), (10, 0.9)]), _rec("b", 0, [(0, 0.5), (10, 0.9)]),
             _rec("c", 0, [(0, 0.01), (10, 0.9)])]
@@ -399,7 +401,7 @@ def test_bad_flags(tmp_path, monkeypatch, argv, expected):
 
 
 def test_base_file_and_set_overrides_are_resolved(tmp_path):
-    from bnexp.compare import load_compare, plan
+    from bnexp.experiments.compare import load_compare, plan
 
     (tmp_path / "sub").mkdir()
     write_cfg(tmp_path / "sub" / "base.yaml", TINY["base"])
@@ -505,7 +507,7 @@ def test_resume_never_deletes_outside_the_comparison(tiny_comparison, tmp_path, 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "compare").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_comparison_config_plans(path):
     """A comparison config in the repository that no longer validates would only fail when a user runs it."""
-    from bnexp.compare import load_compare, plan
+    from bnexp.experiments.compare import load_compare, plan
 
     cmp = load_compare(path, [])
     jobs = plan(cmp)

@@ -14,7 +14,7 @@ import torch
 
 from bnexp.config import DataConfig
 from bnexp.data import BatchSampler, DataError, load_dataset
-from bnexp.runs import read_metrics, read_summary
+from bnexp.engine.rundir import read_metrics, read_summary
 from conftest import DEFAULT_CONFIG
 
 

@@ -1,4 +1,5 @@
-"""Distributed training (bnexp.distributed): synchronized vs local BN statistics across gloo processes.
+"""Distributed training (bnexp.dist, bnexp.engine.parallel, bnexp.nn.sync): synchronized vs local BN
+statistics across gloo processes.
 
 The layer test runs two real gloo processes and checks `stats: global` against one process on the
 concatenated batch (our layer and torch's), `stats: local` against each shard alone. The end-to-end
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -18,7 +20,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bnexp.distributed import FAIL_ENV, ShardSampler, free_port, shard
+from bnexp.data import BatchSampler
+from bnexp.engine.parallel import FAIL_ENV, shard
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 # --- the layer, in two gloo processes ------------------------------------------------------------------------
 
@@ -41,7 +50,7 @@ def _layer_worker(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    from bnexp import norm
+    from bnexp.nn import batchnorm as norm
 
     try:
         for i, (cls_name, shape, sizes, momentum, unbiased) in enumerate(CASES):
@@ -127,7 +136,7 @@ def test_sync_bn_equals_one_process_on_the_whole_batch_and_local_equals_each_sha
 
 
 def test_global_stats_in_one_process_is_local():
-    from bnexp.norm import BatchNorm1d
+    from bnexp.nn.batchnorm import BatchNorm1d
 
     x = torch.randn(6, 4, dtype=torch.float64)
     a = BatchNorm1d(4, dtype=torch.float64, stats="global")
@@ -139,14 +148,12 @@ def test_global_stats_in_one_process_is_local():
 # --- sharding the global batch -------------------------------------------------------------------------------
 
 def test_ranks_draw_the_same_global_batches_and_split_them():
-    from bnexp.data import BatchSampler
-
     world, steps = 3, 7
     single = BatchSampler(50, 12, seed=4)
-    ranks = [ShardSampler(BatchSampler(50, 12, seed=4), r, world, on_step=lambda: None) for r in range(world)]
+    ranks = [BatchSampler(50, 12, seed=4) for _ in range(world)]
     for _ in range(steps):
         want = single.next()
-        got = [s.next() for s in ranks]
+        got = [shard(s.next(), r, world) for r, s in enumerate(ranks)]
         assert [len(g) for g in got] == [4, 4, 4]
         assert torch.equal(torch.cat(got), want)
     assert [len(shard(torch.arange(7), r, 2)) for r in range(2)] == [4, 3]
@@ -155,7 +162,8 @@ def test_ranks_draw_the_same_global_batches_and_split_them():
 @pytest.mark.parametrize("stats, expected", [("local", 12), ("global", 24)])
 def test_probes_and_precise_bn_estimate_with_the_batch_bn_normalizes_over(tmp_path, stats, expected):
     from bnexp.config import Config, validate
-    from bnexp.train import Trainer, prepare
+    from bnexp.engine.session import prepare
+    from bnexp.engine.trainer import Trainer
 
     raw = Config().model_dump(mode="json")
     raw.update(device="cpu", dist={"nproc": 2})
@@ -164,7 +172,7 @@ def test_probes_and_precise_bn_estimate_with_the_batch_bn_normalizes_over(tmp_pa
     cfg = validate(raw)
     # The plain Trainer is what each rank builds on; it needs no process group to be constructed.
     trainer = Trainer(cfg, tmp_path, prepare(cfg))
-    assert trainer.bn_batch_size == trainer.probes.m == trainer.precise.m == expected
+    assert cfg.bn_batch_size == trainer.probes.m == trainer.precise.m == expected
     assert trainer.probes.population_idx.shape[1] == trainer.precise.batches(0).shape[1] == expected
     assert trainer.sampler.batch_size == 24  # training still draws the global batch
 

@@ -1,4 +1,4 @@
-"""bnexp.events: the synchronous TensorBoard event writer reads back as SummaryWriter's files do."""
+"""bnexp.engine.events: the synchronous TensorBoard event writer reads back as SummaryWriter's files do."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnexp import events
+from bnexp.engine import events
 
 
 def test_masked_crc32c_equals_tensorboards():

@@ -18,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from bnexp import runs
+from bnexp.engine import rundir as runs
 from bnexp.cli import main
 
 BASE = {

@@ -1,4 +1,4 @@
-"""The layer's compiled kernel (bnexp/kernel.py, bn_kernel.c): when it runs, what it computes, how it is built.
+"""The layer's compiled kernel (bnexp/nn/kernel.py, bn_kernel.c): when it runs, what it computes, how it is built.
 
 test_norm.py and test_variants.py already run every comparison with torch on both of the layer's paths;
 this file covers what is the kernel's own: awkward loop remainders, large outputs on huge pages,
@@ -18,8 +18,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnexp import kernel, norm
-from bnexp.norm import BatchNorm1d, BatchNorm2d, BatchNormTrainFunction
+from bnexp.nn import batchnorm as norm
+from bnexp.nn import kernel
+from bnexp.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNormTrainFunction
 
 THEIRS = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 OURS = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: norm.BatchNorm3d}
@@ -221,8 +222,8 @@ def test_build_is_cached_and_keyed_by_the_source(tmp_path, monkeypatch):
 
 _CHILD = textwrap.dedent("""
     import warnings, torch
-    from bnexp import kernel
-    from bnexp.norm import BatchNorm1d
+    from bnexp.nn import kernel
+    from bnexp.nn.batchnorm import BatchNorm1d
     warnings.simplefilter("always")
     x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
     ours, ref = BatchNorm1d(3, dtype=torch.float64), torch.nn.BatchNorm1d(3, dtype=torch.float64)
@@ -265,7 +266,7 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path):
 
 
 def test_grouped_forward_is_the_layer_on_each_batch(kernel_on):
-    from bnexp.variants import BatchRenorm2d
+    from bnexp.nn.variants import BatchRenorm2d
 
     torch.manual_seed(0)
     bn = BatchNorm2d(3, unbiased_normalize=True)
@@ -289,44 +290,3 @@ def test_grouped_forward_is_the_layer_on_each_batch(kernel_on):
         assert norm.grouped_train_forward(BatchNorm2d(3, stats="global"), x, 4) is None
         assert norm.grouped_train_forward(bn, x.to(memory_format=torch.channels_last), 4) is None
     assert norm.grouped_train_forward(bn, x, 4) is None
-
-
-# --- the training loop's correct-prediction count (bn_count_hits) ---------------------------------------
-
-def _logit_blocks(steps, m, classes, dtype, seed):
-    """Logits with ties (small integers), NaN, +inf and -inf in some rows, and their labels."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randint(-2, 3, (steps, m, classes), generator=g).to(dtype)
-    flat = logits.view(-1)
-    for value in (float("nan"), float("inf"), float("-inf")):
-        flat[torch.randint(0, flat.numel(), (max(1, flat.numel() // 13),), generator=g)] = value
-    return logits, torch.randint(0, classes, (steps, m), generator=g)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("steps, m, classes", [(1, 1, 1), (3, 5, 2), (10, 60, 10), (7, 33, 100)])
-def test_count_hits_is_argmax_exactly(kernel_on, monkeypatch, dtype, steps, m, classes):
-    """argmax's rule, ties (first largest) and NaN (counts as the largest, first one wins) included."""
-    called = []
-    real = kernel_on.count_hits[dtype]
-    monkeypatch.setitem(kernel_on.count_hits, dtype, lambda *a: called.append(1) or real(*a))
-    for seed in range(5):
-        logits, labels = _logit_blocks(steps, m, classes, dtype, seed)
-        want = (logits.argmax(-1) == labels).sum(-1)
-        got = kernel.count_hits(logits, labels)
-        assert got.dtype == torch.int64 and torch.equal(got, want), seed
-        # random logits too: ties never happen, and NaN-free rows are the common case
-        logits = torch.randn(steps, m, classes, dtype=dtype, generator=torch.Generator().manual_seed(seed))
-        assert torch.equal(kernel.count_hits(logits, labels), (logits.argmax(-1) == labels).sum(-1))
-    assert len(called) == 10
-
-
-def test_count_hits_without_the_kernel_or_for_what_it_cannot_take():
-    logits, labels = _logit_blocks(4, 9, 3, torch.float32, 0)
-    want = (logits.argmax(-1) == labels).sum(-1)
-    with kernel.enabled(False):
-        assert kernel.loaded() is None
-        assert torch.equal(kernel.count_hits(logits, labels), want)
-    with kernel.enabled(True):
-        for x in (logits.half(), logits.transpose(0, 1).contiguous().transpose(0, 1)):
-            assert torch.equal(kernel.count_hits(x, labels), (x.argmax(-1) == labels).sum(-1))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnexp import norm as ours
+from bnexp.nn import batchnorm as ours
 from bnexp.config import ModelConfig
 from bnexp.models import bn_layers, build_model, hidden_blocks
 

@@ -1,4 +1,4 @@
-"""bnexp.norm against torch.nn.BatchNorm*d, the paper's identities, and the seed note's bugs."""
+"""bnexp.nn.batchnorm against torch.nn.BatchNorm*d, the paper's identities, and the seed note's bugs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bnexp.norm import (
+from bnexp.nn.batchnorm import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,

@@ -1,4 +1,4 @@
-"""PreciseBN (bnexp.precise): the probes' population statistics, installed as running statistics."""
+"""PreciseBN (bnexp.engine.precise): the probes' population statistics, installed as running statistics."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from bnexp import checkpoint
+from bnexp.engine import checkpoint
 from bnexp.config import validate
 from bnexp.data import load_dataset
 from bnexp.models import bn_layers, build_model
-from bnexp.precise import PreciseStats, recompute
+from bnexp.engine.precise import PreciseStats, recompute
 from bnexp.probes import Probes
 
 RUN = {"device": "cpu", "data": {"batch_size": 16}, "model": {"hidden": [16, 12]},
@@ -81,7 +81,7 @@ def test_precise_batches_are_training_batches_of_their_own():
 
 
 def _train(tmp_path, name: str, **bn):
-    from bnexp.train import train
+    from bnexp.engine.session import train
 
     cfg = validate({**RUN, "model": {**RUN["model"], "bn": bn}})
     run_dir = tmp_path / name

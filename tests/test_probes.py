@@ -1,4 +1,4 @@
-"""The BN probes (DESIGN.md section 2): each quantity against an independent computation, and the
+"""The BN probes (docs/design.md section 2): each quantity against an independent computation, and the
 guarantee that probing never changes training."""
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnexp import checkpoint
-from bnexp import probes as probes_mod
+from bnexp.engine import checkpoint
+from bnexp.probes import suite as probes_suite
 from bnexp.config import apply_overrides, validate
 from bnexp.data import BatchSampler, load_dataset
 from bnexp.models import bn_layers, build_model, hidden_blocks
-from bnexp.probes import Probes, cover_in_batches, gap_batch_size
-from bnexp.runs import read_metrics, read_summary
-from bnexp.train import Trainer, resume, train
+from bnexp.probes import Probes
+from bnexp.probes.gap import cover_in_batches, gap_batch_size
+from bnexp.engine.rundir import read_metrics, read_summary
+from bnexp.engine.session import resume, train
+from bnexp.engine.trainer import Trainer
 
 NORMS = ["torch", "bnexp"]
 # Our layer's variants: in the probes' training-mode pass (batch statistics, no updates) Batch Renorm is
@@ -344,7 +346,7 @@ def test_kept_probe_batches_give_the_values_of_batches_indexed_afresh(tmp_path, 
     first = kept.measure(0, model)
     assert kept._gather_cache and all(t is not None for t in kept._gather_cache.values())
     assert kept.measure(0, model) == first  # from the kept rows
-    monkeypatch.setattr(probes_mod, "_GATHER_KEEP_BYTES", 0)
+    monkeypatch.setattr(probes_suite, "_GATHER_KEEP_BYTES", 0)
     afresh = Probes(cfg, model, data)
     assert afresh.measure(0, model) == first
     assert list(afresh._gather_cache.values()) == [None]  # nothing kept: indexed per chunk

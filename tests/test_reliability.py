@@ -24,8 +24,9 @@ import pytest
 import torch
 import yaml
 
-from bnexp import checkpoint, runs
 from bnexp.cli import main
+from bnexp.engine import checkpoint, schedule, session
+from bnexp.engine import rundir as runs
 
 # A quick run with our BN layer and every probe on; log_every (7) does not divide checkpoint_every (150),
 # so an interruption usually lands with losses pending in the log interval, which the checkpoint must keep.
@@ -136,6 +137,26 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
         time.sleep(0.005)
 
 
+def add_callback(monkeypatch, callback) -> None:
+    """Every Trainer the engine builds from now on calls `callback.after_step(trainer, step)` at the end of
+    each step (the Trainer's public callback seam)."""
+    real = session.Trainer
+    monkeypatch.setattr(session, "Trainer",
+                        lambda *a, callbacks=(), **k: real(*a, callbacks=[*callbacks, callback], **k))
+
+
+def trainers_built(monkeypatch) -> list:
+    """The Trainers the engine builds from now on, in order."""
+    built, real = [], session.Trainer
+
+    def build(*a, **k):
+        built.append(real(*a, **k))
+        return built[-1]
+
+    monkeypatch.setattr(session, "Trainer", build)
+    return built
+
+
 def logged_steps(run_dir: Path) -> int:
     try:
         return len(runs.read_metrics(run_dir))
@@ -180,7 +201,7 @@ def test_signal_mid_run_then_resume_equals_uninterrupted_run(tmp_path, capsys, r
 # the next checkpoint, waiting for it.)
 PAUSE_IN_SAVE = """
 import os, sys, time
-import bnexp.checkpoint as ck
+import bnexp.engine.checkpoint as ck
 real_write, calls = ck.write, [0]
 def write(run_dir, step, data):
     calls[0] += 1
@@ -279,16 +300,14 @@ def test_checkpoint_that_does_not_fit_the_config_is_a_user_error(tmp_path, capsy
 # --- signals delivered in-process at chosen moments -----------------------------------------------------
 
 def test_signal_during_startup_creates_nothing(tmp_path, capsys, monkeypatch):
-    import bnexp.train as trainmod
-
-    real_load = trainmod.load_dataset
+    real_load = session.load_dataset
 
     def load_then_signal(cfg):
         data = real_load(cfg)
         os.kill(os.getpid(), signal.SIGTERM)  # lands while the data loads: nothing is on disk yet
         return data
 
-    monkeypatch.setattr(trainmod, "load_dataset", load_then_signal)
+    monkeypatch.setattr(session, "load_dataset", load_then_signal)
     cfg = write(tmp_path / "run.yaml", RUN)
     rc, out, err = run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "run", "-q")
     assert rc == 143
@@ -299,15 +318,14 @@ def test_signal_during_startup_creates_nothing(tmp_path, capsys, monkeypatch):
 
 
 def test_signal_after_the_run_dir_exists_checkpoints_step_0(tmp_path, capsys, monkeypatch, reference):
-    import bnexp.train as trainmod
+    real = session.Trainer
 
-    real_init = trainmod.Trainer.__init__
-
-    def init_then_signal(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
+    def build_then_signal(*args, **kwargs):
+        trainer = real(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGINT)  # the directory exists: recorded, acted on before step 1
+        return trainer
 
-    monkeypatch.setattr(trainmod.Trainer, "__init__", init_then_signal)
+    monkeypatch.setattr(session, "Trainer", build_then_signal)
     cfg = write(tmp_path / "run.yaml", RUN)
     run_dir = tmp_path / "run"
     rc, out, err = run_cli(capsys, "train", "-c", cfg, "--out", run_dir, "-q")
@@ -317,39 +335,35 @@ def test_signal_after_the_run_dir_exists_checkpoints_step_0(tmp_path, capsys, mo
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step-00000000.pt"]
     assert [r["step"] for r in runs.read_metrics(run_dir)] == [0]
 
-    monkeypatch.setattr(trainmod.Trainer, "__init__", real_init)
+    monkeypatch.setattr(session, "Trainer", real)
     rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
     assert rc == 0, err
     assert_same_run(run_dir, reference)
 
 
 
-def signal_after_row(monkeypatch, at_step: int, sig: int):
-    """Make the run signal itself right after it logs the row of `at_step`; return the real _write_row."""
-    import bnexp.train as trainmod
+class SignalAt:
+    """Sends this process `sig` once, at the end of step `step` (after its row is logged)."""
 
-    real_write = trainmod.Trainer._write_row
+    def __init__(self, step: int, sig: int):
+        self.step, self.sig, self.sent = step, sig, False
 
-    def write_then_signal(self, step, row):
-        real_write(self, step, row)
-        if step == at_step:
-            os.kill(os.getpid(), sig)
+    def after_step(self, trainer, step: int) -> None:
+        if step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.sig)
 
-    monkeypatch.setattr(trainmod.Trainer, "_write_row", write_then_signal)
-    return real_write
+
+def signal_after_row(monkeypatch, at_step: int, sig: int) -> None:
+    """Make the run signal itself once, right after it logs the row of `at_step`."""
+    add_callback(monkeypatch, SignalAt(at_step, sig))
 
 
 def _blow_up_after_update(monkeypatch, at: int, value: float) -> None:
     """Set the output layer's first bias to `value` right after the update of step `at` (of whichever
     Trainer is training, so a resumed run gets it at the same step)."""
-    import bnexp.train as trainmod
-
-    trainers = []
-    real_init, real_step = trainmod.Trainer.__init__, torch.optim.SGD.step
-
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        trainers.append(self)
+    trainers = trainers_built(monkeypatch)
+    real_step = torch.optim.SGD.step
 
     def step(opt, *args, **kwargs):
         out = real_step(opt, *args, **kwargs)
@@ -358,7 +372,6 @@ def _blow_up_after_update(monkeypatch, at: int, value: float) -> None:
                 opt.param_groups[0]["params"][-1][0] = value
         return out
 
-    monkeypatch.setattr(trainmod.Trainer, "__init__", init)
     monkeypatch.setattr(torch.optim.SGD, "step", step)
 
 
@@ -366,14 +379,11 @@ def assert_a_signal_changes_nothing_in_a_diverging_run(tmp_path, capsys, monkeyp
                                                      at_row: int) -> None:
     """Run `cfg` (it must diverge) straight, then again with a SIGINT after the row of `at_row` and a resume:
     the same divergence, the same final evaluation of the diverged network, the same rows."""
-    import bnexp.train as trainmod
-
     assert run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "straight", "-q")[0] == 0
     expected = runs.read_summary(tmp_path / "straight")
     assert expected["status"] == "diverged"
-    real_write = signal_after_row(monkeypatch, at_row, signal.SIGINT)
+    signal_after_row(monkeypatch, at_row, signal.SIGINT)
     assert run_cli(capsys, "train", "-c", cfg, "--out", tmp_path / "resumed", "-q")[0] == 130
-    monkeypatch.setattr(trainmod.Trainer, "_write_row", real_write)
     assert run_cli(capsys, "train", "--resume", tmp_path / "resumed", "-q")[0] == 0
     got = runs.read_summary(tmp_path / "resumed")
     for key in ("status", "diverged_step", "steps", "test_loss", "test_accuracy", "best_test_accuracy"):
@@ -381,10 +391,43 @@ def assert_a_signal_changes_nothing_in_a_diverging_run(tmp_path, capsys, monkeyp
     assert runs.read_metrics(tmp_path / "resumed") == runs.read_metrics(tmp_path / "straight")
 
 
-def test_torn_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path, capsys, monkeypatch, reference):
-    import bnexp.train as trainmod
+def test_a_checkpoint_of_format_1_resumes_like_an_uninterrupted_run(tmp_path, capsys, monkeypatch, reference):
+    """Checkpoints written before the loop's read-back state became one `train_metrics` entry (format 1: no
+    "format" key; read_losses and read_hits, the steps of the log interval in progress; pending_losses and
+    pending_correct, steps not read yet, empty since a checkpoint follows a read; loss_window) still resume,
+    bit-identically. Interrupted at step 353, mid log interval (log_every 7)."""
+    signal_after_row(monkeypatch, 353, signal.SIGTERM)
+    cfg = write(tmp_path / "run.yaml", RUN)
+    run_dir = tmp_path / "run"
+    assert run_cli(capsys, "train", "-c", cfg, "--out", run_dir, "-q")[0] == 143
+    newest = checkpoint.list_checkpoints(run_dir)[-1]
+    state = torch.load(newest, weights_only=True)
+    assert state.pop("format") == checkpoint.FORMAT == 2
+    metrics = state.pop("train_metrics")
+    assert len(metrics["losses"]) == 353 % 7
+    state.update(read_losses=metrics["losses"], read_hits=metrics["hits"], pending_losses=[],
+                 pending_correct=[], loss_window=metrics["window"])
+    torch.save(state, newest)
+    assert run_cli(capsys, "train", "--resume", run_dir, "-q")[0] == 0
+    assert_same_run(run_dir, reference)
 
-    real_write = signal_after_row(monkeypatch, 350, signal.SIGTERM)
+
+def test_a_checkpoint_of_an_unknown_format_is_a_one_line_error(tmp_path, capsys):
+    cfg = write(tmp_path / "run.yaml", {**RUN, "train": {**RUN["train"], "steps": 20}})
+    run_dir = tmp_path / "run"
+    assert run_cli(capsys, "train", "-c", cfg, "--out", run_dir, "-q")[0] == 0
+    newest = checkpoint.list_checkpoints(run_dir)[-1]
+    torch.save({**torch.load(newest, weights_only=True), "format": 99}, newest)
+    runs.write_summary(run_dir, {**runs.read_summary(run_dir), "status": "interrupted"})
+    before = files_of(run_dir)
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 2 and err.count("\n") == 1
+    assert f"checkpoint {newest} is of format 99, from another version of bnexp" in err
+    assert files_of(run_dir) == before
+
+
+def test_torn_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path, capsys, monkeypatch, reference):
+    signal_after_row(monkeypatch, 350, signal.SIGTERM)
     cfg = write(tmp_path / "run.yaml", RUN)
     run_dir = tmp_path / "run"
     assert run_cli(capsys, "train", "-c", cfg, "--out", run_dir, "-q")[0] == 143
@@ -393,7 +436,6 @@ def test_torn_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path, capsys, mo
         f.write('{"step": 351, "train/lo')
     assert runs.read_metrics(run_dir)[-1]["step"] == 350
 
-    monkeypatch.setattr(trainmod.Trainer, "_write_row", real_write)
     assert run_cli(capsys, "train", "--resume", run_dir, "-q")[0] == 0
     assert_same_run(run_dir, reference)
 
@@ -588,7 +630,7 @@ def test_divergence_window_survives_an_interruption(tmp_path, capsys, monkeypatc
 
 def test_high_lr_comparison_runs_the_arms_tested_above():
     """configs/compare/high_lr.yaml's lr-25 arms are the networks whose outcome the divergence test checks."""
-    from bnexp.compare import load_compare, plan
+    from bnexp.experiments.compare import load_compare, plan
     from bnexp.config import validate
 
     cmp = load_compare(Path(__file__).parents[1] / "configs" / "compare" / "high_lr.yaml", [])
@@ -620,7 +662,6 @@ def test_resume_names_the_run_config_that_no_longer_validates(tmp_path, capsys):
 def test_hot_loop_reads_nothing_back_from_the_device_between_log_steps(tmp_path, monkeypatch, norm):
     """Divergence is detected once per log interval: an ordinary step makes no host-device sync (no .item(),
     no bool() of a tensor, no copy to the CPU), which on a GPU would stall the queue every step."""
-    from bnexp import train as trainmod
     from bnexp.config import validate
     from bnexp.data import BatchSampler
 
@@ -641,7 +682,7 @@ def test_hot_loop_reads_nothing_back_from_the_device_between_log_steps(tmp_path,
                     "train": {"steps": steps, "eval_every": steps, "log_every": steps, "checkpoint_every": steps}})
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    assert trainmod.train(cfg, run_dir)["status"] == "completed"
+    assert session.train(cfg, run_dir)["status"] == "completed"
     segments = "|".join(events).split("STEP")
     assert len(segments) == steps + 1
     # segments[k] is what step k did after drawing its batch; only the last step logs and evaluates.
@@ -653,7 +694,6 @@ def test_every_row_is_on_disk_when_a_checkpoint_is_written(tmp_path, monkeypatch
     """A SIGKILL after a checkpoint may lose only rows after it: when its file is written (on the
     checkpoint writer's thread, while training goes on), metrics.jsonl and the TensorBoard event file on
     disk already hold every row logged up to its step (the writer's queue is flushed)."""
-    from bnexp import train as trainmod
     from bnexp.config import validate
 
     cfg = validate({**RUN, "train": {**RUN["train"], "steps": 300}})
@@ -669,8 +709,8 @@ def test_every_row_is_on_disk_when_a_checkpoint_is_written(tmp_path, monkeypatch
         seen.append((step, rows, tb_steps))
         return real_write(folder, step, data)
 
-    monkeypatch.setattr(trainmod.checkpoint, "write", write_after_looking)
-    assert trainmod.train(cfg, run_dir)["status"] == "completed"
+    monkeypatch.setattr(checkpoint, "write", write_after_looking)
+    assert session.train(cfg, run_dir)["status"] == "completed"
     logged = [r["step"] for r in runs.read_metrics(run_dir)]
     assert [s for s, _, _ in seen] == [150, 300]
     for step, rows, tb_steps in seen:
@@ -682,7 +722,6 @@ def test_every_row_is_on_disk_when_a_checkpoint_is_written(tmp_path, monkeypatch
 def test_logged_train_loss_and_accuracy_match_an_independent_loop(tmp_path):
     """The loop counts correct predictions for a whole log interval at once, from the logits it kept: each
     row still holds the mean loss and the accuracy of exactly its own steps, as a plain loop sees them."""
-    from bnexp import train as trainmod
     from bnexp.config import validate
     from bnexp.data import BatchSampler, load_dataset
     from bnexp.models import build_model
@@ -692,7 +731,7 @@ def test_logged_train_loss_and_accuracy_match_an_independent_loop(tmp_path):
     cfg = validate(raw)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    assert trainmod.train(cfg, run_dir)["status"] == "completed"
+    assert session.train(cfg, run_dir)["status"] == "completed"
     rows = {r["step"]: r for r in runs.read_metrics(run_dir) if "train/loss" in r}
     assert sorted(rows) == [5, 10, 15, 20, 23]
 
@@ -726,18 +765,17 @@ def test_non_finite_weights_end_the_run_at_the_first_step_that_shows_them(tmp_pa
     it yet; one made non-finite earlier ends it at the next step, whose loss is the first to show it. The
     check reads one norm per weight tensor: a huge but finite weight overflows its norm, and must then pass
     the exact test rather than count as divergence."""
-    from bnexp import train as trainmod
     from bnexp.config import validate
 
     cfg = validate({**RUN, "model": {**RUN["model"], "norm": "none"}, "optim": {"name": "sgd", "lr": 0.1},
                     "probes": {"enabled": False},
                     "train": {"steps": 60, "eval_every": 100, "log_every": 5, "checkpoint_every": 100,
                               "divergence_factor": None}})
-    assert trainmod.READ_ROWS * cfg.train.log_every == 50
+    assert schedule.READ_ROWS * cfg.train.log_every == 50
     _blow_up_after_update(monkeypatch, at, value)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    summary = trainmod.train(cfg, run_dir)
+    summary = session.train(cfg, run_dir)
     rows = runs.read_metrics(run_dir)
     if expected is None:
         assert summary["status"] == "completed" and summary["steps"] == 60
@@ -752,14 +790,13 @@ def test_non_finite_weights_end_the_run_at_the_first_step_that_shows_them(tmp_pa
 def test_rows_logged_before_a_crash_are_on_disk(tmp_path, monkeypatch):
     """Rows wait to be read back in batches of ten; a run that raises still leaves every row it logged in
     metrics.jsonl and the event file, with the train metrics an uncrashed run logs."""
-    from bnexp import train as trainmod
     from bnexp.config import validate
     from bnexp.data import BatchSampler
 
     cfg = validate({**RUN, "probes": {"enabled": False},
                     "train": {**RUN["train"], "steps": 100, "eval_every": 1000, "checkpoint_every": 1000}})
     (tmp_path / "whole").mkdir()
-    trainmod.train(cfg, tmp_path / "whole")
+    session.train(cfg, tmp_path / "whole")
     whole = {r["step"]: r for r in runs.read_metrics(tmp_path / "whole")}
     real_next, draws = BatchSampler.next, []
 
@@ -773,7 +810,7 @@ def test_rows_logged_before_a_crash_are_on_disk(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        trainmod.train(cfg, run_dir)
+        session.train(cfg, run_dir)
     rows = runs.read_metrics(run_dir)
     logged = list(range(7, 64, 7))
     assert [r["step"] for r in rows] == [0, *logged]
@@ -810,7 +847,6 @@ def test_checkpoint_writer_saves_the_state_of_its_step_and_waits_for_the_file(tm
 def test_a_failed_checkpoint_write_fails_the_run(tmp_path, monkeypatch):
     """An error on the writer's thread (a full disk, say) is raised in the loop at the next checkpoint, and
     the run ends as a crash: no summary claims a checkpoint that is not there."""
-    from bnexp import train as trainmod
     from bnexp.config import validate
 
     def full_disk(run_dir, step, data):
@@ -821,7 +857,7 @@ def test_a_failed_checkpoint_write_fails_the_run(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with pytest.raises(OSError, match="No space left"):
-        trainmod.train(cfg, run_dir)
+        session.train(cfg, run_dir)
     assert checkpoint.list_checkpoints(run_dir) == []
     assert not (run_dir / runs.SUMMARY).exists() or runs.read_summary(run_dir)["status"] != "completed"
 
@@ -855,24 +891,32 @@ def test_no_evaluation_probe_or_checkpoint_sees_a_diverged_network(tmp_path, mon
     each of them covers the steps after the last log row too, and checks the weights. A weight set to NaN
     by update `at` ends the run at the first step whose loss shows it, or at `at` itself when a read falls
     there (100: an evaluation and a probe); nothing is evaluated, probed or checkpointed from then on."""
-    from bnexp import train as trainmod
     from bnexp.config import validate
 
     cfg = validate({**RUN, "model": {**RUN["model"], "norm": "none"}, "optim": {"name": "sgd", "lr": 0.1},
                     "probes": {**RUN["probes"], "every": 100},
                     "train": {"steps": 300, "eval_every": 50, "log_every": 7, "checkpoint_every": 150,
                               "divergence_factor": None}})
+    from bnexp.engine import trainer as trainer_module
+    from bnexp.probes import Probes
+
     _blow_up_after_update(monkeypatch, at, float("nan"))
-    looked_at: list[int] = []  # steps that evaluated, probed or checkpointed
-    for name in ("_log_step", "_checkpoint"):
-        real = getattr(trainmod.Trainer, name)
-        monkeypatch.setattr(trainmod.Trainer, name,
-                            lambda self, *a, _real=real, **k: looked_at.append(self.step) or _real(self, *a, **k))
+    trainers = trainers_built(monkeypatch)
+    looked_at: dict[str, list[int]] = {}  # the steps at which the network was evaluated, probed, checkpointed
+    for owner, name in ((trainer_module, "evaluate"), (Probes, "measure"), (checkpoint.Writer, "save")):
+        real = getattr(owner, name)
+        looked_at[name] = []
+        monkeypatch.setattr(owner, name, lambda *a, _real=real, _seen=looked_at[name], **k:
+                            _seen.append(trainers[-1].step) or _real(*a, **k))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    summary = trainmod.train(cfg, run_dir)
+    summary = session.train(cfg, run_dir)
     assert (summary["status"], summary["diverged_step"]) == ("diverged", expected)
-    assert looked_at and max(looked_at) < expected, looked_at
+    # Only the summary's final evaluation sees the network as it stopped, at the read that found it diverged.
+    stopped = trainers[-1].step
+    *during, final = looked_at["evaluate"]
+    assert final == stopped >= expected and during and max(during) < expected, looked_at
+    assert all(s < expected for s in looked_at["measure"] + looked_at["save"]), looked_at
     rows = runs.read_metrics(run_dir)
     assert (rows[-1]["step"], rows[-1]["train/diverged"]) == (expected, 1.0)
     assert all(r["step"] < expected for r in rows[:-1])
@@ -896,27 +940,30 @@ def test_a_signal_does_not_move_the_reads_of_a_resumed_run(tmp_path, capsys, mon
 
 
 def test_a_read_that_fails_changes_nothing(tmp_path, monkeypatch):
-    """A read that raises (here the correct-prediction count) leaves the pending steps and rows as they
-    were: the crash path writes every row completed before it, none with an empty train/loss."""
-    from bnexp import train as trainmod
+    """A read that raises (here in the weight check of the second scheduled read, at step 140) leaves the
+    steps not read yet as they were: the crash path's own read (losses only) then completes every row up to
+    the crash with the train metrics of an uncrashed run."""
     from bnexp.config import validate
 
     cfg = validate({**RUN, "probes": {"enabled": False},
                     "train": {**RUN["train"], "steps": 200, "eval_every": 1000, "checkpoint_every": 1000}})
-    real_count, calls = trainmod.Trainer._count_pending, []
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    session.train(cfg, whole)
+    expected = {r["step"]: r for r in runs.read_metrics(whole)}
+    real_norm, calls = torch._foreach_norm, []
 
-    def count(self):
-        calls.append(self.step)
-        if len(calls) >= 2:  # the second read (step 140) and the crash path's
+    def norm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
             raise MemoryError("simulated")
-        return real_count(self)
+        return real_norm(*args, **kwargs)
 
-    monkeypatch.setattr(trainmod.Trainer, "_count_pending", count)
+    monkeypatch.setattr(torch, "_foreach_norm", norm)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with pytest.raises(MemoryError):
-        trainmod.train(cfg, run_dir)
-    assert calls[:2] == [70, 140]
+        session.train(cfg, run_dir)
     rows = runs.read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [0, *range(7, 71, 7)]
-    assert all(r["train/loss"] is not None and r["train/accuracy"] is not None for r in rows[1:])
+    assert [r["step"] for r in rows] == [0, *range(7, 141, 7)]
+    assert rows == [expected[r["step"]] for r in rows]

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from bnexp.runs import read_metrics, read_summary
+from bnexp.engine.rundir import read_metrics, read_summary
 
 TAGS = ["train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr"]
 

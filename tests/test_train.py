@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from bnexp.config import Config, load
-from bnexp.runs import read_metrics, read_summary
+from bnexp.engine.rundir import read_metrics, read_summary
 from conftest import DEFAULT_CONFIG, TINY
 
 

@@ -1,4 +1,4 @@
-"""Batch Renormalization and Ghost BN (bnexp.variants): reductions to plain BN, gradients, wiring, CLI."""
+"""Batch Renormalization and Ghost BN (bnexp.nn.variants): reductions to plain BN, gradients, wiring, CLI."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from bnexp import norm as ours
+from bnexp.nn import batchnorm as ours
 from bnexp.config import ModelConfig
 from bnexp.models import bn_layers, build_model
-from bnexp.variants import (BatchRenorm1d, BatchRenorm2d, GhostBatchNorm1d, GhostBatchNorm2d, batch_renorm_train,
+from bnexp.nn.variants import (BatchRenorm1d, BatchRenorm2d, GhostBatchNorm1d, GhostBatchNorm2d, batch_renorm_train,
                             ghost_batch_norm_train, renorm_factors, renorm_limits)
 
 # The variants build on plain BN's Function: every test runs on its compiled kernel and its tensor ops.
@@ -360,7 +360,7 @@ def test_seed_note_preset_is_the_notes_choices():
 
 @pytest.mark.parametrize("name, arms", [("small_batch", 16), ("running_stats", 5)])
 def test_variant_comparison_configs_plan(name, arms):
-    from bnexp.compare import load_compare, plan
+    from bnexp.experiments.compare import load_compare, plan
     from conftest import REPO
 
     cmp = load_compare(REPO / "configs" / "compare" / f"{name}.yaml", [])

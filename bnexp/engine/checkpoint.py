@@ -22,11 +22,14 @@ from typing import Any
 import torch
 
 from bnexp.errors import UserError, first_line
-from bnexp.runs import CHECKPOINTS, fsync_dir
+from bnexp.engine.rundir import CHECKPOINTS, fsync_dir
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 _TMP = re.compile(r"^\.step-(\d+)\.pt\.tmp$")
 REQUIRED = ("step", "model", "optimizer", "scheduler", "sampler", "rng", "probes")
+# 2: the loop's read-back state became "train_metrics" (bnexp.engine.step_metrics); files without a
+# "format" key are version 1 and are converted on load.
+FORMAT = 2
 KEEP = 2  # the newest plus one fallback
 
 
@@ -115,4 +118,30 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"corrupted or truncated checkpoint {path}: {first[:200]}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         raise CheckpointError(f"corrupted checkpoint {path}: not a bnexp checkpoint")
+    version = state.get("format", 1)
+    if version == 1:
+        try:
+            return _from_version_1(state)
+        except (AttributeError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"corrupted checkpoint {path}: {first_line(err)[:200]}") from None
+    if version != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is of format {version!r}, from another version of bnexp "
+                              f"(this one reads formats 1 and {FORMAT})")
+    return state
+
+
+def _from_version_1(state: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 kept the loop's read-back lists: the steps read since the last log row (read_losses,
+    read_hits), those not read yet (pending_losses, pending_correct; a checkpoint is written after a read,
+    so these were empty) and the divergence window. Version 2 keeps the first two as one interval."""
+    losses = [float(v) for v in state.pop("read_losses", torch.zeros(0)).tolist()]
+    hits = [int(v) for v in state.pop("read_hits", torch.zeros(0)).tolist()]
+    pending = [float(t) for t in state.pop("pending_losses", [])]
+    losses += pending
+    hits += [int(t) for t in state.pop("pending_correct", [])]
+    window = [float(v) for v in state.pop("loss_window", torch.zeros(0)).tolist()] + pending
+    state["train_metrics"] = {"losses": torch.tensor(losses, dtype=torch.float64),
+                              "hits": torch.tensor(hits, dtype=torch.int64),
+                              "window": torch.tensor(window, dtype=torch.float64)}
+    state["format"] = FORMAT
     return state

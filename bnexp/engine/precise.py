@@ -52,7 +52,8 @@ class PreciseStats:
 
     def __init__(self, cfg: Config, data: Dataset):
         precise = cfg.model.bn.precise
-        self.when, self.k, self.m = precise.when, precise.batches, cfg.data.batch_size
+        # The batch BN normalizes over in training (a process's shard under distributed local statistics).
+        self.when, self.k, self.m = precise.when, precise.batches, cfg.bn_batch_size
         self.seed, self.last_step = cfg.seed, cfg.train.steps
         self.x = data.x_train
 

@@ -17,7 +17,8 @@ from contextlib import contextmanager
 import torch
 from rich.table import Table
 
-from bnexp import kernel, norm
+from bnexp.nn import batchnorm as norm
+from bnexp.nn import kernel
 
 SHAPES: list[tuple[int, ...]] = [
     (60, 100),

@@ -1,11 +1,8 @@
 """The layer's compiled kernel (bn_kernel.c), built with the system C compiler on first use, called via ctypes.
 
-It also holds one function for the training loop, count_hits (correct predictions per step), used only
-once a layer has loaded the kernel: a run without our layer never builds it for that.
-
 Why not ``torch.utils.cpp_extension``: building against torch's headers takes a minute or more on two
 cores, on every fresh machine and CI run; bn_kernel.c includes only the C library and builds in about a
-second (it also says why a kernel at all). The price is raw pointers: bnexp.norm passes only non-empty,
+second (it also says why a kernel at all). The price is raw pointers: bnexp.nn.batchnorm passes only non-empty,
 contiguous CPU float32/float64 tensors of one dtype (``eligible``) and takes its tensor-op path for
 anything else.
 
@@ -47,8 +44,6 @@ _SIGNATURES = {
     "bn_train_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int, _ptr, _ptr], _int),
     # x, y, N, C, L, running_mean, running_var, weight, bias, eps
     "bn_eval_forward": ([_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _f64], _int),
-    # logits, labels, steps, m, C, hits (the training loop's, not the layer's)
-    "bn_count_hits": ([_ptr, _ptr, _i64, _i64, _i64, _ptr], _int),
 }
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -168,25 +163,6 @@ def load() -> Kernel | None:
     if _built is not _UNSET:
         return _built  # type: ignore[return-value]
     return _build_once()
-
-
-def loaded() -> Kernel | None:
-    """The kernel if this process has it already (a bnexp layer ran), without building it."""
-    return _built if _enabled and isinstance(_built, Kernel) else None
-
-
-def count_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Correct predictions per step: logits (steps, m, classes), labels (steps, m) -> (steps,) int64,
-    exactly (argmax(-1) == labels).sum(-1). The kernel counts them when it is loaded and can take them."""
-    k = loaded()
-    if (k is None or logits.dim() != 3 or logits.dtype not in _SUFFIX or not logits.is_cpu
-            or labels.dtype != torch.int64 or not labels.is_cpu or labels.shape != logits.shape[:2]
-            or logits.numel() == 0):
-        return (logits.argmax(-1) == labels).sum(-1)
-    logits, labels = logits.contiguous(), labels.contiguous()
-    hits = torch.empty(logits.shape[0], dtype=torch.int64)
-    k.count_hits[logits.dtype](logits.data_ptr(), labels.data_ptr(), *logits.shape, hits.data_ptr())
-    return hits
 
 
 @contextmanager

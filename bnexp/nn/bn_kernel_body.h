@@ -279,37 +279,5 @@ int NAME(bn_eval_forward)(const T *restrict x, T *restrict y, int64_t N, int64_t
     return 0;
 }
 
-/* Not BN: the training loop's correct predictions, counted per step over `steps` stacked (m, C) logit
- * blocks, by argmax's rule (the first largest logit, a NaN counting as the largest). ATen's argmax over a
- * 10-class row takes ~33 ns a row, which made this count the loop's largest periodic cost on the bench
- * workload (~0.6 ms per 100 steps in the run); here it is ~8 ns a row. */
-int NAME(bn_count_hits)(const T *restrict logits, const int64_t *restrict labels, int64_t steps, int64_t m,
-                        int64_t C, int64_t *restrict hits)
-{
-    for (int64_t s = 0; s < steps; s++) {
-        int64_t count = 0;
-        for (int64_t i = 0; i < m; i++) {
-            const T *row = logits + (s * m + i) * C;
-            int64_t best = 0;
-            T top = row[0];
-            if (!isnan(top)) {
-                for (int64_t c = 1; c < C; c++) {
-                    if (isnan(row[c])) {
-                        best = c;
-                        break;
-                    }
-                    if (row[c] > top) {
-                        top = row[c];
-                        best = c;
-                    }
-                }
-            }
-            count += best == labels[s * m + i];
-        }
-        hits[s] = count;
-    }
-    return 0;
-}
-
 #undef ROWS
 #undef LANES

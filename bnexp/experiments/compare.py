@@ -3,7 +3,7 @@
 A BN claim is a comparison over seeds, so the unit of a result here is a comparison directory:
 
     <out_dir>/compare/<name>/<timestamp>/compare.yaml        the resolved comparison (base inlined)
-                                        /<arm>/s<seed>/       ordinary run directories (bnexp.train.train)
+                                        /<arm>/s<seed>/       ordinary run directories (bnexp.engine.session.train)
                                         /report.md, summary.csv, plots/
 
 Everything that can fail on user input (the comparison config, every arm x seed run config, the datasets)
@@ -22,15 +22,19 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bnexp.config import (NAME_PATTERN, Config, ConfigError, Float, Int, apply_override, format_validation_error,
                           parse_override, read_yaml, validate)
 from bnexp.errors import UserError
-from bnexp.interrupt import Interrupted
-from bnexp.runs import ERROR_FILE, FINISHED, RunDirError, create_run_dir, read_status, refuse_existing
+from bnexp.engine import session
+from bnexp.engine.rundir import (ERROR_FILE, FINISHED, RunDirError, create_run_dir, find_runs, is_run_dir,
+                                 read_status, refuse_existing, write_atomic)
+from bnexp.engine.signals import Interrupted
+from bnexp.experiments import report
+from bnexp.experiments.records import RunRecord, load_record
 
 COMPARE_YAML = "compare.yaml"
 # Arm and comparison names become directory names: the run name's rule (no "." or "..") applies.
@@ -189,13 +193,11 @@ def _data_key(cfg: Config) -> str:
 
 def _prepare_all(jobs: list[Job]) -> dict[str, Any]:
     """Load each distinct dataset once (and surface missing data/devices before anything is created)."""
-    from bnexp.train import prepare
-
     datasets: dict[str, Any] = {}
     for job in jobs:
         key = _data_key(job.cfg)
         if key not in datasets:
-            datasets[key] = prepare(job.cfg)
+            datasets[key] = session.prepare(job.cfg)
     return datasets
 
 
@@ -218,14 +220,13 @@ _WORKER_DATA: dict[str, Any] = {}
 
 
 def _init_worker() -> None:
-    # Torch threads are the run's own (config `threads`, set by the Trainer). An idle worker ignores Ctrl-C; a training one catches it (bnexp.train) and checkpoints first.
+    # Torch threads are the run's own (config `threads`, set by the Trainer). An idle worker ignores Ctrl-C;
+    # a training one catches it (bnexp.engine.signals) and checkpoints first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_one(cfg: Config | dict, run_dir: str | Path, action: str, data: Any = None) -> dict[str, Any]:
     """Train (action "fresh") or resume one run; an exception is written to error.txt, never raised."""
-    from bnexp import train as trainmod
-
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     try:
@@ -233,19 +234,19 @@ def run_one(cfg: Config | dict, run_dir: str | Path, action: str, data: Any = No
             cfg = validate(cfg)
         (run_dir / ERROR_FILE).unlink(missing_ok=True)
         if action == "resume":
-            summary = trainmod.resume(run_dir, quiet=True)
+            summary = session.resume(run_dir, quiet=True)
         else:
             if data is None:  # a worker process: one load per distinct dataset
                 key = _data_key(cfg)
                 if key not in _WORKER_DATA:
-                    _WORKER_DATA[key] = trainmod.prepare(cfg)
+                    _WORKER_DATA[key] = session.prepare(cfg)
                 data = _WORKER_DATA[key]
             run_dir.mkdir(parents=True, exist_ok=True)
-            summary = trainmod.train(cfg, run_dir, quiet=True, data=data)
+            summary = session.train(cfg, run_dir, quiet=True, data=data)
         return {"status": summary["status"], "test_accuracy": summary.get("test_accuracy"),
                 "wall_time_s": summary.get("wall_time_s")}
     except Interrupted as sig:
-        return {"status": "interrupted", "exit_code": sig.exit_code}
+        return {"status": "interrupted", "signum": sig.signum}
     except Exception as err:  # noqa: BLE001 - one broken run must not end the comparison
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / ERROR_FILE).write_text(traceback.format_exc())
@@ -253,45 +254,33 @@ def run_one(cfg: Config | dict, run_dir: str | Path, action: str, data: Any = No
                 "wall_time_s": time.perf_counter() - t0}
 
 
-class _Log:
-    def __init__(self, total: int, quiet: bool):
-        self.total, self.done, self.quiet = total, 0, quiet
-        self.console = None
-        if not quiet:
-            from rich.console import Console
-
-            self.console = Console(stderr=True, highlight=False)
-
-    def line(self, text: str) -> None:
-        if self.console is not None:
-            self.console.print(text, soft_wrap=True)
-
-    def finished(self, job: Job, outcome: dict[str, Any]) -> None:
-        self.done += 1
-        status = outcome["status"]
-        detail = ""
-        if outcome.get("test_accuracy") is not None:
-            detail = f", test accuracy {outcome['test_accuracy']:.4f}"
-        if outcome.get("error"):
-            detail = f": {outcome['error']}"
-        if outcome.get("wall_time_s") is not None:
-            detail += f" ({outcome['wall_time_s']:.1f} s)"
-        self.line(f"[{self.done}/{self.total}] {job.arm} seed {job.seed}: {status}{detail}")
+Log = Callable[[str], None]  # where progress lines go (the CLI prints them on stderr, unless quiet)
 
 
-def _run_all(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, datasets: dict[str, Any],
-             quiet: bool) -> None:
-    log = _Log(len(todo), quiet)
+def _finished_line(done: int, total: int, job: Job, outcome: dict[str, Any]) -> str:
+    status = outcome["status"]
+    detail = ""
+    if outcome.get("test_accuracy") is not None:
+        detail = f", test accuracy {outcome['test_accuracy']:.4f}"
+    if outcome.get("error"):
+        detail = f": {outcome['error']}"
+    if outcome.get("wall_time_s") is not None:
+        detail += f" ({outcome['wall_time_s']:.1f} s)"
+    return f"[{done}/{total}] {job.arm} seed {job.seed}: {status}{detail}"
+
+
+def _run_all(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, datasets: dict[str, Any], log: Log) -> None:
+    """Train every run of `todo`; on a signal, raise Interrupted(signum, comp_dir) once runs checkpointed."""
     if jobs <= 1 or len(todo) <= 1:
         try:
-            for job, action in todo:
+            for done, (job, action) in enumerate(todo, start=1):
                 data = datasets.get(_data_key(job.cfg))
                 outcome = run_one(job.cfg, comp_dir / job.rel, action, data)
-                log.finished(job, outcome)
+                log(_finished_line(done, len(todo), job, outcome))
                 if outcome["status"] == "interrupted":
-                    _stop(comp_dir, outcome["exit_code"])
+                    raise Interrupted(outcome["signum"], comp_dir)
         except KeyboardInterrupt:  # between runs, where no training loop is catching signals
-            _stop(comp_dir, 130)
+            raise Interrupted(signal.SIGINT, comp_dir) from None
         return
     _run_parallel(todo, comp_dir, jobs, log)
 
@@ -303,14 +292,14 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _run_parallel(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, log: _Log) -> None:
+def _run_parallel(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, log: Log) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     workers = min(jobs, len(todo))
     threads = sorted({"torch's default" if job.cfg.threads is None else str(job.cfg.threads)
                       for job, _ in todo})
-    log.line(f"{len(todo)} runs on {workers} worker processes, {' or '.join(threads)} torch thread(s) each")
+    log(f"{len(todo)} runs on {workers} worker processes, {' or '.join(threads)} torch thread(s) each")
     # spawn, not fork: a forked child would inherit this process's torch thread pool and locks.
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker)
@@ -318,35 +307,25 @@ def _run_parallel(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, log: _
     try:
         futures = {pool.submit(run_one, job.cfg.model_dump(mode="json"), str(comp_dir / job.rel), action): job
                    for job, action in todo}
-        for fut in as_completed(futures):
+        for done, fut in enumerate(as_completed(futures), start=1):
             outcome = fut.result()
-            log.finished(futures[fut], outcome)
+            log(_finished_line(done, len(todo), futures[fut], outcome))
             if outcome["status"] == "interrupted" and interrupted is None:
-                interrupted = outcome["exit_code"]
+                interrupted = outcome["signum"]
                 pool.shutdown(wait=False, cancel_futures=True)
     except KeyboardInterrupt:
-        interrupted = 130
+        interrupted = signal.SIGINT
     finally:
         # Workers that are training finish their checkpoint before they exit.
         pool.shutdown(wait=True, cancel_futures=True)
     if interrupted is not None:
-        _stop(comp_dir, interrupted)
-
-
-def _stop(comp_dir: Path, exit_code: int) -> None:
-    import typer
-
-    typer.echo(f"interrupted: checkpoints written; finish with bnexp compare --resume {comp_dir}", err=True)
-    typer.echo(str(comp_dir))
-    raise typer.Exit(exit_code)
+        raise Interrupted(interrupted, comp_dir)
 
 
 # --- collecting and reporting -----------------------------------------------------------------------------
 
 def _records_of(comp_dir: Path, jobs: list[Job]):
     """The comparison's runs; a damaged one is recorded as failed, naming the file, and the report goes on."""
-    from bnexp.report import RunRecord, load_record
-
     records = []
     for job in jobs:
         try:
@@ -356,14 +335,21 @@ def _records_of(comp_dir: Path, jobs: list[Job]):
     return records
 
 
-def _report(out_dir: Path, records, title: str, target: float | None, baseline: str | None,
-            arms: list[str], notes: list[str], quiet: bool) -> None:
-    from bnexp import report
+@dataclass
+class Outcome:
+    """What `bnexp compare` made: the directory, and the report's rows and notes for the CLI to show."""
 
-    table = report.write_report(out_dir, records, title=title, target=target, baseline=baseline, arms=arms,
-                                notes=notes)
-    if not quiet:
-        report.print_table(table, title=title, notes=[n for n in notes if "wall time" in n])
+    path: Path
+    title: str
+    rows: list[dict[str, Any]]
+    notes: list[str]
+
+
+def _report(out_dir: Path, records, title: str, target: float | None, baseline: str | None,
+            arms: list[str], notes: list[str]) -> Outcome:
+    rows = report.write_report(out_dir, records, title=title, target=target, baseline=baseline, arms=arms,
+                               notes=notes)
+    return Outcome(out_dir, title, rows, notes)
 
 
 def _describe(cmp: CompareConfig, jobs: list[Job]) -> list[str]:
@@ -379,21 +365,18 @@ def _describe(cmp: CompareConfig, jobs: list[Job]) -> list[str]:
     return notes
 
 
-def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, quiet: bool) -> Path:
+def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, log: Log) -> Outcome:
     plan_ = plan(cmp)
     if out is not None:
         refuse_existing(out)  # before the datasets load: this mistake should cost no time
     datasets = _prepare_all(plan_)
     comp_dir = _create_dir(cmp, out)
-    from bnexp.runs import write_atomic
-
     write_atomic(comp_dir / COMPARE_YAML, _resolved_yaml(cmp))
     t0 = time.perf_counter()
-    _run_all([(job, "fresh") for job in plan_], comp_dir, jobs, datasets, quiet)
+    _run_all([(job, "fresh") for job in plan_], comp_dir, jobs, datasets, log)
     notes = _describe(cmp, plan_) + [_timing(len(plan_), time.perf_counter() - t0, jobs)]
-    _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
-            list(cmp.arms), notes, quiet)
-    return comp_dir
+    return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
+                   list(cmp.arms), notes)
 
 
 def _timing(n: int, seconds: float, jobs: int) -> str:
@@ -409,9 +392,7 @@ def _remove_run(comp_dir: Path, run_dir: Path) -> None:
     shutil.rmtree(target)
 
 
-def resume_comparison(comp_dir: Path, jobs: int, quiet: bool) -> Path:
-    from bnexp.runs import is_run_dir
-
+def resume_comparison(comp_dir: Path, jobs: int, log: Log) -> Outcome:
     if not (comp_dir / COMPARE_YAML).is_file():
         raise CompareError(f"not a comparison directory (no {COMPARE_YAML}): {comp_dir}")
     cmp = _validate_compare(read_yaml(comp_dir / COMPARE_YAML))
@@ -436,18 +417,14 @@ def resume_comparison(comp_dir: Path, jobs: int, quiet: bool) -> Path:
             todo.append((job, "fresh"))
     fresh = [job for job, action in todo if action == "fresh"]
     datasets = _prepare_all(fresh) if jobs <= 1 else {}
-    if not quiet:
-        import typer
-
-        typer.echo(f"{len(todo)} of {len(plan_)} runs to finish in {comp_dir}", err=True)
-        for problem in damaged:
-            typer.echo(f"skipped, recorded as failed: {problem}", err=True)
+    log(f"{len(todo)} of {len(plan_)} runs to finish in {comp_dir}")
+    for problem in damaged:
+        log(f"skipped, recorded as failed: {problem}")
     t0 = time.perf_counter()
-    _run_all(todo, comp_dir, jobs, datasets, quiet)
+    _run_all(todo, comp_dir, jobs, datasets, log)
     notes = _describe(cmp, plan_) + [f"resumed: {_timing(len(todo), time.perf_counter() - t0, jobs)}"]
-    _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
-            list(cmp.arms), notes, quiet)
-    return comp_dir
+    return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
+                   list(cmp.arms), notes)
 
 
 # Keys that differ between runs of one experiment without making them different arms.
@@ -491,10 +468,7 @@ def _loose_arms(runs: list[Path]) -> dict[Path, tuple[str, int | None]]:
     return out
 
 
-def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None, quiet: bool) -> Path:
-    from bnexp.report import load_record
-    from bnexp.runs import find_runs
-
+def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None) -> Outcome:
     found: list[Path] = []
     for p in run_dirs:
         runs = find_runs([p])
@@ -536,25 +510,25 @@ def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None, qu
     cmp = _validate_compare(raw)
     report_dir = _create_dir(cmp, out)
     notes = [f"report on {len(found)} existing run directories"]
-    _report(report_dir, records, cmp.name, cmp.target_accuracy, cmp.baseline, arms, notes, quiet)
-    return report_dir
+    return _report(report_dir, records, cmp.name, cmp.target_accuracy, cmp.baseline, arms, notes)
 
 
 def main(config: Path | None = None, overrides: list[str] | None = None, out: Path | None = None,
          jobs: int = 1, resume: Path | None = None, run_dirs: list[Path] | None = None,
-         quiet: bool = False) -> Path:
-    """The `bnexp compare` command's dispatch (cli.compare validates --jobs >= 1); returns the comparison
-    (or report) directory."""
+         log: Log | None = None) -> Outcome:
+    """The `bnexp compare` command's dispatch (cli.compare validates --jobs >= 1). Raises Interrupted
+    (its run_dir the comparison directory) when a signal stopped it, after the running runs checkpointed."""
     overrides, run_dirs = overrides or [], run_dirs or []
+    log = log or (lambda _line: None)
     if resume is not None:
         if config is not None or overrides or out is not None or run_dirs:
             raise CompareError("--resume takes the comparison's own compare.yaml: do not combine it with "
                                "--config/--set/--out or run directories")
-        return resume_comparison(Path(resume), jobs, quiet)
+        return resume_comparison(Path(resume), jobs, log)
     if run_dirs:
         if config is not None:
             raise CompareError("give either --config or run directories, not both")
-        return report_runs([Path(p) for p in run_dirs], overrides, out, quiet)
+        return report_runs([Path(p) for p in run_dirs], overrides, out)
     if config is None:
         raise CompareError("missing option --config (or --resume COMPARISON_DIR, or run directories to report on)")
-    return run_comparison(load_compare(config, overrides), out, jobs, quiet)
+    return run_comparison(load_compare(config, overrides), out, jobs, log)

@@ -171,7 +171,7 @@ def read_status(run_dir: Path) -> str | None:
     return read_summary(run_dir).get("status")
 
 
-def _parse_rows(text: str) -> list[dict[str, Any]]:
+def parse_rows(text: str) -> list[dict[str, Any]]:
     """Rows of metrics.jsonl; a torn last line (the process died mid-write) is dropped, not an error."""
     lines = [line for line in text.splitlines() if line.strip()]
     rows = []
@@ -189,7 +189,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     try:
-        rows = _parse_rows(path.read_text())
+        rows = parse_rows(path.read_text())
     except OSError as err:
         raise RunDirError(f"cannot read {path}: {err.strerror or err}") from None
     except (UnicodeDecodeError, ValueError):
@@ -201,34 +201,6 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / CONFIG).is_file() and (Path(path) / SUMMARY).is_file()
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step, flushed as written so a killed run keeps its rows
-    (the Trainer writes them in small batches, and always before a checkpoint)."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
-        self.path = run_dir / METRICS
-        if resume_step is not None:
-            self._truncate_after(resume_step)
-        self._f = open(self.path, "a")
-
-    def _truncate_after(self, step: int) -> None:
-        # Rows written after the checkpoint are replayed by the resumed run: drop them so none is doubled.
-        if not self.path.is_file():
-            return
-        keep = [row for row in _parse_rows(self.path.read_text()) if row["step"] <= step]
-        write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in keep))
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.write_many([row])
-
-    def write_many(self, rows: list[dict[str, Any]]) -> None:
-        self._f.write("".join(json.dumps(json_safe(row)) + "\n" for row in rows))
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:

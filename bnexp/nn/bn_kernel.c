@@ -1,6 +1,6 @@
-/* Batch normalization kernels of our own (Ioffe & Szegedy 2015, Algorithms 1 and 2; DESIGN.md §1).
+/* Batch normalization kernels of our own (Ioffe & Szegedy 2015, Algorithms 1 and 2; docs/design.md §1).
  *
- * Loaded by bnexp/kernel.py through ctypes, compiled on first use with the system C compiler. Input is
+ * Loaded by bnexp/nn/kernel.py through ctypes, compiled on first use with the system C compiler. Input is
  * contiguous (N, C, L) data: L = 1 for (N, C), L = the plane size (H·W, D·H·W, or L) for NC* data. The
  * body is bn_kernel_body.h, included once per element type.
  *

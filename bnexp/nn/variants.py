@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnexp.norm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, BatchNormTrainFunction,
+from bnexp.nn.batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, BatchNormTrainFunction,
                         _channel_view, _update_running)
 
 __all__ = [

@@ -1,0 +1,40 @@
+"""What a training step is due for, by its number alone: so a resumed run logs, reads back, evaluates,
+probes and checkpoints at exactly the steps an uninterrupted one does.
+
+Reading back (bnexp.engine.step_metrics) is what costs a host-device synchronisation: the steps' losses
+and correct counts stay on the device and are read every READ_ROWS log intervals, and always before an
+evaluation, a probe or a checkpoint (and at a signal, which the loop adds), so that no evaluation, probe
+or checkpoint ever sees a network that has already diverged.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from bnexp.config import TrainConfig
+
+# A read costs ~100 µs of cold code on the bench workload whether it covers 1 row or 10.
+READ_ROWS = 10
+
+
+class Due(NamedTuple):
+    log: bool
+    evaluate: bool
+    probe: bool
+    checkpoint: bool
+    read: bool
+
+
+class Schedule:
+    def __init__(self, cfg: TrainConfig, probes_due: Callable[[int], bool] | None = None):
+        self.cfg = cfg
+        self.read_every = READ_ROWS * cfg.log_every
+        self.probes_due = probes_due  # Probes.due, or None without probes
+
+    def due(self, step: int) -> Due:
+        cfg, last = self.cfg, step == self.cfg.steps
+        evaluate = step % cfg.eval_every == 0 or last
+        probe = self.probes_due is not None and self.probes_due(step)
+        checkpoint = step % cfg.checkpoint_every == 0 or last
+        return Due(log=step % cfg.log_every == 0 or last, evaluate=evaluate, probe=probe, checkpoint=checkpoint,
+                   read=evaluate or probe or checkpoint or step % self.read_every == 0)

@@ -1,0 +1,1 @@
+"""Experiments made of many runs: comparisons of arms over seeds, and their reports."""

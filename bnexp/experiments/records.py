@@ -1,0 +1,41 @@
+"""A run as a report sees it: its status, summary and metrics, read from its directory alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bnexp.config import read_yaml
+from bnexp.engine.rundir import CONFIG, ERROR_FILE, SUMMARY, read_metrics, read_summary
+
+
+@dataclass
+class RunRecord:
+    arm: str
+    seed: int | None
+    run_dir: Path
+    status: str  # completed | diverged | interrupted | running | failed | missing
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    budget: int | None = None  # train.steps of the run's config
+    error: str | None = None
+
+
+def load_record(arm: str, seed: int | None, run_dir: Path) -> RunRecord:
+    """A run's record from its files; a damaged file is a UserError naming it (RunDirError, ConfigError)."""
+    run_dir = Path(run_dir)
+    rec = RunRecord(arm, seed, run_dir, "missing")
+    if (run_dir / SUMMARY).is_file():
+        rec.summary = read_summary(run_dir)
+        rec.status = rec.summary.get("status") or "missing"
+        rec.metrics = read_metrics(run_dir)
+    if (run_dir / ERROR_FILE).is_file():
+        rec.status = "failed"
+        lines = [ln for ln in (run_dir / ERROR_FILE).read_text(errors="replace").splitlines() if ln.strip()]
+        rec.error = lines[-1] if lines else "failed"
+    if (run_dir / CONFIG).is_file():
+        train = read_yaml(run_dir / CONFIG).get("train")
+        steps = train.get("steps") if isinstance(train, dict) else None
+        rec.budget = steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+    return rec
