@@ -92,7 +92,10 @@ class RanksInterrupted(Exception):
 def _launcher_quiet_and_restored() -> Iterator[None]:
     """elastic_launch logs every failure with its traceback, installs its own signal handlers and sets an
     environment variable, for the life of the process: keep all three to the launch."""
-    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    # Each of torch's elastic modules sets its own logger's level: quieting their parent is not enough.
+    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
+    loggers = [logging.getLogger(name) for name in (*prefixes, *logging.root.manager.loggerDict)
+               if name.startswith(prefixes)]
     levels = [lg.level for lg in loggers]
     handlers = {s: signal.getsignal(s) for s in (*_SIGNALS, signal.SIGHUP, signal.SIGQUIT)}
     env = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE")

@@ -308,6 +308,39 @@ def test_a_dead_rank_ends_the_run_with_one_line_and_the_run_resumes(reference_ru
 
 
 @pytest.mark.slow
+def test_a_signal_to_the_launcher_checkpoints_every_rank_and_the_run_resumes(tmp_path):
+    """SIGTERM to `bnexp train --nproc 2` (not to its ranks): torch's launcher passes it on, the ranks agree
+    on it, checkpoint at the same step and stop; the command says so in one line and exits 143."""
+    import signal
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({**RUN, "model": {"hidden": [32, 32]}, "probes": {"enabled": False},
+                               "train": {**RUN["train"], "steps": 1500, "checkpoint_every": 500}}))
+    proc = subprocess.Popen([sys.executable, "-m", "bnexp.cli", "train", "--config", str(cfg), "--out", "run",
+                             "--nproc", "2", "-q"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == [f"interrupted by SIGTERM: checkpoint written; continue with "
+                                        f"bnexp train --resume run"]
+    summary = _summary(tmp_path / "run")
+    assert summary["status"] == "interrupted" and 0 < summary["steps"] < 1500
+    newest = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    assert newest.name == f"step-{summary['steps']:08d}.pt"
+    r = subprocess.run([sys.executable, "-m", "bnexp.cli", "train", "--resume", "run", "-q"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _summary(tmp_path / "run")["status"] == "completed"
+
+
+@pytest.mark.slow
 def test_local_stats_differ_from_global_and_log_global_batch_metrics(reference_runs, cli, write_config):
     cfg = write_config({**RUN, "model": {"hidden": [32, 32], "bn": {"stats": "local"}}})
     r = cli("train", "--config", cfg, "--out", "local", "--nproc", "2", "-q")
