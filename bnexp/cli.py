@@ -133,10 +133,12 @@ def _report(summary: dict, run_dir: Path) -> None:
 
     if env_rank() != 0:  # under torchrun every rank returns here; the run and its summary are rank 0's
         return
-    acc = summary.get("test_accuracy")
+    acc, loss = summary.get("test_accuracy"), summary.get("test_loss")
     line = f"{summary['status']} after {summary['steps']} steps"
     if acc is not None:
         line += f", test accuracy {acc:.4f}"
+    elif loss is not None:  # a regression task has no accuracy
+        line += f", test loss {loss:.4g}"
     typer.echo(line, err=True)
     typer.echo(str(run_dir))
 
@@ -161,8 +163,9 @@ def compare(
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="COMPARISON_DIR",
                                           help="Finish the runs of a comparison that did not complete."),
     quiet: bool = CompareQuietOpt,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Start a comparison of more runs than its max_runs."),
 ) -> None:
-    """Run arms x seeds and write a report (table, CSV, plots); or report on existing runs."""
+    """Run arms x seeds (x a grid) and write a report (table, CSV, plots); or report on existing runs."""
     from bnexp.engine.signals import Interrupted
     from bnexp.experiments import compare as comparemod, report
 
@@ -170,7 +173,7 @@ def compare(
     console = _stderr_console()
     try:
         outcome = comparemod.main(config=config, overrides=set_ or [], out=out, jobs=jobs, resume=resume,
-                                  run_dirs=run_dirs or [],
+                                  run_dirs=run_dirs or [], yes=yes,
                                   log=None if quiet else lambda line: console.print(line, soft_wrap=True))
     except Interrupted as sig:
         typer.echo(f"interrupted: checkpoints written; finish with bnexp compare --resume {sig.run_dir}", err=True)

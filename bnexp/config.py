@@ -49,8 +49,16 @@ class SyntheticConfig(_Strict):
     separation: Float = Field(2.0, gt=0, description="distance scale between class means")
 
 
+class LinearRegressionConfig(_Strict):
+    # Santurkar et al. 2018's deep-linear-network task: x ~ N(0, I), y = A x with A a Gaussian matrix.
+    num_samples: Int = Field(1000, ge=2, description="training points")
+    num_test: Int = Field(1000, ge=1, description="test points, drawn like the training ones")
+    num_features: Int = Field(10, ge=1, description="dimension of x and of y = A x")
+
+
 class DataConfig(_Strict):
-    dataset: Literal["digits", "mnist1d", "synthetic", "mnist", "fashion_mnist", "cifar10"] = "digits"
+    dataset: Literal["digits", "mnist1d", "synthetic", "linear_regression", "mnist", "fashion_mnist",
+                     "cifar10"] = "digits"
     batch_size: Int = Field(60, ge=1)
     # scikit-learn (the split) and numpy take seeds below 2**32 only.
     seed: Int = Field(0, ge=0, lt=2**32,
@@ -61,6 +69,10 @@ class DataConfig(_Strict):
     train_size: Optional[Int] = Field(None, ge=2)
     test_size: Optional[Int] = Field(None, ge=1)
     synthetic: SyntheticConfig = SyntheticConfig()
+    linear_regression: LinearRegressionConfig = LinearRegressionConfig()
+    # CIFAR-style augmentation of training batches (images only): 4-pixel zero-padded random crops and
+    # horizontal flips, drawn on the device from a generator of their own (deterministic, resumable).
+    augment: Literal["none", "crop_flip"] = "none"
 
 
 class RenormConfig(_Strict):
@@ -95,14 +107,32 @@ class BNConfig(_Strict):
     stats: Literal["local", "global"] = "local"
 
 
+BATCH_NORMS = ("bnexp", "torch")  # the normalizers with batch statistics (and model.bn options)
+VGG_DEPTHS = (11, 13, 16, 19)
+_DEFAULT_DEPTH = {"resnet": 20, "vgg": 11, "linear": 25}
+
+
 class ModelConfig(_Strict):
-    kind: Literal["mlp", "cnn"] = "mlp"
+    kind: Literal["mlp", "cnn", "resnet", "vgg", "linear"] = "mlp"
     hidden: list[Int] = Field(default_factory=lambda: [100, 100, 100], min_length=1)
     channels: list[Int] = Field(default_factory=lambda: [16, 32], min_length=1)
+    # resnet: 6n+2 (20, 32, 56, ...); vgg: 11, 13, 16 or 19; linear: the number of linear layers.
+    depth: Optional[Int] = Field(None, ge=1)
+    shortcut: Literal["A", "B"] = "A"  # resnet: A zero-pads the identity, B projects with a 1x1 conv
+    width_factor: Float = Field(1.0, gt=0)  # resnet and vgg: every width times this (at least 1)
     activation: Literal["sigmoid", "relu", "tanh", "gelu"] = "sigmoid"
-    norm: Literal["none", "bnexp", "torch"] = "bnexp"
+    norm: Literal["none", "bnexp", "torch", "group", "layer", "instance"] = "bnexp"
+    norm_groups: Int = Field(32, ge=1)  # group: the largest divisor of the width up to this many groups
     bn_position: Literal["before_activation", "after_activation"] = "before_activation"
     bn: BNConfig = BNConfig()
+
+    @property
+    def uses_bn(self) -> bool:
+        return self.norm in BATCH_NORMS
+
+    @property
+    def resolved_depth(self) -> int | None:
+        return self.depth if self.depth is not None else _DEFAULT_DEPTH.get(self.kind)
 
     @field_validator("hidden", "channels")
     @classmethod
@@ -125,6 +155,9 @@ class OptimConfig(_Strict):
 
 class TrainConfig(_Strict):
     steps: Int = Field(2000, ge=1)
+    # A budget in passes over the training set instead: when set, steps = epochs x (training examples //
+    # data.batch_size), resolved once the data is loaded (config.yaml then holds both).
+    epochs: Optional[Int] = Field(None, ge=1)
     eval_every: Int = Field(100, ge=1)
     log_every: Int = Field(10, ge=1)
     checkpoint_every: Int = Field(500, ge=1)
@@ -185,7 +218,7 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _bn_needs_two_values(self) -> "Config":
         # Training BN with one value per channel has zero variance: the paper's estimate is undefined.
-        if self.model.norm != "none" and self.data.batch_size < 2:
+        if self.model.uses_bn and self.data.batch_size < 2:
             raise ValueError("data.batch_size: must be >= 2 when model.norm uses batch normalization")
         if self.model.norm == "torch":
             bn = self.model.bn
@@ -193,6 +226,25 @@ class Config(_Strict):
                 if getattr(bn, key) != default:
                     raise ValueError(f"model.bn.{key}: only available with model.norm: bnexp (torch's layer "
                                      f"has no such option)")
+        return self
+
+    @model_validator(mode="after")
+    def _model_fits_data(self) -> "Config":
+        model, data = self.model, self.data
+        depth = model.resolved_depth
+        if model.kind in ("mlp", "cnn") and model.depth is not None:
+            raise ValueError(f"model.depth: not used by model.kind: {model.kind} (its layers are model."
+                             f"{'hidden' if model.kind == 'mlp' else 'channels'})")
+        if model.kind == "resnet" and (depth < 8 or depth % 6 != 2):
+            raise ValueError(f"model.depth: a resnet has 6n+2 layers (20, 32, 56, ...), got {depth}")
+        if model.kind == "vgg" and depth not in VGG_DEPTHS:
+            raise ValueError(f"model.depth: vgg comes in depths {', '.join(map(str, VGG_DEPTHS))}, got {depth}")
+        if model.norm == "instance" and model.kind in ("mlp", "linear"):
+            # One value per channel and example: instance statistics of a vector are degenerate.
+            raise ValueError(f"model.norm: instance needs a convolutional network (model.kind cnn, resnet or "
+                             f"vgg), not {model.kind}")
+        if data.augment != "none" and data.dataset in ("mnist1d", "synthetic", "linear_regression"):
+            raise ValueError(f"data.augment: {data.augment} crops and flips images; {data.dataset} has none")
         return self
 
     @model_validator(mode="after")
@@ -215,8 +267,8 @@ class Config(_Strict):
                 if getattr(bn.renorm, key) < bn.renorm.warmup_steps:
                     raise ValueError(f"model.bn.renorm.{key}: must be >= model.bn.renorm.warmup_steps "
                                      f"({bn.renorm.warmup_steps})")
-        if bn.precise.when != "never" and norm == "none":
-            raise ValueError("model.bn.precise.when: needs batch normalization (model.norm is none)")
+        if bn.precise.when != "never" and not self.model.uses_bn:
+            raise ValueError(f"model.bn.precise.when: needs batch normalization (model.norm is {norm})")
         return self
 
     @model_validator(mode="after")
@@ -226,7 +278,7 @@ class Config(_Strict):
             raise ValueError(f"data.batch_size: {m} does not split evenly over dist.nproc: {n} processes")
         if bn.stats == "global" and (self.model.norm != "bnexp" or bn.variant != "bn"):
             raise ValueError("model.bn.stats: global needs model.norm: bnexp with model.bn.variant: bn")
-        if self.model.norm != "none" and bn.stats == "local" and m // n < 2:
+        if self.model.uses_bn and bn.stats == "local" and m // n < 2:
             raise ValueError(f"data.batch_size: {m} over {n} processes leaves {m // n} example per process, "
                              f"too few for model.bn.stats: local (use global or a larger batch)")
         if bn.variant == "ghost" and bn.stats == "local" and (m // n) % bn.ghost_batch_size:

@@ -20,6 +20,9 @@ import torch
 from bnexp.config import DataConfig
 
 
+REGRESSION = ("linear_regression",)  # datasets whose targets are vectors, fitted with an MSE loss
+
+
 class DataError(UserError):
     """A user-facing data problem (missing files offline, impossible sizes): one line, exit status 2."""
 
@@ -28,10 +31,15 @@ class DataError(UserError):
 class Dataset:
     name: str
     x_train: torch.Tensor  # float32, (N, *input_shape)
-    y_train: torch.Tensor  # int64, (N,)
+    y_train: torch.Tensor  # classification: int64 labels (N,); regression: float32 targets (N, outputs)
     x_test: torch.Tensor
     y_test: torch.Tensor
-    num_classes: int
+    num_classes: int  # the network's outputs: classes, or the targets' dimension for regression
+    task: str = "classification"  # or "regression" (an MSE loss; no accuracy anywhere)
+
+    @property
+    def regression(self) -> bool:
+        return self.task == "regression"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -40,7 +48,7 @@ class Dataset:
 
     def to(self, device: torch.device) -> "Dataset":
         return Dataset(self.name, self.x_train.to(device), self.y_train.to(device),
-                       self.x_test.to(device), self.y_test.to(device), self.num_classes)
+                       self.x_test.to(device), self.y_test.to(device), self.num_classes, self.task)
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
@@ -115,6 +123,18 @@ def _synthetic(cfg: DataConfig):
     return x[n_test:], y[n_test:], x[:n_test], y[:n_test], s.num_classes
 
 
+def _linear_regression(cfg: DataConfig):
+    """Santurkar et al. 2018's task for a deep linear network: x ~ N(0, I_d), y = A x with A a d x d matrix
+    of N(0, 1) entries; A and the points are drawn from data.seed."""
+    lr = cfg.linear_regression
+    rng = np.random.default_rng(cfg.seed)
+    a = rng.normal(size=(lr.num_features, lr.num_features))
+    x = rng.normal(size=(lr.num_samples + lr.num_test, lr.num_features))
+    y = x @ a.T
+    n = lr.num_samples
+    return x[:n], y[:n], x[n:], y[n:], lr.num_features
+
+
 _TORCHVISION = {
     # name: (torchvision class name, folder torchvision expects under root, classes)
     "mnist": ("MNIST", "MNIST/raw", 10),
@@ -152,7 +172,7 @@ def _torchvision(cfg: DataConfig):
     return images(train), np.asarray(train.targets), images(test), np.asarray(test.targets), classes
 
 
-_LOADERS = {"digits": _digits, "mnist1d": _mnist1d, "synthetic": _synthetic,
+_LOADERS = {"digits": _digits, "mnist1d": _mnist1d, "synthetic": _synthetic, "linear_regression": _linear_regression,
             **{name: _torchvision for name in _TORCHVISION}}
 
 
@@ -172,8 +192,10 @@ def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset
     if cfg.batch_size > len(y_tr):
         raise DataError(f"data.batch_size: {cfg.batch_size} is larger than the training set ({len(y_tr)})")
     as_t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt)  # noqa: E731
-    ds = Dataset(cfg.dataset, as_t(x_tr, torch.float32), as_t(y_tr, torch.int64),
-                 as_t(x_te, torch.float32), as_t(y_te, torch.int64), classes)
+    task = "regression" if cfg.dataset in REGRESSION else "classification"
+    y_type = torch.float32 if task == "regression" else torch.int64
+    ds = Dataset(cfg.dataset, as_t(x_tr, torch.float32), as_t(y_tr, y_type),
+                 as_t(x_te, torch.float32), as_t(y_te, y_type), classes, task)
     return ds.to(torch.device(device))
 
 
@@ -211,3 +233,45 @@ class BatchSampler:
         self.generator.set_state(state["generator"])
         self.epoch, self._pos = state["epoch"], state["pos"]
         self._perm = None if state["perm"] is None else state["perm"].to(self.device)
+
+
+class CropFlip:
+    """CIFAR-style augmentation of training batches (`data.augment: crop_flip`): each image zero-padded by 4
+    pixels, a random crop of its original size taken, and the crop flipped horizontally with probability
+    1/2 (the augmentation of He et al. 2016's CIFAR experiments).
+
+    The draws come from a generator of their own, seeded from the run's seed (training's data order and
+    torch's RNG never draw from it) and saved in checkpoints, so augmented runs are deterministic and resume
+    bit-identically. `draw(n)` gives each of n images its (row offset, column offset, flip); the draws of a
+    global batch can be split like its indices across processes.
+    """
+
+    PAD = 4
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def draw(self, n: int) -> torch.Tensor:
+        offsets = torch.randint(0, 2 * self.PAD + 1, (n, 2), generator=self.generator)
+        flips = (torch.rand(n, 1, generator=self.generator) < 0.5).long()
+        return torch.cat([offsets, flips], 1)
+
+    @classmethod
+    def apply(cls, x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """x (n, C, H, W) cropped and flipped as `draws` (n, 3) say, by one gather from the padded batch."""
+        n, c, h, w = x.shape
+        p = cls.PAD
+        draws = draws.to(x.device)
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        rows = draws[:, :1] + torch.arange(h, device=x.device)  # (n, h)
+        cols = draws[:, 1:2] + torch.arange(w, device=x.device)
+        cols = torch.where(draws[:, 2:].bool(), cols.flip(1), cols)
+        batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+        channel = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        return padded[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -63,6 +63,17 @@ def prepare(cfg: Config) -> Dataset:
     return data
 
 
+def resolve_budget(cfg: Config, data: Dataset) -> Config:
+    """`train.epochs`, when set, as `train.steps`: epochs x the batches of one epoch (the sampler drops an
+    epoch's incomplete last batch). config.yaml records both."""
+    if cfg.train.epochs is None:
+        return cfg
+    steps = cfg.train.epochs * (len(data.y_train) // cfg.data.batch_size)
+    if steps == cfg.train.steps:
+        return cfg
+    return validate(apply_override(cfg.model_dump(mode="json"), "train.steps", steps))
+
+
 def start(cfg: Config, out: str | Path | None = None, *, quiet: bool = True,
           callbacks=()) -> tuple[Path, dict[str, Any]]:
     """Validate, create a fresh run directory (cfg.out_dir/... or exactly `out`), train; return both."""
@@ -70,6 +81,7 @@ def start(cfg: Config, out: str | Path | None = None, *, quiet: bool = True,
     if out is not None and dist.env_rank() == 0:
         refuse_existing(out)  # before the data loads: a mistake here should cost no time
     data = prepare(cfg)
+    cfg = resolve_budget(cfg, data)
     if dist.under_launcher():
         return _start_in_group(cfg, out, quiet=quiet, data=data)
     # From here a signal no longer aborts at once: the loop checkpoints and marks the run interrupted, so a
@@ -90,13 +102,14 @@ def train(cfg: Config, run_dir: Path, *, quiet: bool = True, data: Dataset | Non
           callbacks=()) -> dict[str, Any]:
     """Train a fresh run in an existing, empty run directory (one process, or N ranks)."""
     run_dir = Path(run_dir)
+    data = prepare(cfg) if data is None else data
+    cfg = resolve_budget(cfg, data)
     if distributed(cfg):
         if dist.under_launcher():
-            return _train_in_group(cfg, run_dir, quiet=quiet)
+            return _train_in_group(cfg, run_dir, quiet=quiet, data=data)
         with locked(run_dir):
             _write_fresh(cfg, run_dir)
             return _launch(cfg, run_dir, quiet=quiet, resume=False)
-    data = prepare(cfg) if data is None else data
     with signals.catch_signals() as guard:
         guard.defer()
         # Built before the first file is written (it writes none itself): a failure here leaves the

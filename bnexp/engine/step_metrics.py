@@ -9,10 +9,11 @@ views of the sampler's permutation, where labels would be new tensors: keeping o
 step alive measurably slowed the allocator's reuse of the step's memory.
 
 Divergence: a step diverges when its loss is not finite, or when it ends a window of divergence_window
-steps whose mean loss exceeds divergence_factor × ln(classes) (worse than a uniform guess, for longer than
-BN's start-up spike lasts: a sigmoid net at a too-high learning rate saturates in float32 rather than
-overflowing), or, on a read that checks the weights, when the last step's update made a weight non-finite
-(an earlier update's shows in a later loss).
+steps whose mean loss exceeds divergence_factor × the chance loss (ln(classes), a uniform guess's; for
+regression the targets' variance, predicting their mean) for longer than BN's start-up spike lasts (a
+sigmoid net at a too-high learning rate saturates in float32 rather than overflowing), or, on a read that
+checks the weights, when the last step's update made a weight non-finite (an earlier update's shows in a
+later loss).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ class Diverged(NamedTuple):
 class DivergenceCheck:
     """The window test over the losses read so far; its window is part of a checkpoint."""
 
-    def __init__(self, cfg: TrainConfig, num_classes: int):
+    def __init__(self, cfg: TrainConfig, chance_loss: float):
         self.w = cfg.divergence_window
-        self.limit = None if cfg.divergence_factor is None else cfg.divergence_factor * math.log(num_classes)
+        self.limit = None if cfg.divergence_factor is None else cfg.divergence_factor * chance_loss
         self.window: list[float] = []  # the last w losses
 
     def first(self, losses: list[float]) -> int | None:
@@ -66,14 +67,16 @@ class StepMetrics:
     """The steps' losses and correct counts, between the step that made them and the row that logs them.
 
     `add` per step; `read` at the steps the schedule says; `take` per log row, for the steps it averages.
-    `reduce` turns a process's values into the global batch's under data parallelism
+    `labels` are the training labels the logits are counted against (None for regression: nothing to
+    count). `reduce` turns a process's values into the global batch's under data parallelism
     (bnexp.engine.parallel). A checkpoint holds the values read but not yet in a row (the log interval in
     progress) and the divergence window, never unread steps: the loop reads before it checkpoints.
     """
 
-    def __init__(self, cfg: TrainConfig, labels: torch.Tensor, num_classes: int, params, reduce: Reduce | None = None):
+    def __init__(self, cfg: TrainConfig, labels: torch.Tensor | None, chance_loss: float, params,
+                 reduce: Reduce | None = None):
         self.labels, self.reduce = labels, reduce
-        self.divergence = DivergenceCheck(cfg, num_classes)
+        self.divergence = DivergenceCheck(cfg, chance_loss)
         # The weights, for the check: detached aliases (no autograd on it), fixed for the run since the
         # optimizer and load_state_dict update these very tensors in place.
         self._params = [p.detach() for p in params]
@@ -85,8 +88,9 @@ class StepMetrics:
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor) -> None:
         self._losses.append(loss.detach())
-        self._outs.append(logits.detach())
-        self._batches.append(idx)
+        if self.labels is not None:
+            self._outs.append(logits.detach())
+            self._batches.append(idx)
 
     def read(self, step: int, weights: bool) -> Diverged | None:
         """Read back every step not read yet (the newest being `step`) in one transfer and check them.
@@ -98,7 +102,10 @@ class StepMetrics:
         if not n:
             return None
         losses = torch.stack(self._losses)
-        hits = (torch.stack(self._outs).argmax(-1) == self.labels[torch.stack(self._batches)]).sum(-1)
+        if self.labels is not None:
+            hits = (torch.stack(self._outs).argmax(-1) == self.labels[torch.stack(self._batches)]).sum(-1)
+        else:
+            hits = torch.zeros(n, dtype=torch.int64, device=losses.device)
         if self.reduce is not None:
             losses, hits = self.reduce(losses, hits)
         # Each weight tensor's 2-norm, in one fused op (torch.isfinite over every weight costs ~10x more,

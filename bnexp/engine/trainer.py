@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnexp.config import Config, ConfigError
-from bnexp.data import BatchSampler, Dataset
+from bnexp.data import BatchSampler, CropFlip, Dataset
 from bnexp.engine import checkpoint, signals
 from bnexp.engine.logs import RunLogs
 from bnexp.engine.optim import build_optimizer, build_scheduler
@@ -56,9 +56,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
+def loss_function(regression: bool):
+    """Cross-entropy on labels; for regression, the mean squared error over every output."""
+    return F.mse_loss if regression else F.cross_entropy
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = CHUNK,
-             logits: torch.Tensor | None = None) -> tuple[float, float]:
-    """Test loss and accuracy in eval mode (running statistics), the way the network is deployed.
+             logits: torch.Tensor | None = None) -> tuple[float, float | None]:
+    """Test loss and accuracy in eval mode (running statistics), the way the network is deployed; float
+    targets `y` are a regression: its loss, and no accuracy (None).
 
     `logits`: the model's eval-mode outputs for x, when the caller has them already (the probes' eval
     pass makes the same forwards, over the same chunks of CHUNK rows): the figures are then the same
@@ -66,15 +73,22 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = CH
     """
     was_training = model.training
     model.eval()
+    regression = y.is_floating_point()
+    loss_fn = loss_function(regression)
     loss = torch.zeros((), device=x.device, dtype=torch.float64)
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
     for i in range(0, len(y), chunk):
         out = model(x[i:i + chunk]) if logits is None else logits[i:i + chunk]
-        loss += F.cross_entropy(out, y[i:i + chunk], reduction="sum").double()
-        correct += (out.argmax(1) == y[i:i + chunk]).sum()
+        loss += loss_fn(out, y[i:i + chunk], reduction="sum").double()
+        if not regression:
+            correct += (out.argmax(1) == y[i:i + chunk]).sum()
     model.train(was_training)
-    n = len(y)
-    return loss.item() / n, correct.item() / n
+    n = y.numel()  # per target value: the training loss's mean (one per example for labels)
+    return loss.item() / n, None if regression else correct.item() / n
+
+
+# Keeps the augmentation's draws apart from the training order (seeded with cfg.seed) and the probes'.
+AUGMENT_SEED_OFFSET = 0xA06_3E17
 
 
 class _Progress:
@@ -137,12 +151,20 @@ class Trainer:
 
             self.precise = PreciseStats(cfg, self.data)
         self.schedule = Schedule(cfg.train, None if self.probes is None else self.probes.due)
-        self.steps = StepMetrics(cfg.train, self.data.y_train, data.num_classes, self.model.parameters(),
-                                 self.strategy.reduce)
+        self.regression = data.regression
+        self.loss_fn = loss_function(self.regression)
+        # The loss of predicting without learning: a uniform guess's, or the targets' mean for regression.
+        chance = self.data.y_train.var(0).mean().item() if self.regression else math.log(data.num_classes)
+        self.steps = StepMetrics(cfg.train, None if self.regression else self.data.y_train, chance,
+                                 self.model.parameters(), self.strategy.reduce)
+        self.augment = None
+        if cfg.data.augment == "crop_flip":
+            self.augment = CropFlip(cfg.seed + AUGMENT_SEED_OFFSET)
         self.logs = RunLogs(self.run_dir)
         self.checkpoints = checkpoint.Writer(self.run_dir)
         self.step = 0
         self.best_test_accuracy = float("-inf")
+        self.best_test_loss = float("inf")  # reported for regression, where there is no accuracy
         self.last_eval: dict[str, float] = {}
         self.last_train_loss: float | None = None  # shown on the progress bar
         self.elapsed = 0.0  # wall time of earlier sessions of a resumed run
@@ -162,6 +184,8 @@ class Trainer:
             "probes": None if self.probes is None else self.probes.state_dict(),
             "train_metrics": self.steps.state_dict(),
             "best_test_accuracy": self.best_test_accuracy,
+            "best_test_loss": self.best_test_loss,
+            "augment": None if self.augment is None else self.augment.state_dict(),
             "last_eval": self.last_eval,
             "elapsed": self.elapsed + (time.perf_counter() - self._t0),
         }
@@ -189,6 +213,9 @@ class Trainer:
             self.probes.load_state_dict(state["probes"])
         self.steps.load_state_dict(state["train_metrics"])
         self.best_test_accuracy = state["best_test_accuracy"]
+        self.best_test_loss = state.get("best_test_loss", float("inf"))  # absent before regression existed
+        if self.augment is not None:
+            self.augment.load_state_dict(state["augment"])
         self.last_eval = dict(state["last_eval"])
         self.elapsed = state["elapsed"]
 
@@ -234,13 +261,18 @@ class Trainer:
     def _train(self, start: int, received: list[int], progress: _Progress) -> int | None:
         """The steps; returns the step the run diverged at, or None."""
         model, opt, scheduler, strategy = self.train_model, self.optimizer, self.scheduler, self.strategy
-        x_all, y_all = self.data.x_train, self.data.y_train
+        x_all, y_all, loss_fn, augment = self.data.x_train, self.data.y_train, self.loss_fn, self.augment
+        batch = self.cfg.data.batch_size
+        train_row = ("train/loss",) if self.regression else ("train/loss", "train/accuracy")
         last = self.cfg.train.steps
         for step in range(start + 1, last + 1):
             due = self.schedule.due(step)
             idx = strategy.shard(self.sampler.next())
-            out = model(x_all[idx])
-            loss = F.cross_entropy(out, y_all[idx])
+            x = x_all[idx]
+            if augment is not None:  # the global batch's draws, split like its indices
+                x = augment.apply(x, strategy.shard(augment.draw(batch)))
+            out = model(x)
+            loss = loss_fn(out, y_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if due.probe:
@@ -255,7 +287,8 @@ class Trainer:
             row: dict[str, Any] = {}
             if due.log:
                 # Its train metrics are filled in when its steps are read back.
-                row.update({"train/loss": None, "train/accuracy": None, "lr": lr})
+                row.update(dict.fromkeys(train_row))
+                row["lr"] = lr
             if due.log or due.evaluate or due.probe:
                 self.logs.log(step, row)
             if due.read and (diverged := self._read(check_weights=True)) is not None:
@@ -301,7 +334,8 @@ class Trainer:
             # A row averages the steps since the previous log step.
             losses, hits = self.steps.take(step - (step - 1) // log_every * log_every)
             row["train/loss"] = math.fsum(losses) / len(losses)
-            row["train/accuracy"] = sum(hits) / (len(hits) * m)
+            if not self.regression:
+                row["train/accuracy"] = sum(hits) / (len(hits) * m)
             self.last_train_loss = row["train/loss"]
         if diverged is None:
             return None
@@ -321,10 +355,14 @@ class Trainer:
                 f_eval, self.probes.f_eval = self.probes.f_eval, None
             if evaluating:
                 test_loss, test_acc = evaluate(self.model, self.data.x_test, self.data.y_test, logits=f_eval)
-                row["test/loss"], row["test/accuracy"] = test_loss, test_acc
+                row["test/loss"] = test_loss
+                if test_acc is not None:
+                    row["test/accuracy"] = test_acc
                 self.last_eval = {"test_loss": test_loss, "test_accuracy": test_acc}
                 if math.isfinite(test_loss):
-                    self.best_test_accuracy = max(self.best_test_accuracy, test_acc)
+                    self.best_test_loss = min(self.best_test_loss, test_loss)
+                    if test_acc is not None:
+                        self.best_test_accuracy = max(self.best_test_accuracy, test_acc)
         row.update(probed)
 
     def _checkpoint(self) -> None:
@@ -353,6 +391,8 @@ class Trainer:
             "test_accuracy": self.last_eval.get("test_accuracy"),
             "test_loss": self.last_eval.get("test_loss"),
             "best_test_accuracy": None if self.best_test_accuracy == float("-inf") else self.best_test_accuracy,
+            **({"best_test_loss": None if self.best_test_loss == float("inf") else self.best_test_loss}
+               if self.regression else {}),
             "wall_time_s": self.elapsed + (time.perf_counter() - self._t0),
             "seed": cfg.seed,
             "name": cfg.name,

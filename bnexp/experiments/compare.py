@@ -22,9 +22,9 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from bnexp.config import (NAME_PATTERN, Config, ConfigError, Float, Int, apply_override, format_validation_error,
                           parse_override, read_yaml, validate)
@@ -48,27 +48,61 @@ class CompareError(UserError):
     """A user error in a comparison config, its arms or the run directories given: one line, exit 2."""
 
 
+@dataclass
+class Arm:
+    """One arm as it runs: a declared arm at one point of the grid (or either alone)."""
+
+    name: str
+    overrides: dict[str, Any]  # dotted config keys: the declared arm's, then the grid point's
+    point: dict[str, Any]  # the grid point, {dotted key: value} ({} without a grid)
+    family: str  # the declared arm it comes from ("" for a grid without declared arms)
+
+
 class CompareConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("compare", min_length=1, pattern=_NAME)
     base: dict[str, Any] = Field(default_factory=dict)
     arms: dict[str, Optional[dict[str, Any]]] = Field(default_factory=dict)
+    # A sweep: {dotted key: [values]}, expanded to the product of the values; every arm runs at every point.
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    # The lr of each run times (its batch size / the base's) ("linear") or the square root of that ("sqrt").
+    lr_scale: Literal["none", "linear", "sqrt"] = "none"
+    max_runs: Int = Field(100, ge=1)  # a comparison of more runs asks for --yes
     seeds: list[Int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     target_accuracy: Optional[Float] = Field(None, gt=0, le=1)
     baseline: Optional[str] = None
     out_dir: str = "runs"
+    _expanded: list[Arm] = PrivateAttr(default_factory=list)
 
     @field_validator("arms")
     @classmethod
     def _arm_names(cls, arms: dict[str, Any]) -> dict[str, Any]:
-        if not arms:
-            raise ValueError("arms: at least one arm is needed (e.g. no_bn: {model.norm: none})")
         for name in arms:
             if not re.match(_NAME, str(name)):
                 raise ValueError(f"arms.{name}: an arm name must be letters, digits, '_', '.' or '-', "
                                  f"and not '.' or '..' (it names a directory)")
         return arms
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_axes(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if key in ("seed", "name") or not key or any(not part for part in key.split(".")):
+                raise ValueError(f"grid.{key}: a dotted config key (seeds and names are the comparison's)")
+            if not values:
+                raise ValueError(f"grid.{key}: needs at least one value")
+            if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
+                raise ValueError(f"grid.{key}: each value may appear once")
+        return grid
+
+    @property
+    def expanded(self) -> list[Arm]:
+        return self._expanded
+
+    @property
+    def arm_names(self) -> list[str]:
+        return [arm.name for arm in self._expanded]
 
     @field_validator("seeds")
     @classmethod
@@ -80,11 +114,9 @@ class CompareConfig(BaseModel):
         return seeds
 
     @model_validator(mode="after")
-    def _baseline_is_an_arm(self) -> "CompareConfig":
-        if self.baseline is None:
-            self.baseline = next(iter(self.arms))
-        elif self.baseline not in self.arms:
-            raise ValueError(f"baseline: {self.baseline!r} is not an arm (arms: {', '.join(self.arms)})")
+    def _arms_or_grid(self) -> "CompareConfig":
+        if not self.arms and not self.grid:
+            raise ValueError("arms: at least one arm (e.g. no_bn: {model.norm: none}) or a grid is needed")
         return self
 
 
@@ -113,15 +145,60 @@ def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _point_name(point: dict[str, Any]) -> str:
+    """A grid point as a directory name: key-value pairs joined by "_", each key by its last part unless
+    two keys share it (data.batch_size=2, model.norm=group: batch_size-2_norm-group)."""
+    lasts = [key.rsplit(".", 1)[-1] for key in point]
+    parts = []
+    for (key, value), last in zip(point.items(), lasts):
+        label = last if lasts.count(last) == 1 else key
+        text = "x".join(map(str, value)) if isinstance(value, list) else str(value)
+        parts.append(f"{label}-{re.sub(r'[^A-Za-z0-9_.-]', '', text)}")
+    return "_".join(parts)
+
+
+def expand(cmp: CompareConfig) -> list[Arm]:
+    """Every declared arm at every point of the grid, in order (the grid's first key varies slowest)."""
+    import itertools
+
+    keys = list(cmp.grid)
+    points = [dict(zip(keys, values)) for values in itertools.product(*cmp.grid.values())] or [{}]
+    declared = cmp.arms or {"": {}}
+    arms = []
+    for family, overrides in declared.items():
+        for key in overrides:
+            if key in cmp.grid:
+                raise CompareError(f"invalid comparison config: arms.{family}.{key}: also a grid key; set it in "
+                                   f"one place")
+        for point in points:
+            name = "_".join(part for part in (family, _point_name(point)) if part)
+            arms.append(Arm(name, {**overrides, **point}, point, family))
+    return arms
+
+
 def _validate_compare(raw: dict[str, Any]) -> CompareConfig:
-    if "arms" not in raw:
+    if "arms" not in raw and "grid" not in raw:
         raise CompareError("invalid comparison config: arms: missing (name at least one arm, "
-                           "e.g. no_bn: {model.norm: none})")
+                           "e.g. no_bn: {model.norm: none}, or give a grid)")
     try:
         cmp = CompareConfig.model_validate(raw)
     except ValidationError as err:
         raise CompareError(f"invalid comparison config: {format_validation_error(err)}") from None
     cmp.arms = {arm: _flatten(o or {}) for arm, o in cmp.arms.items()}
+    cmp._expanded = expand(cmp)
+    names = cmp.arm_names
+    for arm in cmp.expanded:
+        if not re.match(_NAME, arm.name) or len(arm.name) > 200:
+            raise CompareError(f"invalid comparison config: grid: the arm name {arm.name[:80]!r} is not a usable "
+                               f"directory name")
+    if len(set(names)) != len(names):
+        raise CompareError("invalid comparison config: grid: two grid points give one arm name; use values "
+                           "that differ in letters or digits")
+    if cmp.baseline is None:
+        cmp.baseline = names[0]
+    elif cmp.baseline not in names:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise CompareError(f"invalid comparison config: baseline: {cmp.baseline!r} is not an arm (arms: {shown})")
     return cmp
 
 
@@ -166,7 +243,9 @@ def _config_problem(raw: dict[str, Any]) -> str | None:
 def plan(cmp: CompareConfig) -> list[Job]:
     """Every arm x seed run config, validated; the first problem names the arm (or base) and dotted key."""
     jobs: list[Job] = []
-    for arm, overrides in cmp.arms.items():
+    reference = _reference_batch_size(cmp)
+    for expanded in cmp.expanded:
+        arm, overrides = expanded.name, expanded.overrides
         for key, owner in (("seed", "seeds"), ("name", "the arm's name")):
             if key in overrides:
                 raise CompareError(f"arms.{arm}.{key}: set by the comparison ({owner}), not by an arm")
@@ -183,8 +262,23 @@ def plan(cmp: CompareConfig) -> list[Job]:
                 # The same problem without the arm's overrides is the base's, not the arm's.
                 where = "base" if _config_problem({**cmp.base, "seed": seed, "name": arm}) == msg else f"arms.{arm}"
                 raise CompareError(f"invalid comparison config: {where}: {msg}")
-            jobs.append(Job(arm, seed, validate(raw)))
+            cfg = validate(raw)
+            if cmp.lr_scale != "none":
+                ratio = cfg.data.batch_size / reference
+                factor = ratio if cmp.lr_scale == "linear" else ratio ** 0.5
+                cfg = validate(apply_override(raw, "optim.lr", cfg.optim.lr * factor))
+            jobs.append(Job(arm, seed, cfg))
     return jobs
+
+
+def _reference_batch_size(cmp: CompareConfig) -> int:
+    """The batch size lr_scale scales from: the base config's."""
+    try:
+        return Config.model_validate({**cmp.base, "name": "base"}).data.batch_size
+    except ValidationError:  # the base is completed by every arm: its own value, or the default
+        data = cmp.base.get("data")
+        value = data.get("batch_size") if isinstance(data, dict) else None
+        return value if isinstance(value, int) and value > 0 else Config().data.batch_size
 
 
 def _data_key(cfg: Config) -> str:
@@ -346,9 +440,9 @@ class Outcome:
 
 
 def _report(out_dir: Path, records, title: str, target: float | None, baseline: str | None,
-            arms: list[str], notes: list[str]) -> Outcome:
+            arms: list[str], notes: list[str], points=None) -> Outcome:
     rows = report.write_report(out_dir, records, title=title, target=target, baseline=baseline, arms=arms,
-                               notes=notes)
+                               notes=notes, points=points)
     return Outcome(out_dir, title, rows, notes)
 
 
@@ -358,15 +452,26 @@ def _describe(cmp: CompareConfig, jobs: list[Job]) -> list[str]:
     notes = [f"settings (as arm `{jobs[0].arm}` runs them; arms differ by the overrides below): data "
              f"{cfg.data.dataset}, batch {cfg.data.batch_size}; model: {cfg.model.kind} "
              f"{cfg.model.activation}; optimizer: {cfg.optim.name}, lr {cfg.optim.lr}; "
-             f"{cfg.train.steps} steps; seeds {', '.join(map(str, cmp.seeds))}"]
-    for arm, overrides in cmp.arms.items():
-        shown = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "the base config"
-        notes.append(f"arm `{arm}`: {shown}")
+             f"{f'{cfg.train.epochs} epochs' if cfg.train.epochs else f'{cfg.train.steps} steps'}; "
+             f"seeds {', '.join(map(str, cmp.seeds))}"]
+    if cmp.lr_scale != "none":
+        notes.append(f"lr_scale {cmp.lr_scale}: each run's lr times ({'' if cmp.lr_scale == 'linear' else 'the square root of '}"
+                     f"its batch size / the base's {_reference_batch_size(cmp)})")
+    lrs = {job.arm: job.cfg.optim.lr for job in jobs}
+    for arm in cmp.expanded:
+        shown = ", ".join(f"{k}={v}" for k, v in arm.overrides.items()) or "the base config"
+        if cmp.lr_scale != "none":
+            shown += f" (lr {lrs[arm.name]:.4g})"
+        notes.append(f"arm `{arm.name}`: {shown}")
     return notes
 
 
-def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, log: Log) -> Outcome:
+def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, log: Log, yes: bool = False) -> Outcome:
     plan_ = plan(cmp)
+    if len(plan_) > cmp.max_runs and not yes:
+        raise CompareError(f"this comparison would start {len(plan_)} runs ({len(cmp.expanded)} arms x "
+                           f"{len(cmp.seeds)} seeds), more than max_runs ({cmp.max_runs}): add --yes to start "
+                           f"them, or raise max_runs")
     if out is not None:
         refuse_existing(out)  # before the datasets load: this mistake should cost no time
     datasets = _prepare_all(plan_)
@@ -376,7 +481,7 @@ def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, log: Log) ->
     _run_all([(job, "fresh") for job in plan_], comp_dir, jobs, datasets, log)
     notes = _describe(cmp, plan_) + [_timing(len(plan_), time.perf_counter() - t0, jobs)]
     return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
-                   list(cmp.arms), notes)
+                   cmp.arm_names, notes, _points(cmp))
 
 
 def _timing(n: int, seconds: float, jobs: int) -> str:
@@ -424,7 +529,12 @@ def resume_comparison(comp_dir: Path, jobs: int, log: Log) -> Outcome:
     _run_all(todo, comp_dir, jobs, datasets, log)
     notes = _describe(cmp, plan_) + [f"resumed: {_timing(len(todo), time.perf_counter() - t0, jobs)}"]
     return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
-                   list(cmp.arms), notes)
+                   cmp.arm_names, notes, _points(cmp))
+
+
+def _points(cmp: CompareConfig) -> dict[str, tuple[str, dict[str, Any]]] | None:
+    """For the sweep plots: each arm's declared arm and grid point (None without a grid)."""
+    return {arm.name: (arm.family, arm.point) for arm in cmp.expanded} if cmp.grid else None
 
 
 # Keys that differ between runs of one experiment without making them different arms.
@@ -515,7 +625,7 @@ def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None) ->
 
 def main(config: Path | None = None, overrides: list[str] | None = None, out: Path | None = None,
          jobs: int = 1, resume: Path | None = None, run_dirs: list[Path] | None = None,
-         log: Log | None = None) -> Outcome:
+         log: Log | None = None, yes: bool = False) -> Outcome:
     """The `bnexp compare` command's dispatch (cli.compare validates --jobs >= 1). Raises Interrupted
     (its run_dir the comparison directory) when a signal stopped it, after the running runs checkpointed."""
     overrides, run_dirs = overrides or [], run_dirs or []
@@ -531,4 +641,4 @@ def main(config: Path | None = None, overrides: list[str] | None = None, out: Pa
         return report_runs([Path(p) for p in run_dirs], overrides, out)
     if config is None:
         raise CompareError("missing option --config (or --resume COMPARISON_DIR, or run directories to report on)")
-    return run_comparison(load_compare(config, overrides), out, jobs, log)
+    return run_comparison(load_compare(config, overrides), out, jobs, log, yes)

@@ -90,7 +90,16 @@ def write_plots(plot_dir: Path, records: list[RunRecord], arms: list[str], targe
         written.append(path)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    if _plot_bands(ax, groups, lambda r: _series(r, "test/accuracy"), colors):
+    if records and all(r.regression for r in records):  # no accuracy: the test loss, on a log axis
+        if _plot_bands(ax, groups, lambda r: _series(r, "test/loss"), colors):
+            ax.set(xlabel="step", ylabel="test loss (eval mode)", title=f"{title}: test loss, mean ± std")
+            ax.set_yscale("log")
+            ax.legend(fontsize="small")
+            ax.grid(alpha=0.3)
+            save(fig, "loss.png")
+        else:
+            plt.close(fig)
+    elif _plot_bands(ax, groups, lambda r: _series(r, "test/accuracy"), colors):
         if target is not None:
             ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
         ax.set(xlabel="step", ylabel="test accuracy (eval mode)", title=f"{title}: test accuracy, mean ± std")

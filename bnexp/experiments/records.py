@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bnexp.config import read_yaml
+from bnexp.data import REGRESSION
 from bnexp.engine.rundir import CONFIG, ERROR_FILE, SUMMARY, read_metrics, read_summary
 
 
@@ -20,6 +21,7 @@ class RunRecord:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     budget: int | None = None  # train.steps of the run's config
     error: str | None = None
+    regression: bool = False  # a regression task: a test loss, no accuracy
 
 
 def load_record(arm: str, seed: int | None, run_dir: Path) -> RunRecord:
@@ -35,7 +37,9 @@ def load_record(arm: str, seed: int | None, run_dir: Path) -> RunRecord:
         lines = [ln for ln in (run_dir / ERROR_FILE).read_text(errors="replace").splitlines() if ln.strip()]
         rec.error = lines[-1] if lines else "failed"
     if (run_dir / CONFIG).is_file():
-        train = read_yaml(run_dir / CONFIG).get("train")
+        cfg = read_yaml(run_dir / CONFIG)
+        train, data = cfg.get("train"), cfg.get("data")
         steps = train.get("steps") if isinstance(train, dict) else None
         rec.budget = steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+        rec.regression = isinstance(data, dict) and data.get("dataset") in REGRESSION
     return rec

@@ -29,6 +29,7 @@ import numpy as np
 from bnexp.engine.rundir import FINISHED, write_atomic
 from bnexp.experiments.plots import write_plots
 from bnexp.experiments.records import RunRecord
+from bnexp.experiments.sweeps import Points, write_sweep_plots
 
 
 
@@ -75,8 +76,10 @@ def aggregate(records: list[RunRecord], arms: list[str], target: float | None,
                                "unfinished": sum(_unfinished(r.status) for r in recs)}
         for key, col in (("test_accuracy", "final_acc"), ("best_test_accuracy", "best_acc"),
                          ("gap_accuracy", "gap_accuracy"), ("running_mean_err", "running_mean_err"),
-                         ("running_var_err", "running_var_err"), ("wall_time_s", "wall_time_s")):
+                         ("running_var_err", "running_var_err"), ("wall_time_s", "wall_time_s"),
+                         ("test_loss", "final_loss"), ("best_test_loss", "best_loss"), ("gap_loss", "gap_loss")):
             row[f"{col}_mean"], row[f"{col}_std"] = mean_std([_num(r.summary, key) for r in done])
+        row["regression"] = bool(recs) and all(r.regression for r in recs)
         row["target_accuracy"] = target if target is not None else math.nan
         row["reached"], row["steps_to_target_mean"], row["steps_to_target_std"] = 0, math.nan, math.nan
         row["steps_to_target_lower_bound"] = False
@@ -117,6 +120,20 @@ COLUMNS = ["arm", "final acc", "best acc", "steps to target", "speed-up", "gap a
            "run-var err", "wall s", "diverged"]
 
 
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The table's header: losses instead of accuracies when every arm is a regression task."""
+    if rows and all(r["regression"] for r in rows):
+        return ["arm", "final loss", "best loss", "steps to target", "speed-up", "gap loss", *COLUMNS[6:]]
+    return COLUMNS
+
+
+def _pm_sig(mean: float, std: float) -> str:
+    """Losses span decades: 4 significant digits."""
+    if not math.isfinite(mean):
+        return ""
+    return f"{mean:.4g}" if not math.isfinite(std) else f"{mean:.4g} ± {std:.2g}"
+
+
 def _pm(mean: float, std: float, digits: int) -> str:
     if not math.isfinite(mean):
         return ""
@@ -137,9 +154,13 @@ def format_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             speed = {">=": "≥ ", "<=": "≤ ", "": ""}[r["speedup_bound"]] + f"{r['speedup']:.1f}×"
         others = [f"{r[k]} {k}" for k in ("failed", "unfinished") if r[k]]
         diverged = f"{r['diverged']}/{r['runs']}" + (f" ({', '.join(others)})" if others else "")
-        out.append([r["arm"], _pm(r["final_acc_mean"], r["final_acc_std"], 3),
-                    _pm(r["best_acc_mean"], r["best_acc_std"], 3), steps, speed,
-                    _pm(r["gap_accuracy_mean"], r["gap_accuracy_std"], 3),
+        if r["regression"]:
+            metrics = [_pm_sig(r["final_loss_mean"], r["final_loss_std"]), _pm_sig(r["best_loss_mean"], r["best_loss_std"])]
+            gap = _pm_sig(r["gap_loss_mean"], r["gap_loss_std"])
+        else:
+            metrics = [_pm(r["final_acc_mean"], r["final_acc_std"], 3), _pm(r["best_acc_mean"], r["best_acc_std"], 3)]
+            gap = _pm(r["gap_accuracy_mean"], r["gap_accuracy_std"], 3)
+        out.append([r["arm"], *metrics, steps, speed, gap,
                     _pm(r["running_mean_err_mean"], r["running_mean_err_std"], 3),
                     _pm(r["running_var_err_mean"], r["running_var_err_std"], 3),
                     _pm(r["wall_time_s_mean"], r["wall_time_s_std"], 1), diverged])
@@ -156,7 +177,7 @@ def table(rows: list[dict[str, Any]], title: str):
     if math.isfinite(target):
         caption = f"steps to test accuracy {target:g} (runs that reached it); speed-up vs {rows[0]['baseline']}"
     out = Table(title=title, caption=caption)
-    for col in COLUMNS:
+    for col in columns(rows):
         out.add_column(col, justify="left" if col == "arm" else "right")
     for cells in format_rows(rows):
         out.add_row(*cells)
@@ -186,7 +207,7 @@ def to_markdown(rows: list[dict[str, Any]], records: list[RunRecord], title: str
     parts += [f"- {n}" for n in notes]
     if target is not None:
         parts.append(f"- target accuracy {target:g}; speed-up against `{baseline}`")
-    parts += ["", _md_table(COLUMNS, format_rows(rows)), "",
+    parts += ["", _md_table(columns(rows), format_rows(rows)), "",
               "mean ± std over the runs that finished (completed or diverged; std is the sample standard "
               "deviation, blank for one run). Final and best accuracy are test accuracy in eval mode "
               "(running statistics); a diverged run counts with its final network. Steps to target: the "
@@ -220,11 +241,14 @@ def _rel(path: Path, root: Path) -> Path:
 
 
 def write_report(out_dir: Path, records: list[RunRecord], *, title: str, target: float | None,
-                 baseline: str | None, arms: list[str], notes: list[str]) -> list[dict[str, Any]]:
-    """summary.csv, plots/*.png and report.md in `out_dir`; returns the per-arm rows."""
+                 baseline: str | None, arms: list[str], notes: list[str],
+                 points: Points | None = None) -> list[dict[str, Any]]:
+    """summary.csv, plots/*.png and report.md in `out_dir`; returns the per-arm rows. `points`: each arm's
+    declared arm and grid point, for the sweep plots of a grid."""
     out_dir = Path(out_dir)
     rows = aggregate(records, arms, target, baseline)
     plots = write_plots(out_dir / "plots", records, arms, target, title)
+    plots += write_sweep_plots(out_dir / "plots", records, points, title)
     write_atomic(out_dir / "summary.csv", to_csv(rows))
     write_atomic(out_dir / "report.md", to_markdown(rows, records, title, target, baseline, notes, plots, out_dir))
     return rows

@@ -17,7 +17,7 @@ def build_mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) 
     for d in input_shape:
         width *= d
     for i, h in enumerate(cfg.hidden, start=1):
-        layers[f"h{i}"] = Block(nn.Linear(width, h, bias=layer_bias(cfg)), make_norm(cfg, h, 1),
+        layers[f"h{i}"] = Block(nn.Linear(width, h, bias=layer_bias(cfg)), make_norm(cfg, h, 0),
                                 ACTIVATIONS[cfg.activation](), cfg.bn_position == "before_activation")
         width = h
     layers["out"] = nn.Linear(width, num_classes)

@@ -12,19 +12,10 @@ import math
 import torch
 from torch import nn
 
-from bnexp.models import Block
 from bnexp.probes.population import CHUNK, cat
 
 PERCENTILES = {"p15": 0.15, "p50": 0.50, "p85": 0.85}  # tag suffix -> quantile
 _QUANTILE_MAX = 2 ** 24  # torch.quantile's input size limit
-
-
-def layer_width(block: Block) -> int:
-    layer = block.layer
-    width = getattr(layer, "out_features", None) or getattr(layer, "out_channels", None)
-    if width is None:
-        raise TypeError(f"cannot tell the width of {type(layer).__name__}")
-    return int(width)
 
 
 def _unit_values(x: torch.Tensor, units: torch.Tensor) -> torch.Tensor:

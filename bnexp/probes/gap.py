@@ -5,7 +5,9 @@ batch statistics (no updates) on test batches of the training batch size, agains
     gap/logits   = mean over batches ‖f_train − f_eval‖_F / ‖f_eval‖_F
     gap/kl       = mean KL(softmax(f_train) ‖ softmax(f_eval))
 
-plus gap/train_mode_accuracy and gap/eval_mode_accuracy themselves.
+plus gap/train_mode_accuracy and gap/eval_mode_accuracy themselves. A regression task has no accuracy
+and no softmax: gap/loss = MSE(f_train) − MSE(f_eval), gap/train_mode_loss, gap/eval_mode_loss and
+gap/logits (of its outputs).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 TAGS = ["gap/accuracy", "gap/logits", "gap/kl", "gap/train_mode_accuracy", "gap/eval_mode_accuracy"]
+REGRESSION_TAGS = ["gap/loss", "gap/logits", "gap/train_mode_loss", "gap/eval_mode_loss"]
 
 
 def gap_batch_size(n: int, m: int, ghost_batch_size: int | None = None) -> int:
@@ -51,12 +54,17 @@ def cover_in_batches(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def gap_values(test_logits: torch.Tensor, f_eval: torch.Tensor, y: torch.Tensor, test_idx: torch.Tensor,
                test_keep: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-    """`test_logits` (G, m, classes): f_train of the batches `test_idx` covers; `f_eval` of the test set."""
+    """`test_logits` (G, m, outputs): f_train of the batches `test_idx` covers; `f_eval` of the test set;
+    float targets `y` are a regression."""
     # ‖f_train − f_eval‖_F / ‖f_eval‖_F per test batch as it was run, then the mean over batches.
     tr = test_logits
     ev = f_eval[test_idx.flatten()].view_as(tr)
     f_train = tr.reshape(-1, tr.shape[-1])[test_keep]  # each test example once, in order
     ratio = torch.linalg.vector_norm(tr - ev, dim=(1, 2)) / torch.linalg.vector_norm(ev, dim=(1, 2))
+    if y.is_floating_point():
+        loss_train = F.mse_loss(f_train.double(), y.double())
+        loss_eval = F.mse_loss(f_eval.double(), y.double())
+        return REGRESSION_TAGS, torch.stack([loss_train - loss_eval, ratio.mean().double(), loss_train, loss_eval])
     acc_train = (f_train.argmax(1) == y).double().mean()
     acc_eval = (f_eval.argmax(1) == y).double().mean()
     log_train, log_eval = F.log_softmax(f_train.double(), 1), F.log_softmax(f_eval.double(), 1)
@@ -64,9 +72,12 @@ def gap_values(test_logits: torch.Tensor, f_eval: torch.Tensor, y: torch.Tensor,
     return TAGS, torch.stack([acc_train - acc_eval, ratio.mean(), kl, acc_train, acc_eval])
 
 
-def layout(bn_names: list[str]) -> dict[str, list]:
-    charts = {"accuracy: train mode vs eval mode": ["Multiline", ["gap/train_mode_accuracy",
-                                                                  "gap/eval_mode_accuracy"]],
-              "gap (logits, KL)": ["Multiline", ["gap/logits", "gap/kl"]]}
+def layout(bn_names: list[str], regression: bool = False) -> dict[str, list]:
+    if regression:
+        charts = {"loss: train mode vs eval mode": ["Multiline", ["gap/train_mode_loss", "gap/eval_mode_loss"]]}
+    else:
+        charts = {"accuracy: train mode vs eval mode": ["Multiline", ["gap/train_mode_accuracy",
+                                                                      "gap/eval_mode_accuracy"]],
+                  "gap (logits, KL)": ["Multiline", ["gap/logits", "gap/kl"]]}
     charts.update({f"{name} d and r": ["Multiline", [f"gap/{name}/d", f"gap/{name}/r"]] for name in bn_names})
     return charts

@@ -1,29 +1,18 @@
-"""The norm of each layer's weight gradient (`grad_norm/<l>`: h1, h2, ..., out), taken between backward and
-the optimizer step of a probe step."""
+"""The norm of each layer's weight gradient (`grad_norm/<l>`: h1, h2, ..., out; every convolution of a
+resnet by its block, h1.conv1, ...), taken between backward and the optimizer step of a probe step."""
 
 from __future__ import annotations
-
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from bnexp.models import Block
-
-
-def layer_weights(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """The weight of every layer: h1.layer, h2.layer, ..., out."""
-    for name, child in model.named_children():
-        if isinstance(child, Block):
-            yield name, child.layer.weight
-        elif isinstance(getattr(child, "weight", None), nn.Parameter):
-            yield name, child.weight
+from bnexp.models import weight_layers
 
 
 @torch.no_grad()
 def grad_norms(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     """Device tensors, read back with the rest of the probe step."""
-    named = dict(layer_weights(model))
+    named = weight_layers(model)
     return {name: named[name].grad.norm() for name in names if named[name].grad is not None}
 
 

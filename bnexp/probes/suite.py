@@ -22,7 +22,7 @@ from torch import nn
 
 from bnexp.config import Config
 from bnexp.data import BatchSampler, Dataset
-from bnexp.models import bn_layers, hidden_blocks
+from bnexp.models import bn_layers, hidden_blocks, weight_layers
 from bnexp.probes import activations, gap, gradients, running_stats
 from bnexp.probes.population import gather, grouped_forward, population_statistics
 
@@ -40,7 +40,7 @@ class Probes:
         # The batch BN normalizes over in training (a process's shard under distributed local statistics).
         self.m = cfg.bn_batch_size
         self.bn_names = list(bn_layers(model))
-        self.weight_layers = [name for name, _ in gradients.layer_weights(model)]
+        self.weight_layers = list(weight_layers(model))
         device = data.x_train.device
         # Drawn like training batches, by a sampler of their own: the training order is never drawn from.
         sampler = BatchSampler(len(data.y_train), self.m, cfg.seed + _SEED_OFFSET, device)
@@ -51,7 +51,7 @@ class Probes:
                                          gap.cover_in_batches(n_test, gap.gap_batch_size(n_test, self.m, ghost)))
         # The units continue the sampler's stream, so runs keep the probe sets they had before it was used.
         gen = sampler.generator
-        self.units = {name: torch.randperm(activations.layer_width(block), generator=gen)
+        self.units = {name: torch.randperm(block.width, generator=gen)
                       [: self.pcfg.units_per_layer].sort().values.to(device)
                       for name, block in hidden_blocks(model).items()}
         self._grads: dict[str, torch.Tensor] = {}
@@ -173,7 +173,7 @@ class Probes:
         if self.pcfg.activations:
             layout["probes: input to the nonlinearity"] = activations.layout(self.units)
         if self.has_bn and self.pcfg.gap:
-            layout["probes: train/inference gap"] = gap.layout(self.bn_names)
+            layout["probes: train/inference gap"] = gap.layout(self.bn_names, self.data.regression)
         if self.has_bn and self.pcfg.running_stats:
             layout["probes: running statistics"] = running_stats.layout(self.bn_names)
         if self.pcfg.grad_norms:
@@ -201,7 +201,7 @@ def summary_of(last: dict[str, float]) -> dict[str, float]:
     """summary.json's probe figures from a probe step's values: the gap, and the running-statistic errors
     averaged over BN layers (the state a checkpoint keeps as probes.last is enough)."""
     out = {}
-    for key in ("accuracy", "logits", "kl"):
+    for key in ("accuracy", "loss", "logits", "kl"):
         if f"gap/{key}" in last:
             out[f"gap_{key}"] = last[f"gap/{key}"]
     for key in ("mean_err", "var_err"):
