@@ -511,8 +511,8 @@ def test_every_shipped_comparison_config_plans(path):
 
     cmp = load_compare(path, [])
     jobs = plan(cmp)
-    assert len(jobs) == len(cmp.arms) * len(cmp.seeds)
-    assert {j.arm for j in jobs} == set(cmp.arms)
+    assert len(jobs) == len(cmp.arm_names) * len(cmp.seeds) <= cmp.max_runs
+    assert {j.arm for j in jobs} == set(cmp.arm_names)
 
 
 @pytest.mark.parametrize("path", [REPO / "configs" / "default.yaml",

@@ -365,7 +365,7 @@ def test_variant_comparison_configs_plan(name, arms):
 
     cmp = load_compare(REPO / "configs" / "compare" / f"{name}.yaml", [])
     jobs = plan(cmp)
-    assert len(cmp.arms) == arms and len(jobs) == arms * len(cmp.seeds)
+    assert len(cmp.arm_names) == arms and len(jobs) == arms * len(cmp.seeds)
     if name == "small_batch":
         grid = {(j.cfg.data.batch_size, j.cfg.model.bn.variant, j.cfg.model.bn.precise.when) for j in jobs}
         assert grid == {(b, v, w) for b in (2, 4, 8, 32)
