@@ -92,16 +92,26 @@ class PreciseConfig(_Strict):
     batches: Int = Field(20, ge=1)
 
 
+class NoiseConfig(_Strict):
+    # Santurkar et al. 2018's noisy BN (Algorithm 1): after BN, per step and unit mu ~ U(-a, a) and
+    # sigma ~ U(1, 1 + b); per example (and position) m ~ U(mu - c, mu + c) and s ~ N(sigma, d); y -> s y + m.
+    a: Float = Field(0.5, ge=0)
+    b: Float = Field(0.25, ge=0)
+    c: Float = Field(0.1, ge=0)
+    d: Float = Field(0.1, ge=0)
+
+
 class BNConfig(_Strict):
     eps: Float = Field(1e-5, gt=0)
     momentum: Optional[Float] = Field(0.1, gt=0, le=1)
     affine: bool = True
     running_var_init: Float = Field(1.0, ge=0)
     unbiased_normalize: bool = False
-    variant: Literal["bn", "renorm", "ghost"] = "bn"
+    variant: Literal["bn", "renorm", "ghost", "noisy"] = "bn"
     renorm: RenormConfig = RenormConfig()
     ghost_batch_size: Optional[Int] = Field(None, ge=2)
     precise: PreciseConfig = PreciseConfig()
+    noise: NoiseConfig = NoiseConfig()
     # Under data parallelism: normalize each process's shard by its own statistics (local, plain DDP) or
     # by the whole global batch's (global, synchronized BN; bnexp.nn.sync).
     stats: Literal["local", "global"] = "local"
@@ -177,6 +187,21 @@ class ProbesConfig(_Strict):
     units_per_layer: Int = Field(3, ge=1)
     histogram_every: Int = Field(500, ge=1)
     grad_norms: bool = True
+    # Why BN helps (bnexp.probes: signal, rank, ics, landscape, sharpness), on a fixed probe batch.
+    signal: bool = True
+    rank: bool = True
+    ics: bool = False
+    landscape: bool = False
+    landscape_steps: list[Float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0], min_length=1)
+    sharpness: bool = False
+    sharpness_iters: Int = Field(20, ge=1)
+
+    @field_validator("landscape_steps")
+    @classmethod
+    def _positive_steps(cls, steps: list[float]) -> list[float]:
+        if any(s <= 0 for s in steps):
+            raise ValueError("every step multiplier must be > 0")
+        return steps
 
 
 class DistConfig(_Strict):
@@ -232,9 +257,8 @@ class Config(_Strict):
     def _model_fits_data(self) -> "Config":
         model, data = self.model, self.data
         depth = model.resolved_depth
-        if model.kind in ("mlp", "cnn") and model.depth is not None:
-            raise ValueError(f"model.depth: not used by model.kind: {model.kind} (its layers are model."
-                             f"{'hidden' if model.kind == 'mlp' else 'channels'})")
+        if model.kind == "cnn" and model.depth is not None:
+            raise ValueError("model.depth: not used by model.kind: cnn (its layers are model.channels)")
         if model.kind == "resnet" and (depth < 8 or depth % 6 != 2):
             raise ValueError(f"model.depth: a resnet has 6n+2 layers (20, 32, 56, ...), got {depth}")
         if model.kind == "vgg" and depth not in VGG_DEPTHS:

@@ -42,6 +42,11 @@ class Dataset:
         return self.task == "regression"
 
     @property
+    def loss_function(self):
+        """Cross-entropy on labels; for regression, the mean squared error over every output."""
+        return torch.nn.functional.mse_loss if self.regression else torch.nn.functional.cross_entropy
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """(features,) for tabular data, (C, L) for 1-D signals, (C, H, W) for images."""
         return tuple(self.x_train.shape[1:])

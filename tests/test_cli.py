@@ -84,7 +84,7 @@ BAD_FILES = {
     "unknown_model": ({"model": {"kind": "transformer"}}, "model.kind"),
     "resnet_depth": ({"model": {"kind": "resnet", "depth": 21}}, "model.depth"),
     "vgg_depth": ({"model": {"kind": "vgg", "depth": 12}}, "model.depth"),
-    "depth_of_an_mlp": ({"model": {"depth": 5}}, "model.depth"),
+    "depth_of_a_cnn": ({"model": {"kind": "cnn", "depth": 5}}, "model.depth"),
     "instance_norm_of_vectors": ({"model": {"norm": "instance"}}, "model.norm"),
     "augment_a_signal": ({"data": {"dataset": "mnist1d", "augment": "crop_flip"}}, "data.augment"),
     "norm_groups_zero": ({"model": {"norm": "group", "norm_groups": 0}}, "model.norm_groups"),

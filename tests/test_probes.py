@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -494,10 +495,14 @@ def test_layout_groups_the_lines_that_belong_together(tmp_path):
     probes = Probes(cfg, model, data)
     layout = probes.layout()
     charts = {title: tags for category in layout.values() for title, (kind, tags) in category.items()}
+    F.cross_entropy(model(data.x_train[:16]), data.y_train[:16]).backward()
+    probes.after_backward(0, model)  # gradient norms are logged for a training step's gradient
     tags = set(probes.measure(0, model))
-    # Every literal tag of a chart is one the probes log.
-    literal = [t for ts in charts.values() for t in ts if not t.endswith(".*")]
+    # Every literal tag of a chart is one the probes log; every regular expression matches one.
+    literal = [t for ts in charts.values() for t in ts if "*" not in t]
     assert set(literal) <= tags
+    patterns = [t for ts in charts.values() for t in ts if "*" in t]
+    assert patterns and all(any(re.fullmatch(p, tag) for tag in tags) for p in patterns), patterns
     assert ["gap/train_mode_accuracy", "gap/eval_mode_accuracy"] in charts.values()
     assert ["running_stats/h2/mean_err", "running_stats/h2/var_err"] in charts.values()
     unit = probes.units["h1"][0].item()

@@ -28,6 +28,7 @@ from torch import nn
 from bnexp.config import Config
 from bnexp.data import BatchSampler, Dataset
 from bnexp.models import bn_layers
+from bnexp.nn.noisy import paused_noise
 from bnexp.probes import population_statistics
 
 # Keeps these batches apart from the training order (seeded with cfg.seed) and the probes' sets.
@@ -67,4 +68,5 @@ class PreciseStats:
         return torch.stack([sampler.next() for _ in range(self.k)])
 
     def apply(self, model: nn.Module, step: int) -> dict[str, dict[str, torch.Tensor]]:
-        return recompute(model, self.x, self.batches(step))
+        with paused_noise(model):  # no draw from noisy BN's generator: training's noise is unchanged
+            return recompute(model, self.x, self.batches(step))

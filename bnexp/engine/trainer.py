@@ -56,11 +56,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def loss_function(regression: bool):
-    """Cross-entropy on labels; for regression, the mean squared error over every output."""
-    return F.mse_loss if regression else F.cross_entropy
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = CHUNK,
              logits: torch.Tensor | None = None) -> tuple[float, float | None]:
@@ -74,7 +69,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = CH
     was_training = model.training
     model.eval()
     regression = y.is_floating_point()
-    loss_fn = loss_function(regression)
+    loss_fn = F.mse_loss if regression else F.cross_entropy
     loss = torch.zeros((), device=x.device, dtype=torch.float64)
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
     for i in range(0, len(y), chunk):
@@ -152,7 +147,7 @@ class Trainer:
             self.precise = PreciseStats(cfg, self.data)
         self.schedule = Schedule(cfg.train, None if self.probes is None else self.probes.due)
         self.regression = data.regression
-        self.loss_fn = loss_function(self.regression)
+        self.loss_fn = data.loss_function
         # The loss of predicting without learning: a uniform guess's, or the targets' mean for regression.
         chance = self.data.y_train.var(0).mean().item() if self.regression else math.log(data.num_classes)
         self.steps = StepMetrics(cfg.train, None if self.regression else self.data.y_train, chance,
@@ -351,7 +346,7 @@ class Trainer:
             probed, f_eval = {}, None
             if probing and self.probes is not None:
                 # First: its eval-mode pass over the test set is the evaluation's forward too.
-                probed = self.probes.measure(step, self.model, self.logs.events)
+                probed = self.probes.measure(step, self.model, self.logs.events, lr=self.optimizer.param_groups[0]["lr"])
                 f_eval, self.probes.f_eval = self.probes.f_eval, None
             if evaluating:
                 test_loss, test_acc = evaluate(self.model, self.data.x_test, self.data.y_test, logits=f_eval)

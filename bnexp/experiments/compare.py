@@ -180,6 +180,8 @@ def _validate_compare(raw: dict[str, Any]) -> CompareConfig:
     if "arms" not in raw and "grid" not in raw:
         raise CompareError("invalid comparison config: arms: missing (name at least one arm, "
                            "e.g. no_bn: {model.norm: none}, or give a grid)")
+    if isinstance(raw.get("grid"), dict):  # nested like the arms may be ({model: {depth: [..]}}, --set grid.x.y=..)
+        raw = {**raw, "grid": _flatten(raw["grid"])}
     try:
         cmp = CompareConfig.model_validate(raw)
     except ValidationError as err:

@@ -51,7 +51,8 @@ def _band(series: list[tuple[np.ndarray, np.ndarray]]):
     return xs, mean, std
 
 
-def _plot_bands(ax, groups: dict[str, list[RunRecord]], get, colors) -> bool:
+def plot_bands(ax, groups: dict[str, list[RunRecord]], get, colors) -> bool:
+    """Each arm's mean ± std over its runs of the series `get(record)` = (steps, values); True if any."""
     drew = False
     for arm, recs in groups.items():
         series = [get(r) for r in recs]
@@ -67,6 +68,24 @@ def _plot_bands(ax, groups: dict[str, list[RunRecord]], get, colors) -> bool:
     return drew
 
 
+def arm_colors(arms: list[str]) -> dict[str, str]:
+    """One colour per arm, the same in every plot of a report."""
+    import matplotlib.pyplot as plt
+
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {arm: cycle[i % len(cycle)] for i, arm in enumerate(arms)}
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_plots(plot_dir: Path, records: list[RunRecord], arms: list[str], target: float | None,
                 title: str) -> list[Path]:
     """Each plot is skipped when no run has its tags (e.g. probes off): returns the files written."""
@@ -77,21 +96,15 @@ def write_plots(plot_dir: Path, records: list[RunRecord], arms: list[str], targe
 
     groups = {arm: [r for r in records if r.arm == arm and r.metrics] for arm in arms}
     groups = {a: rs for a, rs in groups.items() if rs}
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colors = {arm: cycle[i % len(cycle)] for i, arm in enumerate(arms)}
+    colors = arm_colors(arms)
     written: list[Path] = []
 
     def save(fig, name: str) -> None:
-        plot_dir.mkdir(parents=True, exist_ok=True)
-        path = plot_dir / name
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, plot_dir / name))
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     if records and all(r.regression for r in records):  # no accuracy: the test loss, on a log axis
-        if _plot_bands(ax, groups, lambda r: _series(r, "test/loss"), colors):
+        if plot_bands(ax, groups, lambda r: _series(r, "test/loss"), colors):
             ax.set(xlabel="step", ylabel="test loss (eval mode)", title=f"{title}: test loss, mean ± std")
             ax.set_yscale("log")
             ax.legend(fontsize="small")
@@ -99,7 +112,7 @@ def write_plots(plot_dir: Path, records: list[RunRecord], arms: list[str], targe
             save(fig, "loss.png")
         else:
             plt.close(fig)
-    elif _plot_bands(ax, groups, lambda r: _series(r, "test/accuracy"), colors):
+    elif plot_bands(ax, groups, lambda r: _series(r, "test/accuracy"), colors):
         if target is not None:
             ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
         ax.set(xlabel="step", ylabel="test accuracy (eval mode)", title=f"{title}: test accuracy, mean ± std")
@@ -133,8 +146,8 @@ def write_plots(plot_dir: Path, records: list[RunRecord], arms: list[str], targe
         save(fig, "activations.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6))
-    drew_mean = _plot_bands(axes[0], groups, lambda r: _layer_mean_series(r, "mean_err"), colors)
-    drew_var = _plot_bands(axes[1], groups, lambda r: _layer_mean_series(r, "var_err"), colors)
+    drew_mean = plot_bands(axes[0], groups, lambda r: _layer_mean_series(r, "mean_err"), colors)
+    drew_var = plot_bands(axes[1], groups, lambda r: _layer_mean_series(r, "var_err"), colors)
     if drew_mean or drew_var:
         axes[0].set(xlabel="step", ylabel="running_mean error (population std units)",
                     title="running mean vs population")
@@ -149,7 +162,7 @@ def write_plots(plot_dir: Path, records: list[RunRecord], arms: list[str], targe
         plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    if _plot_bands(ax, groups, lambda r: _series(r, "gap/accuracy"), colors):
+    if plot_bands(ax, groups, lambda r: _series(r, "gap/accuracy"), colors):
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set(xlabel="step", ylabel="acc(batch stats) − acc(running stats)",
                title="train/inference gap on the test set")

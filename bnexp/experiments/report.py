@@ -30,6 +30,7 @@ from bnexp.engine.rundir import FINISHED, write_atomic
 from bnexp.experiments.plots import write_plots
 from bnexp.experiments.records import RunRecord
 from bnexp.experiments.sweeps import Points, write_sweep_plots
+from bnexp.experiments.why_plots import write_why_plots
 
 
 
@@ -249,6 +250,7 @@ def write_report(out_dir: Path, records: list[RunRecord], *, title: str, target:
     rows = aggregate(records, arms, target, baseline)
     plots = write_plots(out_dir / "plots", records, arms, target, title)
     plots += write_sweep_plots(out_dir / "plots", records, points, title)
+    plots += write_why_plots(out_dir / "plots", records, arms, points)
     write_atomic(out_dir / "summary.csv", to_csv(rows))
     write_atomic(out_dir / "report.md", to_markdown(rows, records, title, target, baseline, notes, plots, out_dir))
     return rows

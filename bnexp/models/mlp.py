@@ -16,7 +16,9 @@ def build_mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) 
     width = 1
     for d in input_shape:
         width *= d
-    for i, h in enumerate(cfg.hidden, start=1):
+    # model.depth, when set, is the number of hidden layers, each as wide as the first of model.hidden.
+    widths = cfg.hidden if cfg.depth is None else [cfg.hidden[0]] * cfg.depth
+    for i, h in enumerate(widths, start=1):
         layers[f"h{i}"] = Block(nn.Linear(width, h, bias=layer_bias(cfg)), make_norm(cfg, h, 0),
                                 ACTIVATIONS[cfg.activation](), cfg.bn_position == "before_activation")
         width = h

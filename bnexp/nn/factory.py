@@ -1,7 +1,8 @@
 """The normalizer factory: the layer `model.norm` (and `model.bn`) asks for, at a given width and rank.
 
     none      no layer
-    bnexp     our batch normalization (bnexp.nn.batchnorm; its variants in bnexp.nn.variants)
+    bnexp     our batch normalization (bnexp.nn.batchnorm; its variants in bnexp.nn.variants and
+              bnexp.nn.noisy)
     torch     torch.nn.BatchNorm1d/2d/3d, the reference
     group     torch.nn.GroupNorm (Wu & He 2018) with the largest divisor of the width up to model.norm_groups
               groups (a width of 100 and the default 32 give 25 groups of 4)
@@ -18,7 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from bnexp.config import BATCH_NORMS, ConfigError, ModelConfig
-from bnexp.nn import batchnorm, variants
+from bnexp.nn import batchnorm, noisy, variants
 
 
 def groups_for(width: int, most: int) -> int:
@@ -57,6 +58,8 @@ def make_norm(cfg: ModelConfig, num_features: int, spatial_dims: int) -> nn.Modu
                                      d_max_steps=r.d_max_steps)
     if bn.variant == "ghost":
         return variants.GHOST[rank](num_features, **kwargs, ghost_batch_size=bn.ghost_batch_size)
+    if bn.variant == "noisy":
+        return noisy.NOISY[rank](num_features, **kwargs, **bn.noise.model_dump())
     cls = {1: batchnorm.BatchNorm1d, 2: batchnorm.BatchNorm2d, 3: batchnorm.BatchNorm3d}[rank]
     return cls(num_features, **kwargs)
 

@@ -22,13 +22,16 @@ from torch import nn
 
 from bnexp.config import Config
 from bnexp.data import BatchSampler, Dataset
-from bnexp.models import bn_layers, hidden_blocks, weight_layers
-from bnexp.probes import activations, gap, gradients, running_stats
+from bnexp.models import ResidualBlock, bn_layers, hidden_blocks, weight_layers
+from bnexp.nn.noisy import paused_noise
+from bnexp.probes import activations, gap, gradients, ics, landscape, rank, running_stats, sharpness, signal
+from bnexp.probes.functional import ProbeLoss
 from bnexp.probes.population import gather, grouped_forward, population_statistics
 
 # Offsets the probe sampler's seed from the training sampler's (seeded with cfg.seed itself), so the
-# probe batches are not the first training batches.
+# probe batches are not the first training batches; and the sharpness probe's start vector's.
 _SEED_OFFSET = 0x5EED_0B5E
+_SHARPNESS_SEED_OFFSET = 0x5A_A4_9E55
 _GATHER_KEEP_BYTES = 64 << 20  # the most memory the probes keep their gathered batches in (Probes._gathered)
 
 
@@ -51,9 +54,14 @@ class Probes:
                                          gap.cover_in_batches(n_test, gap.gap_batch_size(n_test, self.m, ghost)))
         # The units continue the sampler's stream, so runs keep the probe sets they had before it was used.
         gen = sampler.generator
+        self.blocks = hidden_blocks(model)
         self.units = {name: torch.randperm(block.width, generator=gen)
                       [: self.pcfg.units_per_layer].sort().values.to(device)
-                      for name, block in hidden_blocks(model).items()}
+                      for name, block in self.blocks.items()}
+        # The batch of the signal, rank, ics, landscape and sharpness probes: drawn after the other sets.
+        self.probe_idx = sampler.next()
+        self.weight_params = {name.removesuffix(".layer"): f"{name}.weight" for name, m in model.named_modules()
+                              if name.removesuffix(".layer") in self.weight_layers}
         self._grads: dict[str, torch.Tensor] = {}
         self._grads_step: int | None = None
         self._last: dict[str, float] = {}
@@ -84,8 +92,13 @@ class Probes:
             self._grads_step = step
 
     @torch.no_grad()
-    def measure(self, step: int, model: nn.Module, writer=None) -> dict[str, float]:
-        """All scalar probe values of this step, keyed by TensorBoard tag; histograms go to `writer`."""
+    def measure(self, step: int, model: nn.Module, writer=None, lr: float | None = None) -> dict[str, float]:
+        """All scalar probe values of this step, keyed by TensorBoard tag; histograms go to `writer`. `lr`:
+        the learning rate the next update uses (the ics and landscape probes step with it)."""
+        with paused_noise(model):
+            return self._measure(step, model, writer, lr)
+
+    def _measure(self, step: int, model: nn.Module, writer, lr: float | None) -> dict[str, float]:
         was_training = model.training
         # Values are gathered as a few vectors with their tags, not one 0-d tensor per tag: every torch op
         # costs microseconds here, and a probe step has ~50 values.
@@ -119,6 +132,8 @@ class Probes:
                         add(values)
                 if test_logits is not None:
                     add(gap.gap_values(test_logits, f_eval, self.data.y_test, self.test_idx, self.test_keep))
+            for values in self._why_values(model, lr):
+                add(values)
         finally:
             model.train(was_training)
         if not tags:
@@ -126,6 +141,34 @@ class Probes:
         # One host transfer for the whole step (cat promotes float32 parts to float64, exactly).
         out = dict(zip(tags, torch.cat(parts).tolist()))
         self._last = dict(out)
+        return out
+
+    def probe_loss(self, model: nn.Module) -> ProbeLoss:
+        """The training loss on the fixed probe batch as a function of the parameters (bnexp.probes.functional)."""
+        x, y = self.data.x_train[self.probe_idx], self.data.y_train[self.probe_idx]
+        return ProbeLoss(model, x, y, self.data.loss_function)
+
+    def _why_values(self, model: nn.Module, lr: float | None) -> list[tuple[list[str], torch.Tensor]]:
+        """The families that test explanations of why BN helps, on the probe batch."""
+        p, out = self.pcfg, []
+        if not (p.signal or p.rank or p.ics or p.landscape or p.sharpness):
+            return out
+        loss = self.probe_loss(model)
+        if p.signal or p.rank:
+            outputs, branches = signal.capture(model, lambda: loss.outputs(loss.params()), with_branches=p.signal)
+            if p.signal:
+                out.append(signal.signal_values(outputs, branches))
+            if p.rank:
+                out.append(rank.rank_values(outputs))
+        if (p.ics or p.landscape) and lr is None:
+            raise ValueError("the ics and landscape probes step with the run's learning rate: pass lr")
+        if p.ics:
+            out.append(ics.ics_values(loss, self.weight_params, lr))
+        if p.landscape:
+            out.append(landscape.landscape_values(loss, lr, p.landscape_steps))
+        if p.sharpness:
+            seed = (self.cfg.seed + _SHARPNESS_SEED_OFFSET) % 2 ** 63
+            out.append((["sharpness/top_eig"], sharpness.top_eigenvalue(loss, p.sharpness_iters, seed).reshape(1)))
         return out
 
     @torch.no_grad()
@@ -178,6 +221,17 @@ class Probes:
             layout["probes: running statistics"] = running_stats.layout(self.bn_names)
         if self.pcfg.grad_norms:
             layout["probes: gradients"] = gradients.layout()
+        if self.pcfg.signal:
+            residual = any(isinstance(m, ResidualBlock) for m in self.blocks.values())
+            layout["why BN helps: signal propagation"] = signal.layout(residual)
+        if self.pcfg.rank:
+            layout["why BN helps: effective rank"] = rank.layout()
+        if self.pcfg.ics:
+            layout["why BN helps: internal covariate shift (Santurkar)"] = ics.layout(list(self.weight_params))
+        if self.pcfg.landscape:
+            layout["why BN helps: loss landscape (Santurkar)"] = landscape.layout()
+        if self.pcfg.sharpness:
+            layout["why BN helps: sharpness"] = sharpness.layout()
         return layout
 
     def summary(self) -> dict[str, float]:
@@ -188,12 +242,15 @@ class Probes:
         # measures the very same examples and units even if the generator's algorithm changed.
         return {"population_idx": self.population_idx.cpu(),
                 "units": {name: u.cpu() for name, u in self.units.items()},
+                "probe_idx": self.probe_idx.cpu(),
                 "last": dict(self._last)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.data.x_train.device
         self.population_idx = state["population_idx"].to(device)
         self.units = {name: u.to(device) for name, u in state["units"].items()}
+        if "probe_idx" in state:  # drawn from the seed alike by checkpoints older than it
+            self.probe_idx = state["probe_idx"].to(device)
         self._last = dict(state["last"])
 
 
