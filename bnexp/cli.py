@@ -213,7 +213,7 @@ def check(seed: int = typer.Option(0, help="Seed of the random cases.")) -> None
 @app.command()
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Few repeats: a smoke test of the benchmark."),
-    only: Optional[List[str]] = typer.Option(None, "--only", help="Sections to run: layer, loop, memory "
+    only: Optional[List[str]] = typer.Option(None, "--only", help="Sections to run: layer, loop, memory, probes "
                                              "(repeatable; default all)."),
 ) -> None:
     """Measure speed and memory as ratios against references run side by side in this process."""

@@ -75,7 +75,7 @@ def test_unknown_section_is_a_user_error(cli):
 
 
 def test_sections_keep_their_own_order():
-    assert bench.check_sections([]) == ["layer", "loop", "memory"]
+    assert bench.check_sections([]) == ["layer", "loop", "memory", "probes"]
     assert bench.check_sections(["memory", "loop", "loop"]) == ["loop", "memory"]
 
 
@@ -117,3 +117,16 @@ def test_measure_loop_pairs_chunks_and_reports_medians(bench_tmp):
         assert r.ms_per_step > 0 and r.bare_ms_per_step > 0
     assert info["threads"] == 1 and info["chunks"] == 3 and info["chunk"] == 4
     assert torch.get_num_threads() == threads  # the section's one thread is not left behind
+
+
+@pytest.mark.slow
+def test_quick_probes_section_reports_every_family(cli, bench_tmp):
+    r = cli("bench", "--quick", "--only", "probes")
+    assert r.code == 0, r.err
+    from bnexp.bench.probes import FAMILIES
+
+    for family in ("probes off", "default families", *FAMILIES):
+        row = _row(r.out, family)
+        if "Error" not in row and "double backward" not in row:
+            assert "%" in row, row
+    assert "< 25%" in _row(r.out, "default families")

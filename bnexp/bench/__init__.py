@@ -4,6 +4,7 @@ Sections:
   layer   bnexp.nn's BatchNorm against torch.nn.BatchNorm*d (bnexp.bench.layer).
   loop    `bnexp train`'s own loop against a bare hand-written loop (bnexp.bench.loop).
   memory  peak RSS over a long run, for the Trainer and the bare loop (bnexp.bench.memory).
+  probes  each probe family's overhead at its default interval, against probes off (bnexp.bench.probes).
 
 Absolute times depend on the machine and on whatever else it runs; a ratio of two contenders measured in
 alternation in one process does not (much), so every figure is a ratio and the absolute times are context.
@@ -16,7 +17,7 @@ from typing import Any, Iterable, Iterator
 
 from bnexp.errors import UserError
 
-SECTIONS = ("layer", "loop", "memory")
+SECTIONS = ("layer", "loop", "memory", "probes")
 
 
 class BenchError(UserError):
@@ -51,3 +52,7 @@ def run(quick: bool = False, only: list[str] | None = None) -> Iterator[Any]:
             from bnexp.bench.memory import QUICK_MEMORY, measure_memory, memory_table
 
             yield memory_table(*measure_memory(**(QUICK_MEMORY if quick else {})))
+        elif section == "probes":
+            from bnexp.bench.probes import QUICK_PROBES, measure_probes, probes_table
+
+            yield probes_table(*measure_probes(**(QUICK_PROBES if quick else {})))
