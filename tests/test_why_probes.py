@@ -236,3 +236,23 @@ def test_every_new_probe_leaves_training_bit_identical(tmp_path, variant):
     tags = {k for r in rows for k in r}
     assert {"signal/h1/var", "rank/h2", "ics/out/cos", "landscape/beta_smooth"} <= tags
     assert all(math.isfinite(v) for r in rows for k, v in r.items() if k.split("/")[0] in ("ics", "landscape"))
+
+
+@pytest.mark.slow
+def test_a_comparison_draws_each_familys_plots(tmp_path):
+    import yaml
+
+    from bnexp.cli import main
+
+    cmp = {"name": "why", "seeds": [0, 1],
+           "base": {"device": "cpu", "data": {"dataset": "digits", "batch_size": 30, "train_size": 300, "test_size": 60},
+                    "model": {"kind": "mlp", "hidden": [12], "activation": "relu"}, "optim": {"lr": 0.05},
+                    "train": {"steps": 3, "eval_every": 1, "log_every": 1, "checkpoint_every": 3},
+                    "probes": {"every": 1, "ics": True, "landscape": True, "activations": False}},
+           "grid": {"model.norm": ["bnexp", "none"], "model.depth": [2, 4]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cmp))
+    assert main(["compare", "-c", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out"), "-q"]) == 0
+    plots = tmp_path / "out" / "plots"
+    for name in ("ics", "landscape", "signal", "rank", "init_depth", "init_layers", "sweep_depth"):
+        assert (plots / f"{name}.png").stat().st_size > 0, name
+        assert f"plots/{name}.png" in (tmp_path / "out" / "report.md").read_text()

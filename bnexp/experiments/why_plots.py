@@ -35,64 +35,53 @@ _ICS = re.compile(r"^ics/(.+)/l2$")
 _GRAD = re.compile(r"^grad_norm/h(\d+)$")
 
 
-def _blocks(rec: RunRecord) -> list[str]:
-    """The blocks a run's signal and rank tags name, in network order (stem, h1, h2, ...)."""
-    found = {m.group(1) for row in rec.metrics for k in row if (m := _BLOCK.match(k))}
-    return sorted(found, key=lambda b: -1 if b == "stem" else int(b[1:]))
-
-
 def _value_at(rec: RunRecord, tag: str, step: int) -> float:
     row = next((r for r in rec.metrics if r["step"] == step), None)
     v = None if row is None else row.get(tag)
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.nan
 
 
-def _series(rec: RunRecord, tag: Callable[[RunRecord], str | None]):
-    name = tag(rec)
-    pts = [] if name is None else [(row["step"], row[name]) for row in rec.metrics if row.get(name) is not None]
-    a = np.asarray(pts, dtype=float).reshape(-1, 2)
-    return a[:, 0], a[:, 1]
+class _Names:
+    """What a run's tags name, found once: its blocks (stem, h1, h2, ...) and the layers with ICS values."""
+
+    def __init__(self, rec: RunRecord):
+        keys = list(dict.fromkeys(k for row in rec.metrics for k in row))
+        blocks = {m.group(1) for k in keys if (m := _BLOCK.match(k))}
+        self.blocks = sorted(blocks, key=lambda b: -1 if b == "stem" else int(b[1:]))
+        self.ics = [m.group(1) for k in keys if (m := _ICS.match(k))]
+
+    @property
+    def last_block(self) -> str | None:
+        return self.blocks[-1] if self.blocks else None
 
 
-def _last_block(rec: RunRecord) -> str | None:
-    blocks = _blocks(rec)
-    return blocks[-1] if blocks else None
-
-
-def _ics_layers(rec: RunRecord) -> list[str]:
-    seen = []
-    for row in rec.metrics:
-        for k in row:
-            if (m := _ICS.match(k)) and m.group(1) not in seen:
-                seen.append(m.group(1))
-    return seen
-
-
-def _panels() -> dict[str, list[tuple[str, Callable[[RunRecord], str | None], bool]]]:
-    """file -> [(panel title, the tag a run shows there, log y axis)]."""
+def _panels() -> dict[str, list[tuple[str, Callable[[_Names], str | None], bool]]]:
+    """file -> [(panel title, the tag a run shows there given its names, log y axis)]."""
     def ics(which: int, q: str):
-        def tag(rec):
-            layers = _ics_layers(rec)
-            return f"ics/{layers[which]}/{q}" if layers else None
-        return tag
+        return lambda n: f"ics/{n.ics[which]}/{q}" if n.ics else None
 
-    def block(q: str):
-        return lambda rec: None if _last_block(rec) is None else f"{q.split('/')[0]}/{_last_block(rec)}" + (
-            f"/{q.split('/')[1]}" if "/" in q else "")
+    def block(family: str, q: str = ""):
+        return lambda n: None if n.last_block is None else f"{family}/{n.last_block}{q}"
 
     return {
         "ics.png": [("‖G − G'‖, first layer measured", ics(0, "l2"), True),
                     ("cos(G, G'), first layer measured", ics(0, "cos"), False),
                     ("‖G − G'‖, last layer", ics(-1, "l2"), True),
                     ("cos(G, G'), last layer", ics(-1, "cos"), False)],
-        "landscape.png": [("loss range along the gradient", lambda r: "landscape/loss_range", True),
-                          ("gradient predictiveness max ‖∇L(W_s) − g‖", lambda r: "landscape/grad_pred", True),
-                          ("effective β-smoothness", lambda r: "landscape/beta_smooth", True)],
-        "sharpness.png": [("top Hessian eigenvalue", lambda r: "sharpness/top_eig", True)],
-        "signal.png": [("last block: channel variance", block("signal/var"), True),
-                       ("last block: (channel mean)²", block("signal/sq_mean"), True)],
+        "landscape.png": [("loss range along the gradient", lambda n: "landscape/loss_range", True),
+                          ("gradient predictiveness max ‖∇L(W_s) − g‖", lambda n: "landscape/grad_pred", True),
+                          ("effective β-smoothness", lambda n: "landscape/beta_smooth", True)],
+        "sharpness.png": [("top Hessian eigenvalue", lambda n: "sharpness/top_eig", True)],
+        "signal.png": [("last block: channel variance", block("signal", "/var"), True),
+                       ("last block: (channel mean)²", block("signal", "/sq_mean"), True)],
         "rank.png": [("last block: effective rank", block("rank"), False)],
     }
+
+
+def _series(rec: RunRecord, tag: str | None) -> tuple[np.ndarray, np.ndarray]:
+    pts = [] if tag is None else [(row["step"], row[tag]) for row in rec.metrics if row.get(tag) is not None]
+    a = np.asarray(pts, dtype=float).reshape(-1, 2)
+    return a[:, 0], a[:, 1]
 
 
 def write_why_plots(plot_dir: Path, records: list[RunRecord], arms: list[str],
@@ -111,17 +100,20 @@ def write_why_plots(plot_dir: Path, records: list[RunRecord], arms: list[str],
 
     groups = {arm: [r for r in records if r.arm == arm and r.metrics] for arm in arms}
     groups = {a: rs for a, rs in groups.items() if rs}
+    names = {id(r): _Names(r) for rs in groups.values() for r in rs}
     for name, panels in _panels().items():
-        present = [(title, tag, log) for title, tag, log in panels
-                   if any(len(_series(r, tag)[0]) for rs in groups.values() for r in rs)]
-        if not present:
+        drawn = []
+        for title, tag, log in panels:
+            series = {id(r): _series(r, tag(names[id(r)])) for rs in groups.values() for r in rs}
+            if any(len(xs) for xs, _ in series.values()):
+                drawn.append((title, series, log))
+        if not drawn:
             continue
-        fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.6), squeeze=False)
-        for ax, (title, tag, log) in zip(axes[0], present):
-            plot_bands(ax, groups, lambda r, tag=tag: _series(r, tag), colors)
+        fig, axes = plt.subplots(1, len(drawn), figsize=(4.2 * len(drawn), 3.6), squeeze=False)
+        for ax, (title, series, log) in zip(axes[0], drawn):
+            plot_bands(ax, groups, lambda r, series=series: series[id(r)], colors)
             ax.set(title=title, xlabel="step")
-            if log and all(np.all(_series(r, tag)[1] > 0) for rs in groups.values() for r in rs
-                           if len(_series(r, tag)[0])):
+            if log and all(np.all(ys > 0) for _, ys in series.values()):
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize="x-small")
@@ -132,7 +124,7 @@ def write_why_plots(plot_dir: Path, records: list[RunRecord], arms: list[str],
 
 def _init_values(rec: RunRecord) -> dict[str, float]:
     """A run's quantities at initialization."""
-    last = _last_block(rec)
+    last = _Names(rec).last_block
     out = {"first layer gradient norm": _value_at(rec, "grad_norm/h1", 1)}
     if last is not None:
         out["last block channel variance"] = _value_at(rec, f"signal/{last}/var", 0)
@@ -175,13 +167,15 @@ def _write_init_plots(records: list[RunRecord], points: Points | None, save) -> 
         save(fig, "init_depth.png" if axis == "model.depth" else f"init_{axis.rsplit('.', 1)[-1]}.png")
 
         deepest = max(float(point[axis]) for _, point in points.values())
+        profiles = {label: [p for rec in done if float(points[rec.arm][1][axis]) == deepest
+                            and _label(points, rec, axis) == label and len(p := _grad_profile(rec))]
+                    for label in series}
+        if not any(profiles.values()):
+            continue  # no gradient norms on the first training batch (logged only when step 1 is probed)
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for label in series:
-            profiles = [_grad_profile(rec) for rec in done
-                        if float(points[rec.arm][1][axis]) == deepest and _label(points, rec, axis) == label]
-            profiles = [p for p in profiles if len(p)]
-            if profiles:
-                mean = np.nanmean(np.array([p[:min(map(len, profiles))] for p in profiles]), axis=0)
+        for label, runs in profiles.items():
+            if runs:
+                mean = np.nanmean(np.array([p[:min(map(len, runs))] for p in runs]), axis=0)
                 ax.plot(np.arange(1, len(mean) + 1), mean, marker=".", label=label or "all")
         ax.set(title=f"gradient norm per layer at initialization ({axis} {deepest:g})", xlabel="layer",
                ylabel="‖∂L/∂W_l‖ (mean over seeds)")
