@@ -180,7 +180,11 @@ class TrainConfig(_Strict):
 class ProbesConfig(_Strict):
     enabled: bool = True
     every: Int = Field(100, ge=1)
-    population_batches: Int = Field(10, ge=1)
+    # The population reference of the running-statistic probes: enough training examples in batches of the
+    # training batch size m, K = ceil(population_examples / m) batches (its own noise then shrinks with the
+    # examples, whatever m); population_batches, when set, fixes K instead.
+    population_examples: Int = Field(600, ge=2)
+    population_batches: Optional[Int] = Field(None, ge=1)
     running_stats: bool = True
     gap: bool = True
     activations: bool = True

@@ -219,6 +219,14 @@ def test_probe_batches_are_fixed_by_the_seed_and_distinct(tmp_path):
     assert not torch.equal(p1.population_idx, torch.stack([training.next() for _ in range(k)]))
 
 
+@pytest.mark.parametrize("m, examples, k", [(16, 600, 38), (4, 600, 150), (60, 600, 10), (16, 32, 2)])
+def test_the_population_reference_holds_enough_examples_whatever_the_batch(tmp_path, m, examples, k):
+    """K = ceil(population_examples / m) batches of m: a batch of 4 gets as many examples as one of 60."""
+    cfg, data, model = setup(tmp_path, **{"data.batch_size": m, "probes.population_batches": None,
+                                         "probes.population_examples": examples})
+    assert tuple(Probes(cfg, model, data).population_idx.shape) == (k, m)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_running_stat_errors(tmp_path, norm):
     cfg, data, model = setup(tmp_path, **{"model.norm": norm})

@@ -13,7 +13,10 @@ from torch import Tensor
 
 
 def effective_rank(x: Tensor) -> Tensor:
-    s = torch.linalg.svdvals(x.reshape(x.shape[0], -1).double())
+    x = x.reshape(x.shape[0], -1).double()
+    if not bool(torch.isfinite(x).all()):  # a diverged network: NaN, as its other probe values
+        return x.new_tensor(float("nan"))
+    s = torch.linalg.svdvals(x)
     p = s / s.sum()
     p = p[p > 0]
     return torch.exp(-(p * p.log()).sum())

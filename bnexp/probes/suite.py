@@ -47,7 +47,8 @@ class Probes:
         device = data.x_train.device
         # Drawn like training batches, by a sampler of their own: the training order is never drawn from.
         sampler = BatchSampler(len(data.y_train), self.m, cfg.seed + _SEED_OFFSET, device)
-        self.population_idx = torch.stack([sampler.next() for _ in range(self.pcfg.population_batches)])
+        k = self.pcfg.population_batches or math.ceil(self.pcfg.population_examples / self.m)
+        self.population_idx = torch.stack([sampler.next() for _ in range(k)])
         ghost = cfg.model.bn.ghost_batch_size if cfg.model.bn.variant == "ghost" else None
         n_test = len(data.y_test)
         self.test_idx, self.test_keep = (t.to(device) for t in
