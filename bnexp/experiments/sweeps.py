@@ -96,7 +96,10 @@ def sweep_figure(series: list[Series], axis: str, ylabel: str, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0), sharey=True)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), sharey=True)
+    xs = sorted({x for s in series for x in s.x})
     for ax, which in zip(axes, ("final", "best")):
         for s in series:
             stats = getattr(s, which)
@@ -106,10 +109,13 @@ def sweep_figure(series: list[Series], axis: str, ylabel: str, title: str):
             ax.errorbar(s.x, mean, yerr=std, marker="o", capsize=3, label=f"{s.label or 'all'} (n≥{n})")
         if log_scale(series):
             ax.set_xscale("log")
+        ax.set_xticks(xs)  # the swept values themselves, in plain numbers
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(xlabel=axis, title=f"{which} {ylabel}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"{ylabel} (mean ± std over seeds)")
-    axes[0].legend(fontsize="small")
+    axes[1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(f"{title}: {ylabel} against {axis}")
     fig.tight_layout()
     return fig
