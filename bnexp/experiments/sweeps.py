@@ -96,7 +96,7 @@ def sweep_figure(series: list[Series], axis: str, ylabel: str, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), sharey=True)
     xs = sorted({x for s in series for x in s.x})
@@ -110,7 +110,7 @@ def sweep_figure(series: list[Series], axis: str, ylabel: str, title: str):
         if log_scale(series):
             ax.set_xscale("log")
         ax.set_xticks(xs)  # the swept values themselves, in plain numbers
-        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(xlabel=axis, title=f"{which} {ylabel}")
         ax.grid(alpha=0.3)
