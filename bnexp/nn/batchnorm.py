@@ -203,14 +203,17 @@ def _ncl(x: Tensor) -> tuple[int, int, int]:
 def _plain(x: Tensor) -> bool:
     """True when x is an ordinary tensor with memory behind it and nothing traces the call.
 
-    Otherwise (torch.compile, a torch.func transform, a tensor subclass such as FakeTensor) the layer
-    goes through its registered operator, which those understand, instead of calling the kernel on raw
-    pointers or an autograd.Function they cannot see into. The test costs well under a microsecond.
+    Otherwise (torch.compile, a torch.func transform, a tensor subclass such as FakeTensor, the batched
+    gradients of ``autograd.grad(..., is_grads_batched=True)``) the layer goes through its registered
+    operator or tensor ops, which those understand, instead of calling the kernel on raw pointers or an
+    autograd.Function they cannot see into. The test costs well under a microsecond.
     """
-    return (type(x) is Tensor or type(x) is nn.Parameter) and _peek_interpreter() is None and not _compiling()
+    return ((type(x) is Tensor or type(x) is nn.Parameter) and _peek_interpreter() is None and not _compiling()
+            and not _legacy_batched(x))
 
 
 _peek_interpreter = torch._C._functorch.peek_interpreter_stack
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 _compiling = torch.compiler.is_compiling
 
 
@@ -304,7 +307,7 @@ def _train_backward(g: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, i
 
 
 def _train_backward_differentiable(g: Tensor, x: Tensor, weight: Tensor | None, eps: float, unbiased: bool,
-                                   need: tuple[bool, bool, bool]):
+                                   need: tuple[bool, bool, bool], xhat_only: bool = False):
     """The same gradients as out-of-place tensor ops that autograd can differentiate again.
 
     For double backward (``create_graph=True``: Hessian-vector products, gradient penalties) and for a
@@ -321,16 +324,19 @@ def _train_backward_differentiable(g: Tensor, x: Tensor, weight: Tensor | None, 
     c = m / (m - 1) if unbiased else 1.0
     invstd = torch.rsqrt(var * c + eps)
     xhat = xmu * invstd
-    sum_g = gc.sum(dims, keepdim=True)
-    sum_g_xhat = (gc * xhat).sum(dims, keepdim=True)
+    if xhat_only:
+        return xhat
+    sum_g = gc.sum(dims)
+    sum_g_xhat = (gc * xhat).sum(dims)
     grad_x = grad_w = grad_b = None
     if need_x:
-        k = invstd if weight is None else invstd * weight.to(cd).view(_channel_view(x))
-        grad_x = (k * (gc - sum_g / m - xhat * (sum_g_xhat * (c / m)))).to(out_dtype)
+        cv = _channel_view(x)
+        k = invstd if weight is None else invstd * weight.to(cd).view(cv)
+        grad_x = (k * (gc - sum_g.view(cv) / m - xhat * (sum_g_xhat.view(cv) * (c / m)))).to(out_dtype)
     if need_w:
-        grad_w = sum_g_xhat.flatten().to(weight.dtype)
+        grad_w = sum_g_xhat.to(weight.dtype)
     if need_b:
-        grad_b = sum_g.flatten().to(weight.dtype if weight is not None else cd)
+        grad_b = sum_g.to(weight.dtype if weight is not None else cd)
     return grad_x, grad_w, grad_b
 
 
@@ -486,6 +492,7 @@ def _op_setup_context(ctx, inputs, output):
     _, stats = output
     ctx.mark_non_differentiable(stats)
     ctx.save_for_backward(x, weight, stats)
+    ctx.saved_for_jvp = (x, weight)
     ctx.eps, ctx.unbiased = eps, unbiased
 
 
@@ -522,6 +529,42 @@ def _(info, in_dims, x, weight, bias, eps, unbiased):
     return (y.view(n, size, c, *rest), stats.view(3, size, c)), (1, 1)
 
 
+class _TrainOpFunction(Function):
+    """The operator wrapped for torch.func: functorch's grad and vmap transforms take autograd.Functions
+    with ``setup_context`` (which the autograd that torch.library generates for an operator lacks); vmap
+    runs forward on batched tensors, so the operator's vmap rule applies, backward is tensor ops, and
+    ``jvp`` gives forward mode (jacfwd). torch.compile, which cannot trace a jvp, takes the operator."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, eps, unbiased):
+        return batch_norm_train_op(x, weight, bias, eps, unbiased)
+
+    setup_context = staticmethod(_op_setup_context)
+    backward = staticmethod(_op_backward)
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, _eps, _unbiased):
+        """Forward mode (torch.func.jacfwd, forward_ad): BN's Jacobian in x is self-adjoint, so the
+        tangent of y is the backward's ∂ℓ/∂x formula applied to dx, plus x̂·dγ + dβ."""
+        x, weight = ctx.saved_for_jvp
+        dy = None
+        if dx is not None:
+            dy = _train_backward_differentiable(dx, x, weight, ctx.eps, ctx.unbiased, (True, False, False))[0]
+        if dw is not None or db is not None:
+            cv = _channel_view(x)
+            xhat = _train_backward_differentiable(torch.ones_like(x), x, None, ctx.eps, ctx.unbiased,
+                                                  (False, False, False), xhat_only=True)
+            extra = 0
+            if dw is not None:
+                extra = xhat * dw.view(cv)
+            if db is not None:
+                extra = extra + db.view(cv)
+            dy = extra.to(x.dtype) if dy is None else dy + extra
+        return dy, None
+
+
 # --- Entry points: eager Function or operator ----------------------------------------------------------
 
 def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, unbiased: bool,
@@ -535,7 +578,10 @@ def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     """
     if group is not None or _plain(x):
         return BatchNormTrainFunction.apply(x, weight, bias, eps, unbiased, running, group)
-    y, stats = batch_norm_train_op(x, weight, bias, eps, unbiased)
+    if _compiling():  # Dynamo takes the operator with its registered autograd (it cannot trace a jvp)
+        y, stats = batch_norm_train_op(x, weight, bias, eps, unbiased)
+    else:
+        y, stats = _TrainOpFunction.apply(x, weight, bias, eps, unbiased)
     mean, var = stats[0], stats[1]
     if running is not None:
         with torch.no_grad():
