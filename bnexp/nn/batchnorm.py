@@ -221,7 +221,8 @@ _compiling = torch.compiler.is_compiling
 
 def _train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                    running_var: Tensor | None, factor: float, eps: float, unbiased: bool, group=None):
-    """Training-mode forward on plain tensors: (y, mean, biased var, invstd, m, kernel or None).
+    """Training-mode forward on plain tensors: (y, stats, m, kernel or None), stats (3, C) the batch's mean,
+    biased variance and invstd (one tensor: views of it cost microseconds that small layers notice).
 
     The running buffers, when given, are updated in place. Statistics are in _compute_dtype(x); y is in
     x's dtype. Half and bfloat16 input is computed in float32 (no float16 overflow of Σx²), as torch.
@@ -237,7 +238,7 @@ def _train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, runnin
             raise MemoryError("bnexp BatchNorm kernel: out of memory")
         if running_mean is not None:
             increment_version((running_mean, running_var))  # written through pointers, unseen by autograd
-        return y, stats[0], stats[1], stats[2], n * l, kern
+        return y, stats, n * l, kern
     out_dtype, cd = x.dtype, _compute_dtype(x)
     if cd != out_dtype or (weight is not None and weight.dtype != cd):
         x, weight, bias = x.to(cd), _as(weight, cd), _as(bias, cd)
@@ -257,10 +258,10 @@ def _train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, runnin
         torch.addcmul(_vector_shift(shift, x), x, _per_channel(scale, x), out=y)
     if running_mean is not None:
         _update_running(running_mean, running_var, mean, var, m, factor)
-    return y.to(out_dtype), mean, var, invstd, m, None
+    return y.to(out_dtype), torch.stack((mean, var, invstd)), m, None
 
 
-def _train_backward(g: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, m: int,
+def _train_backward(g: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, m: int,
                     unbiased: bool, need: tuple[bool, bool, bool], kern=None, group=None):
     """The paper's Section 3 gradients on plain tensors: (∂ℓ/∂x, ∂ℓ/∂γ, ∂ℓ/∂β), None where not needed."""
     need_x, need_w, need_b = need
@@ -271,10 +272,12 @@ def _train_backward(g: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, i
         dx = kern.empty_like(x) if need_x else None
         grad_w = torch.empty(c, dtype=dtype) if need_w else None
         grad_b = torch.empty(c, dtype=dtype) if need_b else None
-        if kern.train_backward[dtype](g.data_ptr(), x.data_ptr(), _ptr(dx), n, c, l, _ptr(weight),
-                                      mean.data_ptr(), invstd.data_ptr(), unbiased, _ptr(grad_w), _ptr(grad_b)):
+        mean = stats.data_ptr()
+        if kern.train_backward[dtype](g.data_ptr(), x.data_ptr(), _ptr(dx), n, c, l, _ptr(weight), mean,
+                                      mean + 2 * c * stats.element_size(), unbiased, _ptr(grad_w), _ptr(grad_b)):
             raise MemoryError("bnexp BatchNorm kernel: out of memory")
         return dx, grad_w, grad_b
+    mean, invstd = stats[0], stats[2]
     out_dtype, w_dtype, cd = x.dtype, None if weight is None else weight.dtype, mean.dtype
     if g.dtype != cd or x.dtype != cd or (weight is not None and weight.dtype != cd):
         g, x, weight = g.to(cd), x.to(cd), _as(weight, cd)
@@ -403,14 +406,15 @@ class BatchNormTrainFunction(Function):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, unbiased: bool,
                 running: tuple[Tensor, Tensor, float] | None, group=None, stats_out: bool = True):
         rm, rv, factor = running if running is not None else (None, None, 0.0)
-        y, mean, var, invstd, m, kern = _train_forward(x, weight, bias, rm, rv, factor, eps, unbiased, group)
+        y, stats, m, kern = _train_forward(x, weight, bias, rm, rv, factor, eps, unbiased, group)
         # Otherwise autograd makes zero gradients for mean and var on every backward (~4 µs a call on
         # small layers); backward then has to accept an undefined g for y.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.save_for_backward(x, weight, stats)
         ctx.kernel, ctx.m, ctx.eps, ctx.unbiased, ctx.group = kern, m, eps, unbiased, group
         if not stats_out:
             return y
+        mean, var = stats[0], stats[1]
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -418,14 +422,14 @@ class BatchNormTrainFunction(Function):
     def backward(ctx, g: Tensor, *_g_stats):
         if g is None:  # y's gradient undefined (grads are not materialized): so are the inputs'
             return None, None, None, None, None, None, None, None
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, stats = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled() or not _plain(g):
             if ctx.group is not None:
                 raise RuntimeError("bnexp BatchNorm: double backward of synchronized BN is not supported")
             grads = _train_backward_differentiable(g, x, weight, ctx.eps, ctx.unbiased, need)
         else:
-            grads = _train_backward(g, x, weight, mean, invstd, ctx.m, ctx.unbiased, need, ctx.kernel, ctx.group)
+            grads = _train_backward(g, x, weight, stats, ctx.m, ctx.unbiased, need, ctx.kernel, ctx.group)
         return (*grads, None, None, None, None, None)
 
 
@@ -478,8 +482,8 @@ def batch_norm_train_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     running statistics are updated outside it (batch_norm_train), since torch registers autograd
     formulas for functional operators only.
     """
-    y, mean, var, invstd, _, _ = _train_forward(x, weight, bias, None, None, 0.0, eps, unbiased)
-    return y, torch.stack((mean, var, invstd))
+    y, stats, _, _ = _train_forward(x, weight, bias, None, None, 0.0, eps, unbiased)
+    return y, stats
 
 
 @batch_norm_train_op.register_fake
@@ -502,7 +506,7 @@ def _op_backward(ctx, g: Tensor, _g_stats: Tensor):
     if torch.is_grad_enabled() or not _plain(g) or not _plain(x):
         grads = _train_backward_differentiable(g, x, weight, ctx.eps, ctx.unbiased, need)
     else:
-        grads = _train_backward(g, x, weight, stats[0], stats[2], x.numel() // x.shape[1], ctx.unbiased, need,
+        grads = _train_backward(g, x, weight, stats, x.numel() // x.shape[1], ctx.unbiased, need,
                                 kernel_for(x, weight, stats))
     return (*grads, None, None)
 

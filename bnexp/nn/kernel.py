@@ -119,25 +119,25 @@ def _cpu_identity() -> str:
         return platform.processor() + platform.machine()
 
 
-def _openmp_runtimes() -> set[str]:
-    """The OpenMP runtimes mapped into this process (their files), from /proc/self/maps."""
+def _gomp_libraries() -> set[str]:
+    """The files mapped into this process under the name libgomp.so.1 (from /proc/self/maps)."""
     try:
         with open("/proc/self/maps") as f:
             paths = {ln.split()[-1] for ln in f if "/" in ln}
     except OSError:
         return set()
-    return {p for p in paths if os.path.basename(p).startswith(("libgomp", "libomp", "libiomp"))}
+    return {p for p in paths if os.path.basename(p) == "libgomp.so.1"}
 
 
 def torch_openmp() -> bool:
     """Whether a -fopenmp build would share torch's OpenMP runtime rather than load a second one.
 
-    GCC's -fopenmp links against ``libgomp.so.1``; the dynamic loader resolves that name to an already
-    loaded library of the same soname, so this holds when torch has loaded a ``libgomp.so.1`` (torch's
-    Linux wheels do) and no other runtime. Two runtimes would each keep their own pool of spinning threads.
+    GCC's -fopenmp links against ``libgomp.so.1``; the dynamic loader resolves that name to the library
+    of that soname already loaded, so this holds when torch has loaded one (torch's Linux wheels ship and
+    load their own) and only one. (Other packages' renamed copies, such as scikit-learn's, are theirs.)
+    Two runtimes would each keep a pool of threads competing for the same cores.
     """
-    runtimes = _openmp_runtimes()
-    return len(runtimes) == 1 and os.path.basename(next(iter(runtimes))) == "libgomp.so.1"
+    return len(_gomp_libraries()) == 1
 
 
 def _build(cc: str, out_dir: Path, openmp: bool | None = None) -> Path:

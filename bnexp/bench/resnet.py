@@ -1,0 +1,113 @@
+"""A ResNet-20 training step (He et al. 2016, CIFAR shapes) with our BN layer against the same with torch's.
+
+The network is written here, for the benchmark alone: three stages of three basic blocks (16, 32, 64
+channels; 3×3 convolutions, BN after each, ReLU; option A shortcuts, strided subsampling and zero-padded
+channels), global average pooling and a linear classifier, 0.27 M parameters, 19 BN layers. A step is
+forward, cross-entropy, backward and an SGD update (momentum 0.9) on a fixed batch of 128 random 3×32×32
+images. The two contenders are the same network with the same initial weights, built with bnexp.nn's
+BatchNorm2d or torch's, timed in alternation step by step; the ratio is ours ÷ torch's median.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+from torch import nn
+
+from bnexp.bench.layer import torch_threads
+from bnexp.nn import BatchNorm2d
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, norm: type[nn.Module]):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = norm(cout)
+        self.pad = cout - cin
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x
+        if self.stride != 1 or self.pad:
+            shortcut = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.pad))
+        return F.relu(out + shortcut)
+
+
+class ResNet20(nn.Module):
+    def __init__(self, norm: type[nn.Module], classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn = norm(16)
+        blocks, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(3):
+                blocks.append(_Block(cin, cout, stride if i == 0 else 1, norm))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.relu(self.bn(self.conv(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _stepper(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def measure_resnet(steps: int = 30, warmup: int = 3, batch: int = 128, threads: int | None = None,
+                   seed: int = 0) -> dict:
+    """Median seconds per training step for each contender, their steps interleaved, and the ratio."""
+    with torch_threads(threads):
+        torch.manual_seed(seed)
+        ours = ResNet20(BatchNorm2d)
+        theirs = ResNet20(nn.BatchNorm2d)
+        theirs.load_state_dict(ours.state_dict())
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, 3, 32, 32, generator=gen)
+        y = torch.randint(0, 10, (batch,), generator=gen)
+        fns = {"ours": _stepper(ours, x, y), "torch": _stepper(theirs, x, y)}
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        for i in range(steps):
+            # Alternate which contender goes first, so neither always follows the other's cache state.
+            for name in (fns if i % 2 == 0 else reversed(list(fns))):
+                t0 = time.perf_counter()
+                fns[name]()
+                samples[name].append(time.perf_counter() - t0)
+        ratios = [a / b for a, b in zip(samples["ours"], samples["torch"])]
+        return {
+            "threads": torch.get_num_threads(), "batch": batch, "steps": steps,
+            "ours_ms": statistics.median(samples["ours"]) * 1e3,
+            "torch_ms": statistics.median(samples["torch"]) * 1e3,
+            "ratio": statistics.median(samples["ours"]) / statistics.median(samples["torch"]),
+            "pair_ratio_min": min(ratios), "pair_ratio_max": max(ratios),
+        }
+
+
+def resnet_table(rows: list[dict]) -> Table:
+    table = Table(title="ResNet-20 training step (CIFAR shapes), our BN vs torch's, medians of interleaved steps")
+    for col in ("threads", "batch", "steps", "ours ms", "torch ms", "ours/torch", "per-step ratios", "target"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(str(r["threads"]), str(r["batch"]), str(r["steps"]), f"{r['ours_ms']:.1f}",
+                      f"{r['torch_ms']:.1f}", f"{r['ratio']:.3f}",
+                      f"{r['pair_ratio_min']:.2f}–{r['pair_ratio_max']:.2f}", "≤ 1.0")
+    return table
