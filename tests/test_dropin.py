@@ -592,35 +592,3 @@ def test_cuda_compile():
     ref = copy.deepcopy(model)
     x = torch.randn(4, 3, 8, 8, device="cuda")
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), ref(x))
-
-
-# --- no torch batch-norm kernel under the transforms ----------------------------------------------------
-
-def test_no_torch_batch_norm_under_transforms_and_mixed_precision():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(str(func))
-            return func(*args, **(kwargs or {}))
-
-    recorder = Record()
-    bn = BatchNorm2d(3, dtype=torch.float64)
-    with recorder:
-        x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
-        (gx,) = torch.autograd.grad(bn(x).pow(3).sum(), x, create_graph=True)
-        gx.sum().backward()
-        torch.autograd.grad(bn(x), x, torch.randn(2, 4, 3, 2, 2, dtype=torch.float64), is_grads_batched=True)
-        bn.float()
-        bn(torch.randn(4, 3, 2, 2).half().requires_grad_()).float().sum().backward()
-        bn.eval()
-        bn(torch.randn(4, 3, 2, 2).bfloat16())
-        functional = copy.deepcopy(bn).train()
-        torch.func.replace_all_batch_norm_modules_(functional)
-        torch.func.vmap(functional)(torch.randn(2, 4, 3, 2, 2))
-    assert "bnexp.batch_norm_train.default" in recorder.ops  # (vmap goes through our operator)
-    assert not [op for op in recorder.ops if "norm" in op and not op.startswith(("aten.linalg_vector_norm", "bnexp."))]

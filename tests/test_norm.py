@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import itertools
 import warnings
@@ -387,6 +388,26 @@ def test_no_torch_batch_norm_kernel(monkeypatch):
                     bn(x).backward(torch.randn(shape))
     assert recorder.ops, "dispatch recorder saw nothing"
     assert not [op for op in recorder.ops if "norm" in op and "vector_norm" not in op], recorder.ops
+
+
+def test_no_torch_batch_norm_under_transforms_and_mixed_precision():
+    """Double backward, batched gradients, half/bfloat16 input and vmap: still none of torch's BN ops."""
+    recorder = _RecordOps()
+    bn = BatchNorm2d(3, dtype=torch.float64)
+    with recorder:
+        x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+        (gx,) = torch.autograd.grad(bn(x).pow(3).sum(), x, create_graph=True)
+        gx.sum().backward()
+        torch.autograd.grad(bn(x), x, torch.randn(2, 4, 3, 2, 2, dtype=torch.float64), is_grads_batched=True)
+        bn.float()
+        bn(torch.randn(4, 3, 2, 2).half().requires_grad_()).float().sum().backward()
+        bn.eval()
+        bn(torch.randn(4, 3, 2, 2).bfloat16())
+        functional = copy.deepcopy(bn).train()
+        torch.func.replace_all_batch_norm_modules_(functional)
+        torch.func.vmap(functional)(torch.randn(2, 4, 3, 2, 2))
+    assert "bnexp.batch_norm_train.default" in recorder.ops  # (vmap goes through our operator)
+    assert not [op for op in recorder.ops if "norm" in op and not op.startswith(("aten.linalg_vector_norm", "bnexp."))]
 
 
 def test_eval_without_running_stats_uses_batch_statistics():
