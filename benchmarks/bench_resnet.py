@@ -18,9 +18,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per contender")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole measurement (spread on a busy machine)")
+    ap.add_argument("--cpu-clock", action="store_true", help="time thread CPU time (needs --threads 1)")
     args = ap.parse_args()
     threads = args.threads or sorted({1, torch.get_num_threads()})
-    rows = [measure_resnet(steps=args.steps, batch=args.batch, threads=t) for _ in range(args.rounds) for t in threads]
+    clock = "cpu" if args.cpu_clock else "wall"
+    rows = [measure_resnet(steps=args.steps, batch=args.batch, threads=t, clock=clock)
+            for _ in range(args.rounds) for t in threads]
     Console(width=160).print(resnet_table(rows))
 
 

@@ -1,8 +1,9 @@
 """Batch normalization written by us (Ioffe & Szegedy 2015, Algorithms 1 and 2): a compiled kernel and tensor ops.
 
-Drop-in for ``torch.nn.BatchNorm1d/2d/3d``: same constructor, parameter and buffer names, state-dict
-format (``_version = 2``) and errors, but no call into torch's batch-norm kernels, and a hand-written
-backward (the paper's Section 3 gradients) in explicit ``torch.autograd.Function`` s.
+Drop-in for ``torch.nn.BatchNorm1d/2d/3d``: subclasses of torch's ``_BatchNorm`` (same constructor,
+parameter and buffer names, state-dict format and errors, and ``isinstance`` for torch's utilities), but
+our forward, no call into torch's batch-norm kernels, and a hand-written backward (the paper's Section 3
+gradients) that is itself differentiable.
 
 Conventions are those of docs/design.md section 1: normalize with the biased batch variance, update
 ``running_var`` with the unbiased one, ``momentum`` is the weight of the new batch (PyTorch's), and
@@ -10,9 +11,13 @@ Conventions are those of docs/design.md section 1: normalize with the biased bat
 
 Two paths compute the same thing. Contiguous float32/float64 CPU input goes to our compiled kernel
 (bn_kernel.c via bnexp.nn.kernel): two passes per direction and one foreign call each, statistics
-accumulated in double. Everything else (channels_last or strided input, other dtypes or devices,
-synchronized BN, large inputs when torch runs more than one thread, or no C compiler) takes the
-tensor-op path below. Tests run every comparison with torch on both.
+accumulated in double, channels split over torch's threads. Everything else (channels_last or strided
+input, half and bfloat16 (computed in float32), other devices, synchronized BN, or no C compiler) takes
+the tensor-op path below. Tests run every comparison with torch on both.
+
+Three ways in (docs/design.md section 4): eager calls on ordinary tensors take the autograd.Functions
+below, which call the arithmetic directly; torch.compile takes the registered operator
+``bnexp::batch_norm_train``; torch.func transforms take that operator through _TrainOpFunction.
 
 Notes on the tensor-op path (measured with bnexp/bench/layer.py on a 2-core CPU): a fresh full-size
 tensor costs more than a pass over one that exists (its pages fault in), so forward allocates only ``y``
@@ -206,7 +211,7 @@ def _plain(x: Tensor) -> bool:
     Otherwise (torch.compile, a torch.func transform, a tensor subclass such as FakeTensor, the batched
     gradients of ``autograd.grad(..., is_grads_batched=True)``) the layer goes through its registered
     operator or tensor ops, which those understand, instead of calling the kernel on raw pointers or an
-    autograd.Function they cannot see into. The test costs well under a microsecond.
+    autograd.Function they cannot see into.
     """
     return ((type(x) is Tensor or type(x) is nn.Parameter) and _peek_interpreter() is None and not _compiling()
             and not _legacy_batched(x))
@@ -222,7 +227,7 @@ _compiling = torch.compiler.is_compiling
 def _train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                    running_var: Tensor | None, factor: float, eps: float, unbiased: bool, group=None):
     """Training-mode forward on plain tensors: (y, stats, m, kernel or None), stats (3, C) the batch's mean,
-    biased variance and invstd (one tensor: views of it cost microseconds that small layers notice).
+    biased variance and invstd (one tensor: small layers notice the cost of making views of it).
 
     The running buffers, when given, are updated in place. Statistics are in _compute_dtype(x); y is in
     x's dtype. Half and bfloat16 input is computed in float32 (no float16 overflow of Σx²), as torch.
@@ -397,8 +402,8 @@ class BatchNormTrainFunction(Function):
     change to the backward is that the projection term is scaled by the same m/(m−1), because
     ∂s²/∂x_i = m/(m−1) · 2(x_i − μ)/m while the mean term is unchanged.
 
-    This is the eager path (about 30 µs a call cheaper than the registered operator, which small layers
-    notice); ``batch_norm_train`` chooses between them. Its backward is differentiable: under
+    This is the eager path (much cheaper per call than the registered operator, which small layers
+    notice; benchmarks/README.md); ``batch_norm_train`` chooses between them. Its backward is differentiable: under
     ``create_graph=True`` or a batched gradient it switches to _train_backward_differentiable.
     """
 
@@ -749,7 +754,7 @@ class BatchNormBase(_BatchNorm):
         # Batch statistics in training, and in eval when there are no running estimates (as torch).
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         update_running = self.training and self.track_running_stats and running_mean is not None
-        group = self._sync_group()
+        group = None if self.stats == "local" else sync_group(self)  # (self._sync_group(), a call cheaper)
         self._check_batch(input.size(), use_batch_stats, synced=group is not None)
 
         if update_running:
