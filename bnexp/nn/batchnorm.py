@@ -272,7 +272,8 @@ def _train_backward(g: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, 
     need_x, need_w, need_b = need
     if kern is not None:
         g = g.contiguous()  # e.g. the expanded gradient of y.sum()
-        n, c, l = _ncl(x)
+        n, c = x.shape[0], stats.shape[1]
+        l = m // n
         dtype = x.dtype
         dx = kern.empty_like(x) if need_x else None
         grad_w = torch.empty(c, dtype=dtype) if need_w else None
@@ -429,7 +430,8 @@ class BatchNormTrainFunction(Function):
             return None, None, None, None, None, None, None, None
         x, weight, stats = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled() or not _plain(g):
+        # (_plain(g) less its compile check: torch.compile never runs this eager Function.)
+        if torch.is_grad_enabled() or _peek_interpreter() is not None or _legacy_batched(g):
             if ctx.group is not None:
                 raise RuntimeError("bnexp BatchNorm: double backward of synchronized BN is not supported")
             grads = _train_backward_differentiable(g, x, weight, ctx.eps, ctx.unbiased, need)
