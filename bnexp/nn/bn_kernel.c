@@ -74,7 +74,38 @@ static int bn_threads(int64_t numel, int64_t C)
             body;                                                                \
         }                                                                        \
     } while (0)
+/* Two phases, a barrier between: `first` with c0, c1 bound to this thread's channels, then `second` with
+ * r0, r1 bound to its rows. For (N, C) data, where a channel is a column: the statistics need whole
+ * channels, but the elementwise pass streams memory better in whole rows. */
+#define BN_PARALLEL_CHANNELS_THEN_ROWS(numel, C, N, first, second)              \
+    do {                                                                         \
+        const int nt_ = bn_threads((numel), (C));                                \
+        if (nt_ > 1) {                                                           \
+            _Pragma("omp parallel num_threads(nt_)")                             \
+            {                                                                    \
+                const int64_t t_ = omp_get_thread_num(), n_ = omp_get_num_threads(); \
+                {                                                                \
+                    const int64_t c0 = (C) * t_ / n_, c1 = (C) * (t_ + 1) / n_;   \
+                    first;                                                       \
+                }                                                                \
+                _Pragma("omp barrier")                                           \
+                {                                                                \
+                    const int64_t r0 = (N) * t_ / n_, r1 = (N) * (t_ + 1) / n_;   \
+                    second;                                                      \
+                }                                                                \
+            }                                                                    \
+        } else {                                                                 \
+            { const int64_t c0 = 0, c1 = (C); first; }                           \
+            { const int64_t r0 = 0, r1 = (N); second; }                          \
+        }                                                                        \
+    } while (0)
 #else
+#define BN_PARALLEL_CHANNELS_THEN_ROWS(numel, C, N, first, second) \
+    do {                                                           \
+        (void)(numel);                                             \
+        { const int64_t c0 = 0, c1 = (C); first; }                 \
+        { const int64_t r0 = 0, r1 = (N); second; }                \
+    } while (0)
 #define BN_PARALLEL_CHANNELS(numel, C, body) \
     do {                                     \
         (void)(numel);                       \

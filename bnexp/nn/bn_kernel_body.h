@@ -95,10 +95,12 @@ static void NAME(affine)(const T *restrict x, T *restrict y, int64_t N, int64_t 
     }
 }
 
-/* Training forward over channels [c0, c1); acc holds 3·C doubles, coef 2·C values of T (scratch). */
+/* Training forward over channels [c0, c1): statistics, coefficients, running statistics, and y unless the
+ * caller writes it by rows (write_y = 0); acc holds 3·C doubles, coef 2·C values of T (k, then β). */
 static void NAME(train_forward_range)(const T *restrict x, T *restrict y, int64_t N, int64_t C, int64_t L,
                                       int64_t c0, int64_t c1, const T *w, const T *b, double eps, int unbiased,
-                                      T *stats, T *run_mean, T *run_var, double factor, double *acc, T *coef)
+                                      T *stats, T *run_mean, T *run_var, double factor, double *acc, T *coef,
+                                      int write_y)
 {
     const double m = (double)N * (double)L;
     double *s = acc, *q = acc + C, *shift = acc + 2 * C;
@@ -146,7 +148,7 @@ static void NAME(train_forward_range)(const T *restrict x, T *restrict y, int64_
         k[c] = (T)((double)invstd[c] * (w ? (double)w[c] : 1.0));
         beta[c] = b ? b[c] : (T)0;
     }
-    NAME(affine)(x, y, N, C, L, c0, c1, mean, k, beta);
+    if (write_y) NAME(affine)(x, y, N, C, L, c0, c1, mean, k, beta);
 }
 
 /* Training forward. stats (3·C values of T) receives mean, biased variance and invstd; the running
@@ -159,9 +161,17 @@ int NAME(bn_train_forward)(const T *restrict x, T *restrict y, int64_t N, int64_
     double *acc = malloc(sizeof(double) * 3 * (size_t)C);
     T *coef = malloc(sizeof(T) * 2 * (size_t)C);
     if (!acc || !coef) { free(acc); free(coef); return -1; }
-    BN_PARALLEL_CHANNELS(N * C * L, C,
-        NAME(train_forward_range)(x, y, N, C, L, c0, c1, w, b, eps, unbiased, stats, run_mean, run_var, factor,
-                                  acc, coef));
+    if (L == 1) {
+        /* (N, C) data: y by rows, once every channel's coefficients are known. */
+        BN_PARALLEL_CHANNELS_THEN_ROWS(N * C, C, N,
+            NAME(train_forward_range)(x, y, N, C, L, c0, c1, w, b, eps, unbiased, stats, run_mean, run_var,
+                                      factor, acc, coef, 0),
+            NAME(affine)(x + r0 * C, y + r0 * C, r1 - r0, C, 1, 0, C, stats, coef, coef + C));
+    } else {
+        BN_PARALLEL_CHANNELS(N * C * L, C,
+            NAME(train_forward_range)(x, y, N, C, L, c0, c1, w, b, eps, unbiased, stats, run_mean, run_var,
+                                      factor, acc, coef, 1));
+    }
     free(acc);
     free(coef);
     return 0;
@@ -182,10 +192,17 @@ int NAME(bn_grouped_forward)(const T *x, T *y, int64_t G, int64_t N, int64_t C, 
     return 0;
 }
 
-/* Training backward over channels [c0, c1); acc holds 2·C doubles, coef 3·C values of T (scratch). */
+static void NAME(backward_dx)(const T *restrict g, const T *restrict x, T *restrict dx, int64_t N, int64_t C,
+                              int64_t L, int64_t c0, int64_t c1, const T *restrict mean, const T *restrict k,
+                              const T *restrict A, const T *restrict B);
+
+/* Training backward over channels [c0, c1): the two sums, ∂ℓ/∂γ and ∂ℓ/∂β, the coefficients of dx, and dx
+ * unless the caller writes it by rows (write_dx = 0); acc holds 2·C doubles, coef 3·C values of T (k, A,
+ * B). */
 static void NAME(train_backward_range)(const T *restrict g, const T *restrict x, T *restrict dx, int64_t N,
                                        int64_t C, int64_t L, int64_t c0, int64_t c1, const T *w, const T *mean,
-                                       const T *invstd, int unbiased, T *grad_w, T *grad_b, double *acc, T *coef)
+                                       const T *invstd, int unbiased, T *grad_w, T *grad_b, double *acc, T *coef,
+                                       int write_dx)
 {
     const double m = (double)N * (double)L;
     double *sg = acc, *sgd = acc + C;
@@ -234,6 +251,14 @@ static void NAME(train_backward_range)(const T *restrict g, const T *restrict x,
         A[c] = (T)(-kc * cu * is * is * sgd[c] / m);
         B[c] = (T)(-kc * sg[c] / m);
     }
+    if (write_dx) NAME(backward_dx)(g, x, dx, N, C, L, c0, c1, mean, k, A, B);
+}
+
+/* dx = g·k + (x − μ)·A + B over channels [c0, c1) of (N, C, L) data. */
+static void NAME(backward_dx)(const T *restrict g, const T *restrict x, T *restrict dx, int64_t N, int64_t C,
+                              int64_t L, int64_t c0, int64_t c1, const T *restrict mean, const T *restrict k,
+                              const T *restrict A, const T *restrict B)
+{
     if (L == 1) {
         int64_t n = 0;
         for (; n + ROWS <= N; n += ROWS) {
@@ -279,9 +304,18 @@ int NAME(bn_train_backward)(const T *restrict g, const T *restrict x, T *restric
     double *acc = malloc(sizeof(double) * 2 * (size_t)C);
     T *coef = malloc(sizeof(T) * 3 * (size_t)C);
     if (!acc || !coef) { free(acc); free(coef); return -1; }
-    BN_PARALLEL_CHANNELS(N * C * L, C,
-        NAME(train_backward_range)(g, x, dx, N, C, L, c0, c1, w, mean, invstd, unbiased, grad_w, grad_b, acc,
-                                   coef));
+    if (L == 1 && dx) {
+        /* (N, C) data: dx by rows, once every channel's coefficients are known. */
+        BN_PARALLEL_CHANNELS_THEN_ROWS(N * C, C, N,
+            NAME(train_backward_range)(g, x, dx, N, C, L, c0, c1, w, mean, invstd, unbiased, grad_w, grad_b, acc,
+                                       coef, 0),
+            NAME(backward_dx)(g + r0 * C, x + r0 * C, dx + r0 * C, r1 - r0, C, 1, 0, C, mean, coef, coef + C,
+                              coef + 2 * C));
+    } else {
+        BN_PARALLEL_CHANNELS(N * C * L, C,
+            NAME(train_backward_range)(g, x, dx, N, C, L, c0, c1, w, mean, invstd, unbiased, grad_w, grad_b, acc,
+                                       coef, 1));
+    }
     free(acc);
     free(coef);
     return 0;
@@ -298,7 +332,11 @@ int NAME(bn_eval_forward)(const T *restrict x, T *restrict y, int64_t N, int64_t
         k[c] = (T)((w ? (double)w[c] : 1.0) / sqrt((double)run_var[c] + eps));
         beta[c] = b ? b[c] : (T)0;
     }
-    BN_PARALLEL_CHANNELS(N * C * L, C, NAME(affine)(x, y, N, C, L, c0, c1, run_mean, k, beta));
+    if (L == 1)  /* (N, C) data: by rows */
+        BN_PARALLEL_CHANNELS_THEN_ROWS(N * C, C, N, (void)c0; (void)c1,
+                                       NAME(affine)(x + r0 * C, y + r0 * C, r1 - r0, C, 1, 0, C, run_mean, k, beta));
+    else
+        BN_PARALLEL_CHANNELS(N * C * L, C, NAME(affine)(x, y, N, C, L, c0, c1, run_mean, k, beta));
     free(coef);
     return 0;
 }
