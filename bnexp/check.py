@@ -77,10 +77,10 @@ def _err(ours: torch.Tensor | None, ref: torch.Tensor | None) -> float:
     return (ours.double() - ref.double()).abs().max().item() / scale
 
 
-def _run_case(case: _Case, gen: torch.Generator) -> dict[str, float]:
+def _run_case(case: _Case, gen: torch.Generator, classes: dict[int, type]) -> dict[str, float]:
     rank = len(case.shape)
     c = case.shape[1]
-    ours = _OURS[rank](c, dtype=case.dtype, **case.kwargs)
+    ours = classes[rank](c, dtype=case.dtype, **case.kwargs)
     ref = _TORCH[rank](c, dtype=case.dtype, **case.kwargs)
     with torch.no_grad():
         for p in ours.parameters():
@@ -134,9 +134,14 @@ def _fmt(e: float) -> str:
     return f"{mant}e{int(exp)}"
 
 
-def run_check(seed: int = 0) -> tuple[bool, list]:
+def run_check(seed: int = 0, classes: dict[int, type] | None = None) -> tuple[bool, list]:
     """Compare bnexp.nn's layer with torch.nn.BatchNorm*d: (every case passes, what to show: a table and
-    notes, as rich renderables)."""
+    notes, as rich renderables).
+
+    ``classes`` maps an input rank (2 to 5) to the layer class to check in place of ours (default:
+    BatchNorm1d/1d/2d/3d), e.g. a subclass under development, or a broken one in the tests.
+    """
+    classes = {**_OURS, **(classes or {})}
     gen = torch.Generator().manual_seed(seed)
     table = Table(title=f"bnexp.nn vs torch.nn.BatchNorm*d (seed {seed}, {_TRAIN_STEPS} training steps)",
                   caption="max |ours − torch| / max(1, max |torch|); path: the compiled kernel, or the tensor ops",
@@ -156,7 +161,7 @@ def run_check(seed: int = 0) -> tuple[bool, list]:
         for path, on in ({"ops": False} if case.channels_last else paths).items():
             try:
                 with kernel.enabled(on):
-                    errs = _run_case(case, gen)
+                    errs = _run_case(case, gen, classes)
                 ok = all(e <= _TOL[case.dtype] for e in errs.values())
                 cells = [_fmt(e) if e <= _TOL[case.dtype] else f"[red]{_fmt(e)}[/red]" for e in errs.values()]
             except Exception as exc:  # a crash is a failed comparison, reported in its row

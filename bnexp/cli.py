@@ -213,8 +213,10 @@ def check(seed: int = typer.Option(0, help="Seed of the random cases.")) -> None
 @app.command()
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Few repeats: a smoke test of the benchmark."),
-    only: Optional[List[str]] = typer.Option(None, "--only", help="Sections to run: layer, loop, memory, probes "
-                                             "(repeatable; default all)."),
+    only: Optional[List[str]] = typer.Option(None, "--only", help="Sections to run: layer, resnet, loop, "
+                                             "memory, probes (repeatable; default all)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, or cuda: the layer section on the GPU, ours "
+                               "against cuDNN's."),
 ) -> None:
     """Measure speed and memory as ratios against references run side by side in this process."""
     from rich.console import Console
@@ -224,7 +226,7 @@ def bench(
     console = Console()
     if not console.is_terminal and console.width < 160:
         console = Console(width=160)  # piped or captured: keep each table row on one line
-    for item in benchmod.run(quick=quick, only=only or []):
+    for item in benchmod.run(quick=quick, only=only or [], device=device):
         console.print(item)
 
 

@@ -70,13 +70,41 @@ def test_quick_layer_prints_the_layer_table(cli):
 def test_unknown_section_is_a_user_error(cli):
     r = cli("bench", "--quick", "--only", "gpu")
     assert r.code == 2
-    assert r.err.strip().splitlines() == ["error: --only gpu: unknown section (choose from layer, loop, memory)"]
+    assert r.err.strip().splitlines() == [
+        "error: --only gpu: unknown section (choose from layer, resnet, loop, memory, probes)"]
+    assert "Traceback" not in r.err and r.out == ""
+
+
+@pytest.mark.parametrize("device,message", [
+    ("tpu", "error: --device tpu: choose cpu or cuda"),
+    *([] if torch.cuda.is_available() else [("cuda", "error: --device cuda: no CUDA device is available")]),
+])
+def test_bad_device_is_a_user_error(cli, device, message):
+    r = cli("bench", "--quick", "--only", "layer", "--device", device)
+    assert r.code == 2
+    assert r.err.strip().splitlines() == [message]
     assert "Traceback" not in r.err and r.out == ""
 
 
 def test_sections_keep_their_own_order():
-    assert bench.check_sections([]) == ["layer", "loop", "memory", "probes"]
+    assert bench.check_sections([]) == ["layer", "resnet", "loop", "memory", "probes"]
     assert bench.check_sections(["memory", "loop", "loop"]) == ["loop", "memory"]
+
+
+def test_resnet_step_pairs_and_restores_threads():
+    from bnexp.bench.resnet import measure_resnet, resnet20, resnet_table
+    from bnexp.nn import BatchNorm2d
+
+    model = resnet20("bnexp")
+    assert sum(isinstance(m, BatchNorm2d) for m in model.modules()) == 19
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    threads = torch.get_num_threads()
+    row = measure_resnet(steps=2, warmup=1, batch=4, threads=1)
+    assert row["threads"] == 1 and row["ours_ms"] > 0 and row["torch_ms"] > 0
+    assert row["ratio"] == pytest.approx(row["ours_ms"] / row["torch_ms"])
+    assert row["pair_ratio_min"] <= row["pair_ratio_max"]
+    assert torch.get_num_threads() == threads
+    assert resnet_table([row]).row_count == 1
 
 
 def test_rss_reads_proc_status():

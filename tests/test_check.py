@@ -13,14 +13,43 @@ from bnexp.nn import batchnorm as norm
 from bnexp.check import run_check
 
 
-def _check(seed: int) -> tuple[bool, str]:
+def _check(seed: int, classes=None) -> tuple[bool, str]:
     """run_check's verdict and what `bnexp check` prints."""
-    ok, shown = run_check(seed=seed)
+    ok, shown = run_check(seed=seed, classes=classes)
     buf = io.StringIO()
     console = Console(file=buf, width=250, color_system=None)
     for item in shown:
         console.print(item)
     return ok, buf.getvalue()
+
+
+def _broken(make_error, only_kernel: bool = False) -> dict[int, type]:
+    """Our classes with an error added after their forward (on the kernel path alone if asked)."""
+
+    def subclass(base):
+        class Broken(base):
+            def forward(self, x):
+                y = super().forward(x)
+                on_kernel = norm.kernel_for(x, self.weight, self.bias) is not None
+                if self.training and (on_kernel or not only_kernel):
+                    make_error(self, x)
+                return y
+
+        return Broken
+
+    return {rank: subclass(cls) for rank, cls in
+            {2: norm.BatchNorm1d, 3: norm.BatchNorm1d, 4: norm.BatchNorm2d, 5: norm.BatchNorm3d}.items()}
+
+
+def _scale_input_grad(layer, x):
+    if x.requires_grad:
+        x.register_hook(lambda g: g * 1.01)  # a 1% error in ∂ℓ/∂x
+
+
+def _bias_running_var(layer, x):
+    if layer.running_var is not None:
+        with torch.no_grad():
+            layer.running_var.mul_(1.01)  # as if the m/(m−1) correction were slightly off
 
 
 def test_check_passes_on_real_layer():
@@ -30,60 +59,39 @@ def test_check_passes_on_real_layer():
     assert _check(3)[0] is True
 
 
-def test_check_fails_when_backward_scale_is_wrong(monkeypatch):
-    real = norm._grad_reductions
-
-    def wrong(*args):
-        sum_g, sum_gx = real(*args)
-        return sum_g, sum_gx * 1.01  # a 1% error in the Σg·x̂ term of the backward
-
-    monkeypatch.setattr(norm, "_grad_reductions", wrong)
-    ok, out = _check(0)
+def test_check_fails_when_backward_scale_is_wrong():
+    ok, out = _check(0, _broken(_scale_input_grad))
     assert ok is False
     assert "FAIL" in out
-    assert "Error" not in out  # caught as a numerical difference, not as a crash of the patch
+    assert "Error" not in out  # caught as a numerical difference, not as a crash of the change
 
 
-def test_check_covers_both_paths_and_fails_when_the_kernel_backward_is_wrong(monkeypatch):
+def test_check_covers_both_paths_and_fails_when_the_kernel_backward_is_wrong():
     ok, out = _check(1)
     assert ok is True
     rows = [line for line in out.splitlines() if "PASS" in line]
     assert sum("· kernel" in r for r in rows) == 11 and sum("· ops" in r for r in rows) == 12
 
-    real = norm._kernel_backward
-
-    def wrong(ctx, g):
-        dx, gw, gb = real(ctx, g)
-        return dx * 1.01, gw, gb  # a 1% error in ∂ℓ/∂x, on the kernel path only
-
-    monkeypatch.setattr(norm, "_kernel_backward", wrong)
-    ok, out = _check(0)
+    ok, out = _check(0, _broken(_scale_input_grad, only_kernel=True))
     assert ok is False
     failed = [line for line in out.splitlines() if "FAIL" in line and "cases" not in line]
     assert failed and all("· kernel" in line for line in failed)
 
 
-def test_check_fails_when_running_var_is_biased(monkeypatch):
-    def biased_update(running_mean, running_var, mean, var, m, factor):
-        torch._foreach_lerp_([running_mean, running_var], [mean, var], factor)  # forgot m/(m-1)
-
-    monkeypatch.setattr(norm, "_update_running", biased_update)
-    ok, out = _check(0)
+def test_check_fails_when_running_var_is_biased():
+    ok, out = _check(0, _broken(_bias_running_var))
     assert ok is False
     assert "FAIL" in out
     assert "Error" not in out
 
 
 @pytest.mark.parametrize("path,title", [("kernel", "compiled kernel"), ("ops", "tensor ops")])
-def test_bench_layer_quick_rows_and_table(monkeypatch, path, title):
+def test_bench_layer_quick_rows_and_table(path, title):
     from bnexp.nn import kernel
     from bnexp.bench.layer import measure_layer, render_table, summary_lines
 
-    taken = []
-    real = norm._kernel_for
-    monkeypatch.setattr(norm, "_kernel_for", lambda *a: taken.append(real(*a) is not None) or real(*a))
     rows = measure_layer(quick=True, path=path)
-    assert {r["path"] for r in rows} == {path} and set(taken) == {path == "kernel"}
+    assert {r["path"] for r in rows} == {path}
     assert kernel.load() is not None  # the setting is restored afterwards
     assert {r["mode"] for r in rows} == {"train fwd+bwd", "eval fwd"}
     assert {r["dtype"] for r in rows} == {"float32", "float64"}

@@ -8,6 +8,7 @@ cache with its fallbacks.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -33,25 +34,6 @@ def kernel_on():
         yield k
 
 
-@pytest.fixture
-def path_log(monkeypatch):
-    """Records which path each training call took: 'kernel' or 'tensor-ops'."""
-    calls: list[str] = []
-    real_stats, real_backward = norm._batch_stats, norm._kernel_backward
-
-    def stats(*args):
-        calls.append("tensor-ops")
-        return real_stats(*args)
-
-    def backward(*args):
-        calls.append("kernel")
-        return real_backward(*args)
-
-    monkeypatch.setattr(norm, "_batch_stats", stats)
-    monkeypatch.setattr(norm, "_kernel_backward", backward)
-    return calls
-
-
 def _pair(rank, c, dtype, seed=0, **kwargs):
     torch.manual_seed(seed)
     ours, theirs = OURS[rank](c, dtype=dtype, **kwargs), THEIRS[rank](c, dtype=dtype, **kwargs)
@@ -73,8 +55,9 @@ AWKWARD = [(5, 7), (2, 1), (7, 33), (4, 3, 1), (3, 2, 15), (6, 3, 16), (5, 4, 37
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", AWKWARD, ids=lambda s: "x".join(map(str, s)))
-def test_awkward_shapes_match_torch(kernel_on, path_log, shape, dtype):
+def test_awkward_shapes_match_torch(kernel_on, shape, dtype):
     ours, theirs = _pair(len(shape), shape[1], dtype, momentum=0.3)
+    assert norm.kernel_for(torch.empty(shape, dtype=dtype), *ours.parameters(), ours.running_mean, ours.running_var) is kernel_on
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -90,7 +73,35 @@ def test_awkward_shapes_match_torch(kernel_on, path_log, shape, dtype):
     ours.eval(), theirs.eval()
     with torch.no_grad():
         assert _rel(ours(x), theirs(x)) < tol
-    assert path_log == ["kernel"] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_threads_give_the_same_bits_as_one(kernel_on, dtype):
+    """Each thread owns a range of channels, so every channel's sums run in the same order: the results
+    with torch's threads are those of one thread, bit for bit (awkward shapes, threads forced on)."""
+    if not kernel_on.parallel:
+        pytest.skip("this kernel was built without OpenMP (single-threaded)")
+    previous = torch.get_num_threads()
+    for shape in [*AWKWARD, (64, 100), (8, 16, 8, 8, 8)]:
+        ours, _ = _pair(len(shape), shape[1], dtype, momentum=0.3)
+        x = torch.randn(shape, dtype=dtype) * 3 - 2
+        g = torch.randn(shape, dtype=dtype)
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            layer = copy.deepcopy(ours)
+            with kernel_on.parallel_min(0):
+                xi = x.clone().requires_grad_()
+                y = layer(xi)
+                y.backward(g)
+                layer.eval()
+                with torch.no_grad():
+                    y_eval = layer(x)
+            results.append([y, xi.grad, layer.weight.grad, layer.bias.grad, layer.running_mean,
+                            layer.running_var, y_eval])
+        torch.set_num_threads(previous)
+        for one, two in zip(*results):
+            assert torch.equal(one, two), shape
 
 
 @settings(max_examples=60, deadline=None, derandomize=True,
@@ -173,26 +184,31 @@ def test_unbiased_normalize_and_no_input_grad_agree_with_the_tensor_ops():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_which_inputs_take_the_kernel(kernel_on, path_log, monkeypatch):
+def test_which_inputs_take_the_kernel(kernel_on, monkeypatch):
     bn = BatchNorm2d(3)
-    x = torch.randn(4, 3, 5, 5, requires_grad=True)
-    bn(x).sum().backward()  # y.sum()'s gradient is an expanded, non-contiguous tensor
-    assert path_log == ["kernel"]
-    path_log.clear()
-    bn(x.contiguous(memory_format=torch.channels_last)).sum().backward()
-    bn(x.transpose(2, 3)).sum().backward()
-    bn.half()
-    bn(x.detach().half())
-    assert path_log == ["tensor-ops"] * 3
-    path_log.clear()
-    bn.float()
+    x = torch.randn(4, 3, 5, 5)
+    params = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    assert norm.kernel_for(x, *params) is kernel_on
+    for other in (x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3), x.half(), x.bfloat16()):
+        assert norm.kernel_for(other, *params) is None
     # Parameters of another dtype than the input: the kernel must not read them as the input's type.
-    bn.running_mean = torch.zeros(3, dtype=torch.float64)
-    assert norm._kernel_for(x, bn.weight, bn.bias, bn.running_mean, bn.running_var) is None
-    # With more than one torch thread, large inputs go to ATen's parallel ops; small ones stay.
+    assert norm.kernel_for(x, bn.weight, bn.bias, torch.zeros(3, dtype=torch.float64), bn.running_var) is None
+    # With more than one torch thread, large inputs stay on the kernel when it splits them over torch's
+    # threads itself, and go to ATen's parallel ops when it cannot; small ones stay either way.
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert norm._kernel_for(torch.randn(4, 3, 5, 5)) is not None
-    assert norm._kernel_for(torch.randn(64, 3, 32, 32)) is None
+    assert norm.kernel_for(torch.randn(4, 3, 5, 5)) is kernel_on
+    large = torch.randn(64, 3, 32, 32)
+    assert (norm.kernel_for(large) is kernel_on) == kernel_on.parallel
+    monkeypatch.setattr(kernel_on, "parallel", False)
+    assert norm.kernel_for(large) is None
+
+
+def test_kernel_shares_torchs_openmp_runtime(kernel_on):
+    """A -fopenmp build only where it finds torch's libgomp.so.1, and then no second one is loaded."""
+    import sklearn.datasets  # noqa: F401  (brings its own, renamed OpenMP runtime: not a second libgomp.so.1)
+
+    assert kernel_on.parallel == kernel.torch_openmp()
+    assert len(kernel._gomp_libraries()) <= 1
 
 
 def test_running_stats_written_by_the_kernel_bump_their_versions(kernel_on):

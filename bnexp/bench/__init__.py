@@ -1,7 +1,9 @@
 """`bnexp bench`: speed and memory as ratios against a reference run side by side in this process.
 
 Sections:
-  layer   bnexp.nn's BatchNorm against torch.nn.BatchNorm*d (bnexp.bench.layer).
+  layer   bnexp.nn's BatchNorm against torch.nn.BatchNorm*d (bnexp.bench.layer), at one thread and at
+          torch's default thread count (or on the GPU with device="cuda": ours against cuDNN).
+  resnet  a ResNet-20 training step with our BN against the same with torch's (bnexp.bench.resnet).
   loop    `bnexp train`'s own loop against a bare hand-written loop (bnexp.bench.loop).
   memory  peak RSS over a long run, for the Trainer and the bare loop (bnexp.bench.memory).
   probes  each probe family's overhead at its default interval, against probes off (bnexp.bench.probes).
@@ -17,7 +19,7 @@ from typing import Any, Iterable, Iterator
 
 from bnexp.errors import UserError
 
-SECTIONS = ("layer", "loop", "memory", "probes")
+SECTIONS = ("layer", "resnet", "loop", "memory", "probes")
 
 
 class BenchError(UserError):
@@ -32,18 +34,34 @@ def check_sections(only: Iterable[str]) -> list[str]:
     return [s for s in SECTIONS if s in chosen] if chosen else list(SECTIONS)
 
 
-def run(quick: bool = False, only: list[str] | None = None) -> Iterator[Any]:
+def run(quick: bool = False, only: list[str] | None = None, device: str = "cpu") -> Iterator[Any]:
     """The chosen sections (all by default), each as rich renderables once measured; --quick is a smoke
-    test with few repeats and steps."""
+    test with few repeats and steps. ``device="cuda"`` runs the layer section on the GPU (the others
+    are CPU workloads)."""
+    import torch
+
+    if device != "cpu" and not device.startswith("cuda"):
+        raise BenchError(f"--device {device}: choose cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"--device {device}: no CUDA device is available")
+    # The layer and ResNet sections run at one thread and at torch's default count (2 on a 2-core
+    # machine). On a busy machine OpenMP workers spin-waiting for a descheduled peer can time either
+    # layer at many times its cost with two threads: the per-repeat spread in the tables shows it.
+    thread_counts = [1] if torch.get_num_threads() == 1 else [1, torch.get_num_threads()]
     for section in check_sections(only or []):
         if section == "layer":
             from bnexp.bench import layer
 
-            # One thread, as in the other sections: two OpenMP threads on a busy 2-core machine timed
-            # torch's BN kernel at 100x its real cost in a quick run, which is noise, not a ratio.
-            rows = layer.measure_layer(repeats=3 if quick else 15, quick=quick, threads=1)
-            yield layer.render_table(rows)
-            yield from layer.summary_lines(rows)
+            for threads in ([None] if device != "cpu" else thread_counts):
+                rows = layer.measure_layer(repeats=3 if quick else 15, quick=quick, threads=threads,
+                                           device=device)
+                yield layer.render_table(rows)
+                yield from layer.summary_lines(rows)
+        elif section == "resnet":
+            from bnexp.bench.resnet import measure_resnet, resnet_table
+
+            yield resnet_table([measure_resnet(steps=2 if quick else 30, warmup=1 if quick else 3,
+                                               batch=16 if quick else 128, threads=t) for t in thread_counts])
         elif section == "loop":
             from bnexp.bench.loop import QUICK_LOOP, loop_table, measure_loop
 

@@ -88,7 +88,7 @@ def _time_pair(fns: dict[str, Callable[[], None]], repeats: int, min_sample_s: f
     return {name: {"median": statistics.median(s), "min": min(s)} for name, s in samples.items()}
 
 
-def _make(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0):
+def _make(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
     gen = torch.Generator().manual_seed(seed)
     c = shape[1]
     ours = _OURS[len(shape)](c, dtype=dtype)
@@ -97,24 +97,35 @@ def _make(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0):
         for p in ours.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
     ref.load_state_dict(ours.state_dict())
-    x = (torch.randn(shape, generator=gen, dtype=dtype) * 2 + 1).requires_grad_()
-    g = torch.randn(shape, generator=gen, dtype=dtype)
-    return ours, ref, x, g
+    x = (torch.randn(shape, generator=gen, dtype=dtype) * 2 + 1).to(device).requires_grad_()
+    g = torch.randn(shape, generator=gen, dtype=dtype).to(device)
+    return ours.to(device), ref.to(device), x, g
+
+
+def _sync(device: str) -> Callable[[], None]:
+    """What makes a step's time include its device work: CUDA runs asynchronously."""
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
 def _train_step(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    sync = _sync(x.device.type)
+
     def step():
         x.grad = None
         layer.zero_grad(set_to_none=True)
         layer(x).backward(g)
+        sync()
 
     return step
 
 
 def _eval_step(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    sync = _sync(x.device.type)
+
     def step():
         with torch.no_grad():
             layer(x)
+        sync()
 
     return step
 
@@ -150,7 +161,8 @@ def memory_bound(shape: tuple[int, ...], dtype: torch.dtype, bandwidth_gbs: floa
 def measure_layer(repeats: int = 15, quick: bool = False,
                   shapes: list[tuple[int, ...]] | None = None,
                   dtypes: tuple[torch.dtype, ...] = DTYPES,
-                  threads: int | None = None, clock: str = "wall", path: str = "kernel") -> list[dict]:
+                  threads: int | None = None, clock: str = "wall", path: str = "kernel",
+                  device: str = "cpu") -> list[dict]:
     """One row per (shape, dtype, mode): ours_ms, torch_ms (medians), ratio (ours/torch); bound on conv.
 
     ``path`` is the layer's path to time: "kernel" (the compiled kernel, as the layer runs by default;
@@ -160,6 +172,9 @@ def measure_layer(repeats: int = 15, quick: bool = False,
     thread's CPU time, which leaves out time the scheduler gives to other processes; it needs
     ``threads=1`` (other intra-op threads' work would not be counted). ``threads`` sets torch's
     intra-op thread count for the run and restores it afterwards.
+
+    ``device="cuda"`` times both layers on the GPU (ours runs its tensor ops there, torch's cuDNN),
+    each step synchronized; there is no memory-traffic bound then.
     """
     if path not in ("kernel", "ops"):
         raise ValueError(f"path must be 'kernel' or 'ops', got {path!r}")
@@ -174,13 +189,17 @@ def measure_layer(repeats: int = 15, quick: bool = False,
     timer = time.perf_counter if clock == "wall" else time.thread_time
     min_sample_s = 0.002 if quick else 0.01
     budget_s = 0.5 if quick else 4.0
+    cuda = device.startswith("cuda")
+    if cuda and clock == "cpu":
+        raise ValueError("clock='cpu' does not see GPU work: use the wall clock with device='cuda'")
     with torch_threads(threads), kernel.enabled(path == "kernel") as kern:
-        path_used = "kernel" if kern is not None else "ops"
-        bandwidth = copy_bandwidth_gbs(32 * 2**20 if quick else 256 * 2**20, 3 if quick else 7, timer)
+        path_used = "kernel" if kern is not None and not cuda else "ops"
+        bandwidth = None if cuda else copy_bandwidth_gbs(32 * 2**20 if quick else 256 * 2**20, 3 if quick else 7,
+                                                         timer)
         rows = []
         for shape in shapes:
             for dtype in dtypes:
-                ours, ref, x, g = _make(shape, dtype)
+                ours, ref, x, g = _make(shape, dtype, device=device)
                 for mode in MODES:
                     if mode == "train fwd+bwd":
                         ours.train(), ref.train()
@@ -194,6 +213,7 @@ def measure_layer(repeats: int = 15, quick: bool = False,
                         "dtype": str(dtype).removeprefix("torch."),
                         "mode": mode,
                         "threads": torch.get_num_threads(),
+                        "device": device,
                         "clock": clock,
                         "path": path_used,
                         "ours_ms": t["ours"]["median"] * 1e3,
@@ -203,7 +223,7 @@ def measure_layer(repeats: int = 15, quick: bool = False,
                         "torch_min_ms": t["torch"]["min"] * 1e3,
                         "ratio_min": t["ours"]["min"] / t["torch"]["min"],
                     }
-                    if len(shape) > 2 and mode == "train fwd+bwd":
+                    if len(shape) > 2 and mode == "train fwd+bwd" and bandwidth is not None:
                         row.update(memory_bound(shape, dtype, bandwidth))
                         row["ours_over_bound"] = row["ours_ms"] / row["bound_ms"]
                         row["torch_over_bound"] = row["torch_ms"] / row["bound_ms"]
@@ -220,8 +240,9 @@ def render_table(rows: list[dict]) -> Table:
     threads = rows[0]["threads"] if rows else torch.get_num_threads()
     clock = rows[0]["clock"] if rows else "wall"
     path = {"kernel": "compiled kernel", "ops": "tensor ops"}[rows[0]["path"]] if rows else "?"
-    table = Table(title=f"bnexp.norm ({path}) vs torch.nn.BatchNorm*d ({threads} thread(s), {clock} clock, "
-                        "medians)",
+    device = rows[0].get("device", "cpu") if rows else "cpu"
+    where = f"{threads} thread(s)" if device == "cpu" else f"{device}, torch's cuDNN"
+    table = Table(title=f"bnexp.nn ({path}) vs torch.nn.BatchNorm*d ({where}, {clock} clock, medians)",
                   caption=f"bound: {TRAFFIC_PASSES} full-tensor transfers at the measured copy bandwidth; "
                           "min ratio: ratio of the fastest repeats")
     for col, just in [("shape", "left"), ("dtype", "left"), ("mode", "left"), ("ours ms", "right"),

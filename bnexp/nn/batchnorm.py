@@ -1,8 +1,9 @@
 """Batch normalization written by us (Ioffe & Szegedy 2015, Algorithms 1 and 2): a compiled kernel and tensor ops.
 
-Drop-in for ``torch.nn.BatchNorm1d/2d/3d``: same constructor, parameter and buffer names, state-dict
-format (``_version = 2``) and errors, but no call into torch's batch-norm kernels, and a hand-written
-backward (the paper's Section 3 gradients) in explicit ``torch.autograd.Function`` s.
+Drop-in for ``torch.nn.BatchNorm1d/2d/3d``: subclasses of torch's ``_BatchNorm`` (same constructor,
+parameter and buffer names, state-dict format and errors, and ``isinstance`` for torch's utilities), but
+our forward, no call into torch's batch-norm kernels, and a hand-written backward (the paper's Section 3
+gradients) that is itself differentiable.
 
 Conventions are those of docs/design.md section 1: normalize with the biased batch variance, update
 ``running_var`` with the unbiased one, ``momentum`` is the weight of the new batch (PyTorch's), and
@@ -10,9 +11,13 @@ Conventions are those of docs/design.md section 1: normalize with the biased bat
 
 Two paths compute the same thing. Contiguous float32/float64 CPU input goes to our compiled kernel
 (bn_kernel.c via bnexp.nn.kernel): two passes per direction and one foreign call each, statistics
-accumulated in double. Everything else (channels_last or strided input, other dtypes or devices,
-synchronized BN, large inputs when torch runs more than one thread, or no C compiler) takes the
-tensor-op path below. Tests run every comparison with torch on both.
+accumulated in double, channels split over torch's threads. Everything else (channels_last or strided
+input, half and bfloat16 (computed in float32), other devices, synchronized BN, or no C compiler) takes
+the tensor-op path below. Tests run every comparison with torch on both.
+
+Three ways in (docs/design.md section 4): eager calls on ordinary tensors take the autograd.Functions
+below, which call the arithmetic directly; torch.compile takes the registered operator
+``bnexp::batch_norm_train``; torch.func transforms take that operator through _TrainOpFunction.
 
 Notes on the tensor-op path (measured with bnexp/bench/layer.py on a 2-core CPU): a fresh full-size
 tensor costs more than a pass over one that exists (its pages fault in), so forward allocates only ``y``
@@ -25,12 +30,13 @@ On small inputs the cost is per-op and autograd.Function overhead, not arithmeti
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 from torch.autograd import Function
-from torch.autograd.function import once_differentiable
 from torch.autograd.graph import increment_version
-from torch.nn import init
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnexp.nn import kernel as _kernel
 from bnexp.nn.sync import all_reduce_sum, all_reduce_sum_and_count, sync_group
@@ -42,6 +48,11 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormTrainFunction",
     "BatchNormEvalFunction",
+    "batch_norm_train",
+    "batch_norm_train_op",
+    "batch_norm_eval",
+    "grouped_train_forward",
+    "kernel_for",
 ]
 
 
@@ -144,20 +155,39 @@ def _grad_reductions(g: Tensor, x: Tensor, mean: Tensor, scratch: Tensor) -> tup
     return sum_g, sum_gx.addcmul_(mean, sum_g, value=-1)
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """What statistics and the arithmetic use: float32 for half and bfloat16 input (as torch), else x's."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
 def _update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, m: int,
                     factor: float) -> None:
-    """Algorithm 2's estimates: exponential (or cumulative) averages, the variance made unbiased."""
-    torch._foreach_lerp_([running_mean, running_var], [mean, var * (m / (m - 1))], factor)
+    """Algorithm 2's estimates: exponential (or cumulative) averages, the variance made unbiased.
+
+    The buffers keep their dtype; half or bfloat16 buffers are averaged in float32 and rounded once.
+    """
+    var = var * (m / (m - 1))
+    if running_mean.dtype == mean.dtype:
+        torch._foreach_lerp_([running_mean, running_var], [mean, var], factor)
+        return
+    wide = torch.promote_types(running_mean.dtype, torch.float32)
+    for buf, new in ((running_mean, mean), (running_var, var)):
+        buf.copy_(buf.to(wide).lerp_(new.to(wide), factor))
 
 
-def _kernel_for(x: Tensor, *others: Tensor | None):
-    """The compiled kernel (bnexp.nn.kernel) if it can take x and the per-channel tensors as they are, else None.
+def kernel_for(x: Tensor, *others: Tensor | None):
+    """The compiled kernel (bnexp.nn.kernel) if the layer would run x and these per-channel tensors
+    through it, else None (the tensor-op path).
 
     Runs on every call, so it reads only cheap attributes (``device.type`` makes an object: ``is_cpu``
     does not). The kernel sees raw pointers: every tensor must be contiguous, on the CPU and of x's dtype.
     """
     k = _kernel.load()
-    if k is None or not _kernel.eligible(x):
+    if k is None or not _kernel.eligible(x, k):
         return None
     dtype = x.dtype
     for t in others:
@@ -175,6 +205,192 @@ def _ncl(x: Tensor) -> tuple[int, int, int]:
     return n, c, x.numel() // (n * c)
 
 
+def _plain(x: Tensor) -> bool:
+    """True when x is an ordinary tensor with memory behind it and nothing traces the call.
+
+    Otherwise (torch.compile, a torch.func transform, a tensor subclass such as FakeTensor, the batched
+    gradients of ``autograd.grad(..., is_grads_batched=True)``) the layer goes through its registered
+    operator or tensor ops, which those understand, instead of calling the kernel on raw pointers or an
+    autograd.Function they cannot see into.
+    """
+    return ((type(x) is Tensor or type(x) is nn.Parameter) and _peek_interpreter() is None and not _compiling()
+            and not _legacy_batched(x))
+
+
+_peek_interpreter = torch._C._functorch.peek_interpreter_stack
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+_compiling = torch.compiler.is_compiling
+
+
+# --- The arithmetic, on plain tensors -----------------------------------------------------------------
+
+def _train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                   running_var: Tensor | None, factor: float, eps: float, unbiased: bool, group=None):
+    """Training-mode forward on plain tensors: (y, stats, m, kernel or None), stats (3, C) the batch's mean,
+    biased variance and invstd (one tensor: small layers notice the cost of making views of it).
+
+    The running buffers, when given, are updated in place. Statistics are in _compute_dtype(x); y is in
+    x's dtype. Half and bfloat16 input is computed in float32 (no float16 overflow of Σx²), as torch.
+    """
+    kern = kernel_for(x, weight, bias, running_mean, running_var) if group is None else None
+    if kern is not None:
+        n, c, l = _ncl(x)
+        y = kern.empty_like(x)
+        stats = torch.empty(3, c, dtype=x.dtype)  # mean, biased variance, invstd
+        if kern.train_forward[x.dtype](x.data_ptr(), y.data_ptr(), n, c, l, _ptr(weight), _ptr(bias), eps,
+                                       unbiased, stats.data_ptr(), _ptr(running_mean), _ptr(running_var),
+                                       factor):
+            raise MemoryError("bnexp BatchNorm kernel: out of memory")
+        if running_mean is not None:
+            increment_version((running_mean, running_var))  # written through pointers, unseen by autograd
+        return y, stats, n * l, kern
+    out_dtype, cd = x.dtype, _compute_dtype(x)
+    if cd != out_dtype or (weight is not None and weight.dtype != cd):
+        x, weight, bias = x.to(cd), _as(weight, cd), _as(bias, cd)
+    y = torch.empty_like(x)
+    mean, var, m, centred = _batch_stats(x, y) if group is None else _synced_batch_stats(x, y, group)
+    invstd = (var * (m / (m - 1)) if unbiased else var).add(eps).rsqrt_()
+    scale = invstd * weight if weight is not None else invstd
+    if centred:
+        # y holds x − mean: y = (x − mean)·scale + β in place.
+        if bias is not None:
+            torch.addcmul(_vector_shift(bias, y), y, _per_channel(scale, x), out=y)
+        else:
+            y.mul_(_per_channel(scale, x))
+    else:
+        # ATen's CPU form: x·scale + (β − mean·scale).
+        shift = torch.addcmul(bias, mean, scale, value=-1) if bias is not None else (mean * scale).neg_()
+        torch.addcmul(_vector_shift(shift, x), x, _per_channel(scale, x), out=y)
+    if running_mean is not None:
+        _update_running(running_mean, running_var, mean, var, m, factor)
+    return y.to(out_dtype), torch.stack((mean, var, invstd)), m, None
+
+
+def _train_backward(g: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, m: int,
+                    unbiased: bool, need: tuple[bool, bool, bool], kern=None, group=None):
+    """The paper's Section 3 gradients on plain tensors: (∂ℓ/∂x, ∂ℓ/∂γ, ∂ℓ/∂β), None where not needed."""
+    need_x, need_w, need_b = need
+    if kern is not None:
+        g = g.contiguous()  # e.g. the expanded gradient of y.sum()
+        n, c = x.shape[0], stats.shape[1]
+        l = m // n
+        dtype = x.dtype
+        dx = kern.empty_like(x) if need_x else None
+        grad_w = torch.empty(c, dtype=dtype) if need_w else None
+        grad_b = torch.empty(c, dtype=dtype) if need_b else None
+        mean = stats.data_ptr()
+        if kern.train_backward[dtype](g.data_ptr(), x.data_ptr(), _ptr(dx), n, c, l, _ptr(weight), mean,
+                                      mean + 2 * c * stats.element_size(), unbiased, _ptr(grad_w), _ptr(grad_b)):
+            raise MemoryError("bnexp BatchNorm kernel: out of memory")
+        return dx, grad_w, grad_b
+    mean, invstd = stats[0], stats[2]
+    out_dtype, w_dtype, cd = x.dtype, None if weight is None else weight.dtype, mean.dtype
+    if g.dtype != cd or x.dtype != cd or (weight is not None and weight.dtype != cd):
+        g, x, weight = g.to(cd), x.to(cd), _as(weight, cd)
+    scale = invstd * weight if weight is not None else invstd
+    # One full-size allocation: dx's buffer first takes the product for Σg·x, then becomes dx.
+    dx = torch.empty_like(x)
+    sum_g, sum_g_xmu = _grad_reductions(g, x, mean, dx)
+    if group is not None:
+        # Synchronized BN: dx needs the global batch's two sums, while γ and β keep this shard's
+        # own. DDP averages gradients over the ranks, and each rank's loss is the mean over its
+        # own shard, so the average of these per-shard gradients is the global batch's gradient.
+        tot_g, tot_g_xmu = all_reduce_sum(torch.stack([sum_g, sum_g_xmu]), group).unbind()
+    sum_g_xhat = sum_g_xmu.mul_(invstd)
+    grad_w, grad_b = (sum_g_xhat if need_w else None), (sum_g if need_b else None)
+    if w_dtype is not None and w_dtype != cd:
+        grad_w, grad_b = _as(grad_w, w_dtype), _as(grad_b, w_dtype)
+    if group is not None:
+        sum_g, sum_g_xhat = tot_g, tot_g_xmu * invstd
+    grad_x = None
+    if need_x:
+        # ∂ℓ/∂x = k·(g − Σg/m − c·x̂·Σg·x̂/m), k = γ·invstd (= scale), c = m/(m−1) if unbiased else 1,
+        # as dx = g·k + x·a + b with per-channel a = −(c/m)·k·invstd·Σg·x̂, b = −k·Σg/m − a·μ.
+        c = (m / (m - 1) if unbiased else 1.0) / m
+        a = torch.mul(sum_g_xhat, invstd).mul_(scale).mul_(-c)
+        b = torch.mul(scale, sum_g).mul_(-1.0 / m).addcmul_(a, mean, value=-1)
+        torch.addcmul(_vector_shift(b, x), x, _per_channel(a, x), out=dx)
+        dx.addcmul_(g, _per_channel(scale, x))
+        grad_x = dx.to(out_dtype)
+    return grad_x, grad_w, grad_b
+
+
+def _train_backward_differentiable(g: Tensor, x: Tensor, weight: Tensor | None, eps: float, unbiased: bool,
+                                   need: tuple[bool, bool, bool], xhat_only: bool = False):
+    """The same gradients as out-of-place tensor ops that autograd can differentiate again.
+
+    For double backward (``create_graph=True``: Hessian-vector products, gradient penalties) and for a
+    gradient that a torch.func transform batches (``is_grads_batched``). The statistics are recomputed
+    from x here, so that the second derivative sees how they depend on x.
+    """
+    need_x, need_w, need_b = need
+    out_dtype, cd = x.dtype, _compute_dtype(x)
+    xc, gc = x.to(cd), g.to(cd)
+    dims = _reduce_dims(x)
+    m = x.numel() // x.shape[1]
+    xmu = xc - xc.mean(dims, keepdim=True)
+    var = (xmu * xmu).mean(dims, keepdim=True)
+    c = m / (m - 1) if unbiased else 1.0
+    invstd = torch.rsqrt(var * c + eps)
+    xhat = xmu * invstd
+    if xhat_only:
+        return xhat
+    sum_g = gc.sum(dims)
+    sum_g_xhat = (gc * xhat).sum(dims)
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        cv = _channel_view(x)
+        k = invstd if weight is None else invstd * weight.to(cd).view(cv)
+        grad_x = (k * (gc - sum_g.view(cv) / m - xhat * (sum_g_xhat.view(cv) * (c / m)))).to(out_dtype)
+    if need_w:
+        grad_w = sum_g_xhat.to(weight.dtype)
+    if need_b:
+        grad_b = sum_g.to(weight.dtype if weight is not None else cd)
+    return grad_x, grad_w, grad_b
+
+
+def _eval_coefficients(running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+                       bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    invstd = running_var.add(eps).rsqrt_()
+    scale = invstd * weight if weight is not None else invstd
+    shift = torch.addcmul(bias, running_mean, scale, value=-1) if bias is not None else (running_mean * scale).neg_()
+    return invstd, scale, shift
+
+
+def _eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+                  bias: Tensor | None, eps: float) -> Tensor:
+    """Inference forward on plain tensors, outside autograd: the kernel, or one fused multiply-add."""
+    kern = kernel_for(x, running_mean, running_var, weight, bias)
+    if kern is not None:
+        n, c, l = _ncl(x)
+        out = kern.empty_like(x)
+        if kern.eval_forward[x.dtype](x.data_ptr(), out.data_ptr(), n, c, l, running_mean.data_ptr(),
+                                      running_var.data_ptr(), _ptr(weight), _ptr(bias), eps):
+            raise MemoryError("bnexp BatchNorm kernel: out of memory")
+        return out
+    cd = torch.promote_types(_compute_dtype(x), running_var.dtype)
+    _, scale, shift = _eval_coefficients(running_mean.to(cd), running_var.to(cd), _as(weight, cd),
+                                         _as(bias, cd), eps)
+    return torch.addcmul(_vector_shift(shift, x), x.to(cd), _per_channel(scale, x)).to(x.dtype)
+
+
+def _eval_composite(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+                    bias: Tensor | None, eps: float) -> Tensor:
+    """Inference BN as plain differentiable ops, for torch.compile and torch.func (which fuse, batch and
+    differentiate it themselves: an affine map per channel needs nothing of ours)."""
+    cd = torch.promote_types(_compute_dtype(x), running_var.dtype)
+    scale = torch.rsqrt(running_var.to(cd) + eps)
+    if weight is not None:
+        scale = scale * weight.to(cd)
+    shift = -running_mean.to(cd) * scale
+    if bias is not None:
+        shift = shift + bias.to(cd)
+    cv = _channel_view(x)
+    return (x.to(cd) * scale.view(cv) + shift.view(cv)).to(x.dtype)
+
+
+# --- Eager autograd: autograd.Functions calling the arithmetic directly ------------------------------
+
 class BatchNormTrainFunction(Function):
     """Training-mode BN: batch statistics forward, the paper's gradients backward.
 
@@ -186,109 +402,217 @@ class BatchNormTrainFunction(Function):
     With ``unbiased`` the layer normalizes by s² = m/(m−1)·σ²_B instead; the only
     change to the backward is that the projection term is scaled by the same m/(m−1), because
     ∂s²/∂x_i = m/(m−1) · 2(x_i − μ)/m while the mean term is unchanged.
+
+    This is the eager path (much cheaper per call than the registered operator, which small layers
+    notice; benchmarks/README.md); ``batch_norm_train`` chooses between them. Its backward is differentiable: under
+    ``create_graph=True`` or a batched gradient it switches to _train_backward_differentiable.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, unbiased: bool,
                 running: tuple[Tensor, Tensor, float] | None, group=None, stats_out: bool = True):
         rm, rv, factor = running if running is not None else (None, None, 0.0)
-        kern = _kernel_for(x, weight, bias, rm, rv) if group is None else None
-        ctx.kernel = kern
+        y, stats, m, kern = _train_forward(x, weight, bias, rm, rv, factor, eps, unbiased, group)
         # Otherwise autograd makes zero gradients for mean and var on every backward (~4 µs a call on
         # small layers); backward then has to accept an undefined g for y.
         ctx.set_materialize_grads(False)
-        ctx.unbiased = unbiased
-        if kern is not None:
-            n, c, l = ctx.ncl = _ncl(x)
-            y = kern.empty_like(x)
-            stats = torch.empty(3, c, dtype=x.dtype)  # mean, biased variance, invstd
-            if kern.train_forward[x.dtype](x.data_ptr(), y.data_ptr(), n, c, l, _ptr(weight), _ptr(bias), eps,
-                                           unbiased, stats.data_ptr(), _ptr(rm), _ptr(rv), factor):
-                raise MemoryError("bnexp BatchNorm kernel: out of memory")
-            if rm is not None:
-                increment_version((rm, rv))  # written through pointers, unseen by autograd's checks
-            ctx.save_for_backward(x, weight, stats)
-            if not stats_out:
-                return y
-            mean, var = stats[0], stats[1]
-            ctx.mark_non_differentiable(mean, var)
-            return y, mean, var
-        y = torch.empty_like(x)
-        mean, var, m, centred = _batch_stats(x, y) if group is None else _synced_batch_stats(x, y, group)
-        invstd = (var * (m / (m - 1)) if unbiased else var).add(eps).rsqrt_()
-        scale = invstd * weight if weight is not None else invstd
-        if centred:
-            # y holds x − mean: y = (x − mean)·scale + β in place.
-            if bias is not None:
-                torch.addcmul(_vector_shift(bias, y), y, _per_channel(scale, x), out=y)
-            else:
-                y.mul_(_per_channel(scale, x))
-        else:
-            # ATen's CPU form: x·scale + (β − mean·scale).
-            shift = torch.addcmul(bias, mean, scale, value=-1) if bias is not None else (mean * scale).neg_()
-            torch.addcmul(_vector_shift(shift, x), x, _per_channel(scale, x), out=y)
-        if running is not None:
-            _update_running(running[0], running[1], mean, var, m, running[2])
-        ctx.save_for_backward(x, mean, invstd, scale)
-        ctx.m = m
-        ctx.group = group
+        ctx.save_for_backward(x, weight, stats)
+        ctx.kernel, ctx.m, ctx.eps, ctx.unbiased, ctx.group = kern, m, eps, unbiased, group
         if not stats_out:
             return y
+        mean, var = stats[0], stats[1]
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, g: Tensor, *_g_stats):
-        # once_differentiable would do this check, at a few µs a call that small layers notice.
-        if torch.is_grad_enabled():
-            raise RuntimeError("bnexp BatchNorm does not support double backward (create_graph=True)")
         if g is None:  # y's gradient undefined (grads are not materialized): so are the inputs'
             return None, None, None, None, None, None, None, None
-        if ctx.kernel is not None:
-            return _kernel_backward(ctx, g) + (None, None, None, None, None)
-        x, mean, invstd, scale = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        m = ctx.m
-        # One full-size allocation: dx's buffer first takes the product for Σg·x, then becomes dx.
-        dx = torch.empty_like(x)
-        sum_g, sum_g_xmu = _grad_reductions(g, x, mean, dx)
-        if ctx.group is not None:
-            # Synchronized BN: dx needs the global batch's two sums, while γ and β keep this shard's
-            # own. DDP averages gradients over the ranks, and each rank's loss is the mean over its
-            # own shard, so the average of these per-shard gradients is the global batch's gradient.
-            tot_g, tot_g_xmu = all_reduce_sum(torch.stack([sum_g, sum_g_xmu]), ctx.group).unbind()
-        sum_g_xhat = sum_g_xmu.mul_(invstd)
-        grad_w, grad_b = (sum_g_xhat if need_w else None), (sum_g if need_b else None)
-        if ctx.group is not None:
-            sum_g, sum_g_xhat = tot_g, tot_g_xmu * invstd
-        grad_x = None
+        x, weight, stats = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        # (_plain(g) less its compile check: torch.compile never runs this eager Function.)
+        if torch.is_grad_enabled() or _peek_interpreter() is not None or _legacy_batched(g):
+            if ctx.group is not None:
+                raise RuntimeError("bnexp BatchNorm: double backward of synchronized BN is not supported")
+            grads = _train_backward_differentiable(g, x, weight, ctx.eps, ctx.unbiased, need)
+        else:
+            grads = _train_backward(g, x, weight, stats, ctx.m, ctx.unbiased, need, ctx.kernel, ctx.group)
+        return (*grads, None, None, None, None, None)
+
+
+class BatchNormEvalFunction(Function):
+    """Inference-mode BN: a fixed per-channel affine map, y = x·γ/sqrt(rv+ε) + (β − rm·γ/sqrt(rv+ε)).
+
+    Its backward is written out-of-place from the saved inputs, so autograd differentiates it again.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+                bias: Tensor | None, eps: float):
+        # x is only needed for ∂ℓ/∂γ; do not keep it alive otherwise.
+        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, running_mean, running_var, weight)
+        ctx.eps = eps
+        return _eval_forward(x, running_mean, running_var, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, running_mean, running_var, weight = ctx.saved_tensors
+        need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
+        cv = _channel_view(g)
+        dims = _reduce_dims(g)
+        cd = torch.promote_types(_compute_dtype(g), running_var.dtype)
+        invstd = torch.rsqrt(running_var.to(cd) + ctx.eps)
+        gc = g.to(cd)
+        grad_x = grad_w = grad_b = None
         if need_x:
-            # ∂ℓ/∂x = k·(g − Σg/m − c·x̂·Σg·x̂/m), k = γ·invstd (= scale), c = m/(m−1) if unbiased else 1,
-            # as dx = g·k + x·a + b with per-channel a = −(c/m)·k·invstd·Σg·x̂, b = −k·Σg/m − a·μ.
-            c = (m / (m - 1) if ctx.unbiased else 1.0) / m
-            a = torch.mul(sum_g_xhat, invstd).mul_(scale).mul_(-c)
-            b = torch.mul(scale, sum_g).mul_(-1.0 / m).addcmul_(a, mean, value=-1)
-            torch.addcmul(_vector_shift(b, x), x, _per_channel(a, x), out=dx)
-            dx.addcmul_(g, _per_channel(scale, x))
-            grad_x = dx
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+            scale = invstd * weight.to(cd) if weight is not None else invstd
+            grad_x = (gc * scale.view(cv)).to(g.dtype)
+        if need_w:
+            # Centred explicitly: x need not be centred on the running mean.
+            grad_w = (((x.to(cd) - running_mean.to(cd).view(cv)) * gc).sum(dims) * invstd).to(weight.dtype)
+        if need_b:
+            grad_b = gc.sum(dims).to(weight.dtype if weight is not None else g.dtype)
+        return grad_x, None, None, grad_w, grad_b, None
 
 
-def _kernel_backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+# --- The registered operator: what torch.compile and torch.func see ----------------------------------
+
+@torch.library.custom_op("bnexp::batch_norm_train", mutates_args=())
+def batch_norm_train_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                        unbiased: bool) -> tuple[Tensor, Tensor]:
+    """``bnexp::batch_norm_train``: training-mode BN as one functional operator, (y, stats) with stats
+    (3, C) the batch's mean, biased variance and invstd (in _compute_dtype(x)).
+
+    torch.compile keeps it as one opaque node (the kernel, or the tensor ops, inside); its fake
+    implementation gives shapes, its autograd formula is the paper's (differentiable again), and its
+    vmap rule folds the vmapped dimension into channels, as torch does for its own batch norm. The
+    running statistics are updated outside it (batch_norm_train), since torch registers autograd
+    formulas for functional operators only.
+    """
+    y, stats, _, _ = _train_forward(x, weight, bias, None, None, 0.0, eps, unbiased)
+    return y, stats
+
+
+@batch_norm_train_op.register_fake
+def _(x, weight, bias, eps, unbiased):
+    return torch.empty_like(x), x.new_empty((3, x.shape[1]), dtype=_compute_dtype(x))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, weight, _, eps, unbiased = inputs
+    _, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(x, weight, stats)
+    ctx.saved_for_jvp = (x, weight)
+    ctx.eps, ctx.unbiased = eps, unbiased
+
+
+def _op_backward(ctx, g: Tensor, _g_stats: Tensor):
     x, weight, stats = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    g = g.contiguous()  # e.g. the expanded gradient of y.sum()
-    n, c, l = ctx.ncl
-    dtype = x.dtype
-    dx = ctx.kernel.empty_like(x) if need_x else None
-    grad_w = torch.empty(c, dtype=dtype) if need_w else None
-    grad_b = torch.empty(c, dtype=dtype) if need_b else None
-    mean = stats.data_ptr()
-    if ctx.kernel.train_backward[dtype](g.data_ptr(), x.data_ptr(), _ptr(dx), n, c, l, _ptr(weight), mean,
-                                        mean + 2 * c * stats.element_size(), ctx.unbiased, _ptr(grad_w),
-                                        _ptr(grad_b)):
-        raise MemoryError("bnexp BatchNorm kernel: out of memory")
-    return dx, grad_w, grad_b
+    need = tuple(ctx.needs_input_grad[:3])
+    if torch.is_grad_enabled() or not _plain(g) or not _plain(x):
+        grads = _train_backward_differentiable(g, x, weight, ctx.eps, ctx.unbiased, need)
+    else:
+        grads = _train_backward(g, x, weight, stats, x.numel() // x.shape[1], ctx.unbiased, need,
+                                kernel_for(x, weight, stats))
+    return (*grads, None, None)
+
+
+batch_norm_train_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def _fold(t: Tensor | None, dim: int | None, size: int) -> Tensor | None:
+    """A per-channel (C,) tensor, or its vmapped (…B…, C) form, as (B·C,) for the folded channels."""
+    if t is None:
+        return None
+    return t.movedim(dim, 0).reshape(-1) if dim is not None else t.repeat(size)
+
+
+@batch_norm_train_op.register_vmap
+def _(info, in_dims, x, weight, bias, eps, unbiased):
+    """vmap: each of the B vmapped problems is BN of its own (N, C, …) batch, i.e. BN of (N, B·C, …)."""
+    x_dim, w_dim, b_dim = in_dims[:3]
+    size = info.batch_size
+    x = x.movedim(x_dim, 1) if x_dim is not None else x.unsqueeze(1).expand(x.shape[0], size, *x.shape[1:])
+    n, c, rest = x.shape[0], x.shape[2], x.shape[3:]
+    y, stats = batch_norm_train_op(x.reshape(n, size * c, *rest), _fold(weight, w_dim, size),
+                                   _fold(bias, b_dim, size), eps, unbiased)
+    return (y.view(n, size, c, *rest), stats.view(3, size, c)), (1, 1)
+
+
+class _TrainOpFunction(Function):
+    """The operator wrapped for torch.func: functorch's grad and vmap transforms take autograd.Functions
+    with ``setup_context`` (which the autograd that torch.library generates for an operator lacks); vmap
+    runs forward on batched tensors, so the operator's vmap rule applies, backward is tensor ops, and
+    ``jvp`` gives forward mode (jacfwd). torch.compile, which cannot trace a jvp, takes the operator."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, eps, unbiased):
+        return batch_norm_train_op(x, weight, bias, eps, unbiased)
+
+    setup_context = staticmethod(_op_setup_context)
+    backward = staticmethod(_op_backward)
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, _eps, _unbiased):
+        """Forward mode (torch.func.jacfwd, forward_ad): BN's Jacobian in x is self-adjoint, so the
+        tangent of y is the backward's ∂ℓ/∂x formula applied to dx, plus x̂·dγ + dβ."""
+        x, weight = ctx.saved_for_jvp
+        dy = None
+        if dx is not None:
+            dy = _train_backward_differentiable(dx, x, weight, ctx.eps, ctx.unbiased, (True, False, False))[0]
+        if dw is not None or db is not None:
+            cv = _channel_view(x)
+            xhat = _train_backward_differentiable(torch.ones_like(x), x, None, ctx.eps, ctx.unbiased,
+                                                  (False, False, False), xhat_only=True)
+            extra = 0
+            if dw is not None:
+                extra = xhat * dw.view(cv)
+            if db is not None:
+                extra = extra + db.view(cv)
+            dy = extra.to(x.dtype) if dy is None else dy + extra
+        return dy, None
+
+
+# --- Entry points: eager Function or operator ----------------------------------------------------------
+
+def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, unbiased: bool,
+                     running: tuple[Tensor, Tensor, float] | None = None,
+                     group=None) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BN of x: (y, mean, var), the batch's per-channel mean and biased variance
+    non-differentiable. ``running``: None or (running_mean, running_var, factor), updated in place.
+
+    Eager calls on ordinary tensors take BatchNormTrainFunction; traced ones (torch.compile, torch.func)
+    the registered operator ``bnexp::batch_norm_train``. Synchronized BN (``group``) is eager only.
+    """
+    if group is not None or _plain(x):
+        return BatchNormTrainFunction.apply(x, weight, bias, eps, unbiased, running, group)
+    if _compiling():  # Dynamo takes the operator with its registered autograd (it cannot trace a jvp)
+        y, stats = batch_norm_train_op(x, weight, bias, eps, unbiased)
+    else:
+        y, stats = _TrainOpFunction.apply(x, weight, bias, eps, unbiased)
+    mean, var = stats[0], stats[1]
+    if running is not None:
+        with torch.no_grad():
+            _update_running(running[0], running[1], mean, var, x.numel() // x.shape[1], running[2])
+    return y, mean, var
+
+
+def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+                    bias: Tensor | None, eps: float) -> Tensor:
+    """Inference-mode BN of x with the running estimates (our Function when a gradient is wanted)."""
+    if not _plain(x):
+        return _eval_composite(x, running_mean, running_var, weight, bias, eps)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return BatchNormEvalFunction.apply(x, running_mean, running_var, weight, bias, eps)
+    # Inference: nothing here requires grad, so no graph is recorded; skip the autograd.Function
+    # machinery (~10 µs a call).
+    return _eval_forward(x, running_mean, running_var, weight, bias, eps)
 
 
 def grouped_train_forward(bn: nn.Module, x: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -303,7 +627,7 @@ def grouped_train_forward(bn: nn.Module, x: Tensor, groups: int) -> tuple[Tensor
     if type(bn) not in (BatchNorm1d, BatchNorm2d, BatchNorm3d) or bn.stats != "local" or torch.is_grad_enabled():
         return None  # (no autograd here: the probes run without gradients)
     weight, bias = bn.weight, bn.bias
-    kern = _kernel_for(x, weight, bias)
+    kern = kernel_for(x, weight, bias)
     if kern is None:
         return None
     n, c, l = _ncl(x)
@@ -315,49 +639,15 @@ def grouped_train_forward(bn: nn.Module, x: Tensor, groups: int) -> tuple[Tensor
     return y, stats[:, 0], stats[:, 1]
 
 
-def _eval_coefficients(running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
-                       bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    invstd = running_var.add(eps).rsqrt_()
-    scale = invstd * weight if weight is not None else invstd
-    shift = torch.addcmul(bias, running_mean, scale, value=-1) if bias is not None else (running_mean * scale).neg_()
-    return invstd, scale, shift
+# --- The modules ------------------------------------------------------------------------------------------
 
-
-def _eval_forward(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return torch.addcmul(_vector_shift(shift, x), x, _per_channel(scale, x))
-
-
-class BatchNormEvalFunction(Function):
-    """Inference-mode BN: a fixed per-channel affine map, y = x·γ/sqrt(rv+ε) + (β − rm·γ/sqrt(rv+ε))."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
-                bias: Tensor | None, eps: float):
-        invstd, scale, shift = _eval_coefficients(running_mean, running_var, weight, bias, eps)
-        # x is only needed for ∂ℓ/∂γ; do not keep it alive otherwise.
-        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, running_mean, invstd, scale)
-        return _eval_forward(x, scale, shift)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g: Tensor):
-        x, running_mean, invstd, scale = ctx.saved_tensors
-        need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
-        cv = _channel_view(g)
-        dims = _reduce_dims(g)
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            grad_x = g * scale.view(cv)
-        if need_w:
-            # Centred explicitly: eval backward is rare, and x need not be centred on the running mean.
-            grad_w = ((x - running_mean.view(cv)) * g).sum(dims) * invstd
-        if need_b:
-            grad_b = g.sum(dims)
-        return grad_x, None, None, grad_w, grad_b, None
-
-
-class BatchNormBase(nn.Module):
+class BatchNormBase(_BatchNorm):
     """Common base of our BatchNorm1d/2d/3d (training code tells ours from torch's by this class).
+
+    A subclass of torch's ``nn.modules.batchnorm._BatchNorm``, so that torch's utilities that look for
+    BN layers by that class (torch.func.replace_all_batch_norm_modules_, SyncBatchNorm conversion,
+    conv-BN fusion helpers) find ours; from it we take the parameters, buffers, state-dict handling and
+    repr, and replace forward: no call into torch's batch-norm kernels.
 
     Options beyond torch, keyword-only, defaulting to the paper's behaviour:
       running_var_init: value ``running_var`` starts from and ``reset_running_stats()`` restores.
@@ -368,9 +658,7 @@ class BatchNormBase(nn.Module):
         synchronized BN (bnexp.nn.sync). In a single process the two are the same.
     """
 
-    _version = 2
     _accepted_ranks: tuple[int, ...] = ()
-    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
 
     def __init__(
         self,
@@ -388,56 +676,22 @@ class BatchNormBase(nn.Module):
         stats: str = "local",
         process_group=None,
     ) -> None:
-        factory_kwargs = {"device": device, "dtype": dtype}
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        self.running_var_init = float(running_var_init)
-        self.unbiased_normalize = bool(unbiased_normalize)
         if stats not in ("local", "global"):
             raise ValueError(f"stats must be 'local' or 'global', got {stats!r}")
+        # Set before torch's __init__, whose reset_parameters() reads running_var_init.
+        self.running_var_init = float(running_var_init)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.unbiased_normalize = bool(unbiased_normalize)
         self.stats = stats
         self.process_group = process_group
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
-            self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
 
     def reset_running_stats(self) -> None:
+        super().reset_running_stats()
         if self.track_running_stats:
-            self.running_mean.zero_()
             self.running_var.fill_(self.running_var_init)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            init.ones_(self.weight)
-            if self.bias is not None:
-                init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        s = (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
-        )
+        s = super().extra_repr()
         if self.running_var_init != 1.0:
             s += f", running_var_init={self.running_var_init}"
         if self.unbiased_normalize:
@@ -446,29 +700,13 @@ class BatchNormBase(nn.Module):
             s += f", stats={self.stats!r}"
         return s
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
-        # Mirrors torch's _NormBase: state dicts from before version 2 have no num_batches_tracked.
-        version = local_metadata.get("version", None)
-        if (version is None or version < 2) and self.track_running_stats:
-            key = prefix + "num_batches_tracked"
-            if key not in state_dict:
-                state_dict[key] = (
-                    self.num_batches_tracked
-                    if self.num_batches_tracked is not None
-                    and self.num_batches_tracked.device != torch.device("meta")
-                    else torch.tensor(0, dtype=torch.long)
-                )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
     def _sync_group(self):
         """The process group to reduce batch statistics over, or None for this process's batch alone."""
         if self.stats == "local":
             return None
         return sync_group(self)
 
-    def _check_input(self, x: Tensor) -> None:
+    def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() not in self._accepted_ranks:
             expected = " or ".join(f"{r}D" for r in self._accepted_ranks)
             raise ValueError(f"expected {expected} input (got {x.dim()}D input of shape {tuple(x.shape)})")
@@ -479,6 +717,8 @@ class BatchNormBase(nn.Module):
                 f"expected input with {self.num_features} channels on dim 1, "
                 f"got input of shape {tuple(x.shape)}"
             )
+
+    _check_input = _check_input_dim  # the variants' name for it
 
     def _check_batch(self, size: torch.Size, use_batch_stats: bool, rows: int | None = None,
                      synced: bool = False) -> None:
@@ -506,7 +746,7 @@ class BatchNormBase(nn.Module):
         return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
+        self._check_input_dim(input)
         # An nn.Module attribute read of a parameter or buffer goes through __getattr__ (~0.4 µs, and this
         # runs per layer per step); the dicts it searches are direct.
         params, buffers = self._parameters, self._buffers
@@ -516,7 +756,7 @@ class BatchNormBase(nn.Module):
         # Batch statistics in training, and in eval when there are no running estimates (as torch).
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         update_running = self.training and self.track_running_stats and running_mean is not None
-        group = self._sync_group()
+        group = None if self.stats == "local" else sync_group(self)  # (self._sync_group(), a call cheaper)
         self._check_batch(input.size(), use_batch_stats, synced=group is not None)
 
         if update_running:
@@ -530,29 +770,15 @@ class BatchNormBase(nn.Module):
                 out = out * weight.view(_channel_view(input))
             if bias is not None:
                 out = out + bias.view(_channel_view(input))
-            return out
+            return out.to(input.dtype)
 
         if use_batch_stats:
             running = (running_mean, running_var, self._momentum_factor()) if update_running else None
-            return BatchNormTrainFunction.apply(input, weight, bias, eps, self.unbiased_normalize, running, group,
-                                                False)
-        if torch.is_grad_enabled() and (
-            input.requires_grad or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad)
-        ):
-            return BatchNormEvalFunction.apply(input, running_mean, running_var, weight, bias, eps)
-        # Inference: nothing here requires grad, so no graph is recorded; skip the autograd.Function
-        # machinery (~10 µs a call).
-        kern = _kernel_for(input, running_mean, running_var, weight, bias)
-        if kern is not None:
-            n, c, l = _ncl(input)
-            out = kern.empty_like(input)
-            if kern.eval_forward[input.dtype](input.data_ptr(), out.data_ptr(), n, c, l, running_mean.data_ptr(),
-                                              running_var.data_ptr(), _ptr(weight), _ptr(bias), eps):
-                raise MemoryError("bnexp BatchNorm kernel: out of memory")
-            return out
-        _, scale, shift = _eval_coefficients(running_mean, running_var, weight, bias, eps)
-        return _eval_forward(input, scale, shift)
+            if group is not None or _plain(input):
+                return BatchNormTrainFunction.apply(input, weight, bias, eps, self.unbiased_normalize, running,
+                                                    group, False)
+            return batch_norm_train(input, weight, bias, eps, self.unbiased_normalize, running)[0]
+        return batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
 
 
 class BatchNorm1d(BatchNormBase):

@@ -14,14 +14,104 @@
  * x·k + shift, so inputs with a large mean lose nothing to cancellation in T either.
  *
  * Loops stream memory once, in order. For L = 1 the inner loop runs over channels with one accumulator
- * per channel; for L > 1 it runs over a plane with LANES partial sums. `omp simd` asks for vector code
- * (-fopenmp-simd: the pragmas only, no OpenMP runtime, which would clash with torch's).
+ * per channel; for L > 1 it runs over a plane with LANES partial sums. `omp simd` asks for vector code.
+ *
+ * Threads: each entry point splits the channels into contiguous ranges, one per thread, and a thread
+ * computes its channels' statistics, coefficients and outputs alone, so there is no barrier between
+ * passes, and a channel's sums are added in the same order whatever the thread count (results do not
+ * depend on it). kernel.py builds with -fopenmp only where torch's own OpenMP runtime (libgomp.so.1) is
+ * loaded, so these parallel regions run on torch's thread pool with torch.get_num_threads() threads,
+ * never on a second runtime competing with it; elsewhere it builds without, and everything runs on the
+ * calling thread. Inputs below bn_parallel_min elements run on the calling thread: waking the pool
+ * costs more than it saves there (benchmarks/README.md has the measurements).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #ifdef __linux__
 #include <sys/mman.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static int64_t parallel_min = 32768;
+
+/* Inputs of fewer elements than this run on one thread (kernel.py may set it; tests force threads). */
+void bn_set_parallel_min(int64_t numel) { parallel_min = numel; }
+
+/* 1 when this build runs parallel regions on an OpenMP runtime, else 0. */
+int bn_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef _OPENMP
+static int bn_threads(int64_t numel, int64_t C)
+{
+    if (numel < parallel_min || C < 2 || omp_in_parallel()) return 1;
+    int nt = omp_get_max_threads();
+    return nt < C ? nt : (int)C;
+}
+
+/* Run `body` with c0, c1 bound to this thread's range of the C channels. */
+#define BN_PARALLEL_CHANNELS(numel, C, body)                                     \
+    do {                                                                         \
+        const int nt_ = bn_threads((numel), (C));                                \
+        if (nt_ > 1) {                                                           \
+            _Pragma("omp parallel num_threads(nt_)")                             \
+            {                                                                    \
+                const int64_t t_ = omp_get_thread_num(), n_ = omp_get_num_threads(); \
+                const int64_t c0 = (C) * t_ / n_, c1 = (C) * (t_ + 1) / n_;       \
+                body;                                                            \
+            }                                                                    \
+        } else {                                                                 \
+            const int64_t c0 = 0, c1 = (C);                                      \
+            body;                                                                \
+        }                                                                        \
+    } while (0)
+/* Two phases, a barrier between: `first` with c0, c1 bound to this thread's channels, then `second` with
+ * r0, r1 bound to its rows. For (N, C) data, where a channel is a column: the statistics need whole
+ * channels, but the elementwise pass streams memory better in whole rows. */
+#define BN_PARALLEL_CHANNELS_THEN_ROWS(numel, C, N, first, second)              \
+    do {                                                                         \
+        const int nt_ = bn_threads((numel), (C));                                \
+        if (nt_ > 1) {                                                           \
+            _Pragma("omp parallel num_threads(nt_)")                             \
+            {                                                                    \
+                const int64_t t_ = omp_get_thread_num(), n_ = omp_get_num_threads(); \
+                {                                                                \
+                    const int64_t c0 = (C) * t_ / n_, c1 = (C) * (t_ + 1) / n_;   \
+                    first;                                                       \
+                }                                                                \
+                _Pragma("omp barrier")                                           \
+                {                                                                \
+                    const int64_t r0 = (N) * t_ / n_, r1 = (N) * (t_ + 1) / n_;   \
+                    second;                                                      \
+                }                                                                \
+            }                                                                    \
+        } else {                                                                 \
+            { const int64_t c0 = 0, c1 = (C); first; }                           \
+            { const int64_t r0 = 0, r1 = (N); second; }                          \
+        }                                                                        \
+    } while (0)
+#else
+#define BN_PARALLEL_CHANNELS_THEN_ROWS(numel, C, N, first, second) \
+    do {                                                           \
+        (void)(numel);                                             \
+        { const int64_t c0 = 0, c1 = (C); first; }                 \
+        { const int64_t r0 = 0, r1 = (N); second; }                \
+    } while (0)
+#define BN_PARALLEL_CHANNELS(numel, C, body) \
+    do {                                     \
+        (void)(numel);                       \
+        const int64_t c0 = 0, c1 = (C);      \
+        body;                                \
+    } while (0)
 #endif
 
 #define T float

@@ -1,5 +1,10 @@
 /* The kernels for one element type: included by bn_kernel.c once per type, with T the element type and
- * NAME(f) the function name for it. See bn_kernel.c for the layout, the accuracy argument and why. */
+ * NAME(f) the function name for it. See bn_kernel.c for the layout, the accuracy argument, the threading
+ * and why.
+ *
+ * Every entry point works channel by channel: a thread owns the channels [c0, c1) for the whole call (their
+ * statistics, their coefficients and their outputs), so threads need no barrier between passes and each
+ * channel's sums are added in the same order whatever the number of threads. */
 
 #define ROWS 4   /* (N, C) data: rows handled together, so each per-channel value is loaded once per 4 */
 #define LANES 16 /* NC* data: independent partial sums per plane, so the additions do not wait on each other */
@@ -53,9 +58,9 @@ static inline void NAME(plane_grad_sums)(const T *restrict g, const T *restrict 
     *sgd += d;
 }
 
-/* y = (x − μ)·k + β over (N, C, L) data, per-channel μ, k, β. */
-static void NAME(affine)(const T *restrict x, T *restrict y, int64_t N, int64_t C, int64_t L,
-                         const T *restrict mu, const T *restrict k, const T *restrict beta)
+/* y = (x − μ)·k + β over channels [c0, c1) of (N, C, L) data, per-channel μ, k, β. */
+static void NAME(affine)(const T *restrict x, T *restrict y, int64_t N, int64_t C, int64_t L, int64_t c0,
+                         int64_t c1, const T *restrict mu, const T *restrict k, const T *restrict beta)
 {
     if (L == 1) {
         int64_t n = 0;
@@ -63,7 +68,7 @@ static void NAME(affine)(const T *restrict x, T *restrict y, int64_t N, int64_t 
             const T *x0 = x + n * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
             T *y0 = y + n * C, *y1 = y0 + C, *y2 = y1 + C, *y3 = y2 + C;
             _Pragma("omp simd")
-            for (int64_t c = 0; c < C; c++) {
+            for (int64_t c = c0; c < c1; c++) {
                 const T m = mu[c], kk = k[c], b = beta[c];
                 y0[c] = (x0[c] - m) * kk + b;
                 y1[c] = (x1[c] - m) * kk + b;
@@ -75,12 +80,12 @@ static void NAME(affine)(const T *restrict x, T *restrict y, int64_t N, int64_t 
             const T *xr = x + n * C;
             T *yr = y + n * C;
             _Pragma("omp simd")
-            for (int64_t c = 0; c < C; c++) yr[c] = (xr[c] - mu[c]) * k[c] + beta[c];
+            for (int64_t c = c0; c < c1; c++) yr[c] = (xr[c] - mu[c]) * k[c] + beta[c];
         }
         return;
     }
     for (int64_t n = 0; n < N; n++) {
-        for (int64_t c = 0; c < C; c++) {
+        for (int64_t c = c0; c < c1; c++) {
             const T *xp = x + (n * C + c) * L;
             T *yp = y + (n * C + c) * L;
             const T m = mu[c], kk = k[c], b = beta[c];
@@ -90,26 +95,23 @@ static void NAME(affine)(const T *restrict x, T *restrict y, int64_t N, int64_t 
     }
 }
 
-/* Training forward. stats (3·C values of T) receives mean, biased variance and invstd; the running
- * buffers (NULL when not tracked) move toward the batch's mean and unbiased variance by `factor`.
- * Returns 0, or -1 when scratch memory could not be had. */
-int NAME(bn_train_forward)(const T *restrict x, T *restrict y, int64_t N, int64_t C, int64_t L,
-                           const T *w, const T *b, double eps, int unbiased, T *stats, T *run_mean,
-                           T *run_var, double factor)
+/* Training forward over channels [c0, c1): statistics, coefficients, running statistics, and y unless the
+ * caller writes it by rows (write_y = 0); acc holds 3·C doubles, coef 2·C values of T (k, then β). */
+static void NAME(train_forward_range)(const T *restrict x, T *restrict y, int64_t N, int64_t C, int64_t L,
+                                      int64_t c0, int64_t c1, const T *w, const T *b, double eps, int unbiased,
+                                      T *stats, T *run_mean, T *run_var, double factor, double *acc, T *coef,
+                                      int write_y)
 {
     const double m = (double)N * (double)L;
-    double *acc = malloc(sizeof(double) * 3 * (size_t)C);
-    T *coef = malloc(sizeof(T) * 2 * (size_t)C);
-    if (!acc || !coef) { free(acc); free(coef); return -1; }
     double *s = acc, *q = acc + C, *shift = acc + 2 * C;
     T *mean = stats, *var = stats + C, *invstd = stats + 2 * C, *k = coef, *beta = coef + C;
-    for (int64_t c = 0; c < C; c++) { s[c] = 0.0; q[c] = 0.0; shift[c] = (double)x[c * L]; }
+    for (int64_t c = c0; c < c1; c++) { s[c] = 0.0; q[c] = 0.0; shift[c] = (double)x[c * L]; }
     if (L == 1) {
         int64_t n = 0;
         for (; n + ROWS <= N; n += ROWS) {
             const T *x0 = x + n * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
             _Pragma("omp simd")
-            for (int64_t c = 0; c < C; c++) {
+            for (int64_t c = c0; c < c1; c++) {
                 const double sh = shift[c];
                 const double d0 = (double)x0[c] - sh, d1 = (double)x1[c] - sh;
                 const double d2 = (double)x2[c] - sh, d3 = (double)x3[c] - sh;
@@ -120,7 +122,7 @@ int NAME(bn_train_forward)(const T *restrict x, T *restrict y, int64_t N, int64_
         for (; n < N; n++) {
             const T *xr = x + n * C;
             _Pragma("omp simd")
-            for (int64_t c = 0; c < C; c++) {
+            for (int64_t c = c0; c < c1; c++) {
                 const double d = (double)xr[c] - shift[c];
                 s[c] += d;
                 q[c] += d * d;
@@ -128,9 +130,9 @@ int NAME(bn_train_forward)(const T *restrict x, T *restrict y, int64_t N, int64_
         }
     } else {
         for (int64_t n = 0; n < N; n++)
-            for (int64_t c = 0; c < C; c++) NAME(plane_sums)(x + (n * C + c) * L, L, shift[c], &s[c], &q[c]);
+            for (int64_t c = c0; c < c1; c++) NAME(plane_sums)(x + (n * C + c) * L, L, shift[c], &s[c], &q[c]);
     }
-    for (int64_t c = 0; c < C; c++) {
+    for (int64_t c = c0; c < c1; c++) {
         const double dm = s[c] / m;
         double v = q[c] / m - dm * dm;
         if (v < 0.0) v = 0.0;
@@ -146,7 +148,30 @@ int NAME(bn_train_forward)(const T *restrict x, T *restrict y, int64_t N, int64_
         k[c] = (T)((double)invstd[c] * (w ? (double)w[c] : 1.0));
         beta[c] = b ? b[c] : (T)0;
     }
-    NAME(affine)(x, y, N, C, L, mean, k, beta);
+    if (write_y) NAME(affine)(x, y, N, C, L, c0, c1, mean, k, beta);
+}
+
+/* Training forward. stats (3·C values of T) receives mean, biased variance and invstd; the running
+ * buffers (NULL when not tracked) move toward the batch's mean and unbiased variance by `factor`.
+ * Returns 0, or -1 when scratch memory could not be had. */
+int NAME(bn_train_forward)(const T *restrict x, T *restrict y, int64_t N, int64_t C, int64_t L,
+                           const T *w, const T *b, double eps, int unbiased, T *stats, T *run_mean,
+                           T *run_var, double factor)
+{
+    double *acc = malloc(sizeof(double) * 3 * (size_t)C);
+    T *coef = malloc(sizeof(T) * 2 * (size_t)C);
+    if (!acc || !coef) { free(acc); free(coef); return -1; }
+    if (L == 1) {
+        /* (N, C) data: y by rows, once every channel's coefficients are known. */
+        BN_PARALLEL_CHANNELS_THEN_ROWS(N * C, C, N,
+            NAME(train_forward_range)(x, y, N, C, L, c0, c1, w, b, eps, unbiased, stats, run_mean, run_var,
+                                      factor, acc, coef, 0),
+            NAME(affine)(x + r0 * C, y + r0 * C, r1 - r0, C, 1, 0, C, stats, coef, coef + C));
+    } else {
+        BN_PARALLEL_CHANNELS(N * C * L, C,
+            NAME(train_forward_range)(x, y, N, C, L, c0, c1, w, b, eps, unbiased, stats, run_mean, run_var,
+                                      factor, acc, coef, 1));
+    }
     free(acc);
     free(coef);
     return 0;
@@ -167,28 +192,29 @@ int NAME(bn_grouped_forward)(const T *x, T *y, int64_t G, int64_t N, int64_t C, 
     return 0;
 }
 
-/* Training backward. Σg and Σg·(x−μ) per channel, then
- * dx = k·(g − Σg/m − c·x̂·Σg·x̂/m), k = γ·invstd, c = m/(m−1) when normalizing by the unbiased variance,
- * formed as dx = g·k + (x−μ)·A + B with per-channel A = −k·c·invstd²·Σg(x−μ)/m and B = −k·Σg/m.
- * grad_w (Σg·x̂), grad_b (Σg) and dx may each be NULL when not needed. Returns 0, or -1 on no memory. */
-int NAME(bn_train_backward)(const T *restrict g, const T *restrict x, T *restrict dx, int64_t N, int64_t C,
-                            int64_t L, const T *w, const T *mean, const T *invstd, int unbiased, T *grad_w,
-                            T *grad_b)
+static void NAME(backward_dx)(const T *restrict g, const T *restrict x, T *restrict dx, int64_t N, int64_t C,
+                              int64_t L, int64_t c0, int64_t c1, const T *restrict mean, const T *restrict k,
+                              const T *restrict A, const T *restrict B);
+
+/* Training backward over channels [c0, c1): the two sums, ∂ℓ/∂γ and ∂ℓ/∂β, the coefficients of dx, and dx
+ * unless the caller writes it by rows (write_dx = 0); acc holds 2·C doubles, coef 3·C values of T (k, A,
+ * B). */
+static void NAME(train_backward_range)(const T *restrict g, const T *restrict x, T *restrict dx, int64_t N,
+                                       int64_t C, int64_t L, int64_t c0, int64_t c1, const T *w, const T *mean,
+                                       const T *invstd, int unbiased, T *grad_w, T *grad_b, double *acc, T *coef,
+                                       int write_dx)
 {
     const double m = (double)N * (double)L;
-    double *acc = malloc(sizeof(double) * 2 * (size_t)C);
-    T *coef = malloc(sizeof(T) * 3 * (size_t)C);
-    if (!acc || !coef) { free(acc); free(coef); return -1; }
     double *sg = acc, *sgd = acc + C;
     T *k = coef, *A = coef + C, *B = coef + 2 * C;
-    for (int64_t c = 0; c < C; c++) { sg[c] = 0.0; sgd[c] = 0.0; }
+    for (int64_t c = c0; c < c1; c++) { sg[c] = 0.0; sgd[c] = 0.0; }
     if (L == 1) {
         int64_t n = 0;
         for (; n + ROWS <= N; n += ROWS) {
             const T *g0 = g + n * C, *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
             const T *x0 = x + n * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
             _Pragma("omp simd")
-            for (int64_t c = 0; c < C; c++) {
+            for (int64_t c = c0; c < c1; c++) {
                 const double mu = (double)mean[c];
                 const double a0 = (double)g0[c], a1 = (double)g1[c], a2 = (double)g2[c], a3 = (double)g3[c];
                 sg[c] += (a0 + a1) + (a2 + a3);
@@ -199,7 +225,7 @@ int NAME(bn_train_backward)(const T *restrict g, const T *restrict x, T *restric
         for (; n < N; n++) {
             const T *gr = g + n * C, *xr = x + n * C;
             _Pragma("omp simd")
-            for (int64_t c = 0; c < C; c++) {
+            for (int64_t c = c0; c < c1; c++) {
                 const double gg = (double)gr[c];
                 sg[c] += gg;
                 sgd[c] += gg * ((double)xr[c] - (double)mean[c]);
@@ -207,56 +233,88 @@ int NAME(bn_train_backward)(const T *restrict g, const T *restrict x, T *restric
         }
     } else {
         for (int64_t n = 0; n < N; n++)
-            for (int64_t c = 0; c < C; c++) {
+            for (int64_t c = c0; c < c1; c++) {
                 const int64_t o = (n * C + c) * L;
                 NAME(plane_grad_sums)(g + o, x + o, L, (double)mean[c], &sg[c], &sgd[c]);
             }
     }
-    for (int64_t c = 0; c < C; c++) {
+    for (int64_t c = c0; c < c1; c++) {
         if (grad_w) grad_w[c] = (T)(sgd[c] * (double)invstd[c]);
         if (grad_b) grad_b[c] = (T)sg[c];
     }
-    if (dx) {
-        const double cu = unbiased ? m / (m - 1.0) : 1.0;
-        for (int64_t c = 0; c < C; c++) {
-            const double is = (double)invstd[c];
-            const double kc = is * (w ? (double)w[c] : 1.0);
-            k[c] = (T)kc;
-            A[c] = (T)(-kc * cu * is * is * sgd[c] / m);
-            B[c] = (T)(-kc * sg[c] / m);
-        }
-        if (L == 1) {
-            int64_t n = 0;
-            for (; n + ROWS <= N; n += ROWS) {
-                const T *g0 = g + n * C, *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
-                const T *x0 = x + n * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
-                T *d0 = dx + n * C, *d1 = d0 + C, *d2 = d1 + C, *d3 = d2 + C;
-                _Pragma("omp simd")
-                for (int64_t c = 0; c < C; c++) {
-                    const T kk = k[c], aa = A[c], bb = B[c], mu = mean[c];
-                    d0[c] = g0[c] * kk + (x0[c] - mu) * aa + bb;
-                    d1[c] = g1[c] * kk + (x1[c] - mu) * aa + bb;
-                    d2[c] = g2[c] * kk + (x2[c] - mu) * aa + bb;
-                    d3[c] = g3[c] * kk + (x3[c] - mu) * aa + bb;
-                }
+    if (!dx) return;
+    const double cu = unbiased ? m / (m - 1.0) : 1.0;
+    for (int64_t c = c0; c < c1; c++) {
+        const double is = (double)invstd[c];
+        const double kc = is * (w ? (double)w[c] : 1.0);
+        k[c] = (T)kc;
+        A[c] = (T)(-kc * cu * is * is * sgd[c] / m);
+        B[c] = (T)(-kc * sg[c] / m);
+    }
+    if (write_dx) NAME(backward_dx)(g, x, dx, N, C, L, c0, c1, mean, k, A, B);
+}
+
+/* dx = g·k + (x − μ)·A + B over channels [c0, c1) of (N, C, L) data. */
+static void NAME(backward_dx)(const T *restrict g, const T *restrict x, T *restrict dx, int64_t N, int64_t C,
+                              int64_t L, int64_t c0, int64_t c1, const T *restrict mean, const T *restrict k,
+                              const T *restrict A, const T *restrict B)
+{
+    if (L == 1) {
+        int64_t n = 0;
+        for (; n + ROWS <= N; n += ROWS) {
+            const T *g0 = g + n * C, *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
+            const T *x0 = x + n * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+            T *d0 = dx + n * C, *d1 = d0 + C, *d2 = d1 + C, *d3 = d2 + C;
+            _Pragma("omp simd")
+            for (int64_t c = c0; c < c1; c++) {
+                const T kk = k[c], aa = A[c], bb = B[c], mu = mean[c];
+                d0[c] = g0[c] * kk + (x0[c] - mu) * aa + bb;
+                d1[c] = g1[c] * kk + (x1[c] - mu) * aa + bb;
+                d2[c] = g2[c] * kk + (x2[c] - mu) * aa + bb;
+                d3[c] = g3[c] * kk + (x3[c] - mu) * aa + bb;
             }
-            for (; n < N; n++) {
-                const T *gr = g + n * C, *xr = x + n * C;
-                T *dr = dx + n * C;
-                _Pragma("omp simd")
-                for (int64_t c = 0; c < C; c++) dr[c] = gr[c] * k[c] + (xr[c] - mean[c]) * A[c] + B[c];
-            }
-        } else {
-            for (int64_t n = 0; n < N; n++)
-                for (int64_t c = 0; c < C; c++) {
-                    const int64_t o = (n * C + c) * L;
-                    const T *gp = g + o, *xp = x + o;
-                    T *dp = dx + o;
-                    const T kk = k[c], aa = A[c], bb = B[c], mu = mean[c];
-                    _Pragma("omp simd")
-                    for (int64_t l = 0; l < L; l++) dp[l] = gp[l] * kk + (xp[l] - mu) * aa + bb;
-                }
         }
+        for (; n < N; n++) {
+            const T *gr = g + n * C, *xr = x + n * C;
+            T *dr = dx + n * C;
+            _Pragma("omp simd")
+            for (int64_t c = c0; c < c1; c++) dr[c] = gr[c] * k[c] + (xr[c] - mean[c]) * A[c] + B[c];
+        }
+    } else {
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t c = c0; c < c1; c++) {
+                const int64_t o = (n * C + c) * L;
+                const T *gp = g + o, *xp = x + o;
+                T *dp = dx + o;
+                const T kk = k[c], aa = A[c], bb = B[c], mu = mean[c];
+                _Pragma("omp simd")
+                for (int64_t l = 0; l < L; l++) dp[l] = gp[l] * kk + (xp[l] - mu) * aa + bb;
+            }
+    }
+}
+
+/* Training backward. Σg and Σg·(x−μ) per channel, then
+ * dx = k·(g − Σg/m − c·x̂·Σg·x̂/m), k = γ·invstd, c = m/(m−1) when normalizing by the unbiased variance,
+ * formed as dx = g·k + (x−μ)·A + B with per-channel A = −k·c·invstd²·Σg(x−μ)/m and B = −k·Σg/m.
+ * grad_w (Σg·x̂), grad_b (Σg) and dx may each be NULL when not needed. Returns 0, or -1 on no memory. */
+int NAME(bn_train_backward)(const T *restrict g, const T *restrict x, T *restrict dx, int64_t N, int64_t C,
+                            int64_t L, const T *w, const T *mean, const T *invstd, int unbiased, T *grad_w,
+                            T *grad_b)
+{
+    double *acc = malloc(sizeof(double) * 2 * (size_t)C);
+    T *coef = malloc(sizeof(T) * 3 * (size_t)C);
+    if (!acc || !coef) { free(acc); free(coef); return -1; }
+    if (L == 1 && dx) {
+        /* (N, C) data: dx by rows, once every channel's coefficients are known. */
+        BN_PARALLEL_CHANNELS_THEN_ROWS(N * C, C, N,
+            NAME(train_backward_range)(g, x, dx, N, C, L, c0, c1, w, mean, invstd, unbiased, grad_w, grad_b, acc,
+                                       coef, 0),
+            NAME(backward_dx)(g + r0 * C, x + r0 * C, dx + r0 * C, r1 - r0, C, 1, 0, C, mean, coef, coef + C,
+                              coef + 2 * C));
+    } else {
+        BN_PARALLEL_CHANNELS(N * C * L, C,
+            NAME(train_backward_range)(g, x, dx, N, C, L, c0, c1, w, mean, invstd, unbiased, grad_w, grad_b, acc,
+                                       coef, 1));
     }
     free(acc);
     free(coef);
@@ -274,7 +332,11 @@ int NAME(bn_eval_forward)(const T *restrict x, T *restrict y, int64_t N, int64_t
         k[c] = (T)((w ? (double)w[c] : 1.0) / sqrt((double)run_var[c] + eps));
         beta[c] = b ? b[c] : (T)0;
     }
-    NAME(affine)(x, y, N, C, L, run_mean, k, beta);
+    if (L == 1)  /* (N, C) data: by rows */
+        BN_PARALLEL_CHANNELS_THEN_ROWS(N * C, C, N, (void)c0; (void)c1,
+                                       NAME(affine)(x + r0 * C, y + r0 * C, r1 - r0, C, 1, 0, C, run_mean, k, beta));
+    else
+        BN_PARALLEL_CHANNELS(N * C * L, C, NAME(affine)(x, y, N, C, L, c0, c1, run_mean, k, beta));
     free(coef);
     return 0;
 }

@@ -32,6 +32,7 @@ SOURCE = Path(__file__).with_name("bn_kernel.c")
 SOURCES = (SOURCE, Path(__file__).with_name("bn_kernel_body.h"))  # all that the build reads: all in the key
 FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared"]
 NATIVE = ["-march=native"]
+OPENMP = ["-fopenmp"]
 BUILD_TIMEOUT_S = 120  # about 1 s normally; a hung compiler must not hang training
 
 _ptr, _i64, _f64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
@@ -47,8 +48,9 @@ _SIGNATURES = {
 }
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
-# Above this many elements ATen's own ops split work across threads; the kernel is single-threaded, so
-# with more than one torch thread the layer leaves large inputs to the tensor-op path.
+# Above this many elements ATen's own ops split work across threads. A kernel built without OpenMP is
+# single-threaded, so with more than one torch thread the layer then leaves large inputs to the tensor-op
+# path; one built with it (``Kernel.parallel``) splits them over torch's threads itself.
 PARALLEL_MIN_NUMEL = 1 << 15
 
 
@@ -65,6 +67,11 @@ class Kernel:
         self.lib = lib
         lib.bn_advise_hugepages.argtypes, lib.bn_advise_hugepages.restype = [_ptr, _i64], _int
         self._advise = lib.bn_advise_hugepages
+        lib.bn_set_parallel_min.argtypes, lib.bn_set_parallel_min.restype = [_i64], None
+        lib.bn_openmp.restype = _int
+        lib.bn_set_parallel_min(PARALLEL_MIN_NUMEL)
+        # Whether the kernel splits channels over torch's OpenMP threads (see bn_kernel.c).
+        self.parallel = bool(lib.bn_openmp())
         for name, (argtypes, restype) in _SIGNATURES.items():
             table = {}
             for dtype, suffix in _SUFFIX.items():
@@ -80,6 +87,15 @@ class Kernel:
         if nbytes >= HUGEPAGE_MIN_BYTES:
             self._advise(out.data_ptr(), nbytes)
         return out
+
+    @contextmanager
+    def parallel_min(self, numel: int) -> Iterator[None]:
+        """Run a block with the kernel going parallel from ``numel`` elements on (tests: 0 forces threads)."""
+        self.lib.bn_set_parallel_min(numel)
+        try:
+            yield
+        finally:
+            self.lib.bn_set_parallel_min(PARALLEL_MIN_NUMEL)
 
 
 def _compiler() -> str | None:
@@ -103,11 +119,37 @@ def _cpu_identity() -> str:
         return platform.processor() + platform.machine()
 
 
-def _build(cc: str, out_dir: Path) -> Path:
-    """Compile into out_dir (atomically: concurrent processes may build at once). Raises on failure."""
+def _gomp_libraries() -> set[str]:
+    """The files mapped into this process under the name libgomp.so.1 (from /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {ln.split()[-1] for ln in f if "/" in ln}
+    except OSError:
+        return set()
+    return {p for p in paths if os.path.basename(p) == "libgomp.so.1"}
+
+
+def torch_openmp() -> bool:
+    """Whether a -fopenmp build would share torch's OpenMP runtime rather than load a second one.
+
+    GCC's -fopenmp links against ``libgomp.so.1``; the dynamic loader resolves that name to the library
+    of that soname already loaded, so this holds when torch has loaded one (torch's Linux wheels ship and
+    load their own) and only one. (Other packages' renamed copies, such as scikit-learn's, are theirs.)
+    Two runtimes would each keep a pool of threads competing for the same cores.
+    """
+    return len(_gomp_libraries()) == 1
+
+
+def _build(cc: str, out_dir: Path, openmp: bool | None = None) -> Path:
+    """Compile into out_dir (atomically: concurrent processes may build at once). Raises on failure.
+
+    With ``openmp`` (default: torch_openmp()) it tries a -fopenmp build first, then one without.
+    """
     source = b"".join(p.read_bytes() for p in SOURCES)
     last_error = ""
-    for extra in (NATIVE, []):  # a compiler that does not know -march=native still gets a portable build
+    threaded = [OPENMP] if (torch_openmp() if openmp is None else openmp) else []
+    # A compiler that does not know -march=native (or -fopenmp) still gets a portable build.
+    for extra in [*(t + NATIVE for t in threaded), *threaded, NATIVE, []]:
         command = [cc, *FLAGS, *extra]
         key = hashlib.sha256(source + repr(command).encode() + _cpu_identity().encode()).hexdigest()[:16]
         target = out_dir / f"bn_kernel-{key}.so"
@@ -150,6 +192,10 @@ def _build_once() -> Kernel | None:
             except OSError:  # an unwritable cache (a read-only home, say): build where we may write
                 path = _build(cc, Path(tempfile.gettempdir()) / f"bnexp-{os.getuid()}")
             _built = Kernel(ctypes.CDLL(str(path)), path)
+            if _built.parallel and not torch_openmp():
+                # Loading it brought a second OpenMP runtime in after all: keep to one thread.
+                _built.lib.bn_set_parallel_min(2**62)
+                _built.parallel = False
         except (OSError, RuntimeError) as exc:
             warnings.warn(f"bnexp: BN kernel not built ({exc}); the layer uses its slower tensor-op path",
                           RuntimeWarning, stacklevel=3)
@@ -179,12 +225,12 @@ def enabled(on: bool) -> Iterator[Kernel | None]:
         _enabled = previous
 
 
-def eligible(x: torch.Tensor) -> bool:
-    """Whether the kernel can take x: contiguous CPU float32/float64, and threads cannot do better."""
+def eligible(x: torch.Tensor, kern: Kernel) -> bool:
+    """Whether the kernel can take x: contiguous CPU float32/float64, and ATen's threads cannot do better."""
     return (
         x.dtype in _SUFFIX
         and x.numel() > 0
         and x.is_cpu
         and x.is_contiguous()
-        and (x.numel() < PARALLEL_MIN_NUMEL or torch.get_num_threads() == 1)
+        and (kern.parallel or x.numel() < PARALLEL_MIN_NUMEL or torch.get_num_threads() == 1)
     )

@@ -4,7 +4,7 @@ Both are subclasses of our `BatchNormBase` (parameters, buffers and state dict a
 probes, checkpoints and `bn_layers` treat them as BN). Their constructor is the base's without `stats` and
 `process_group`, plus keyword-only options of their own: they always normalize by this process's batch
 (the config refuses `stats: global` with a variant). They differ from plain BN only in the training-mode
-forward, which each builds on plain BN's autograd Function (norm.BatchNormTrainFunction) and so on its
+forward, which each builds on plain BN's training forward (batchnorm.batch_norm_train) and so on its
 Section-3 backward. Eval mode is plain BN's: y = γ (x − running_mean) / sqrt(running_var + ε) + β.
 
 Batch Renormalization (Ioffe 2017, Algorithm 1):
@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnexp.nn.batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, BatchNormTrainFunction,
-                        _channel_view, _update_running)
+from bnexp.nn.batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, _channel_view,
+                                _update_running, batch_norm_train)
 
 __all__ = [
     "BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "batch_renorm_train", "renorm_factors",
@@ -71,7 +71,7 @@ def batch_renorm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, ru
     y = x̂·(γr) + (β + γd) with x̂ from plain BN's Function: r and d are constants, so autograd through this
     affine map gives the paper's gradients, ∂ℓ/∂x̂ = γr·g and ∂ℓ/∂γ = Σ g (x̂ r + d).
     """
-    xhat, mean, var = BatchNormTrainFunction.apply(x, None, None, eps, unbiased, None, None)
+    xhat, mean, var = batch_norm_train(x, None, None, eps, unbiased)
     r, d = renorm_factors(mean, var, x.numel() // x.shape[1], running_mean, running_var, eps, r_max, d_max,
                           unbiased)
     scale, shift = (r, d) if weight is None else (weight * r, weight * d)
@@ -145,7 +145,7 @@ def ghost_batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None
     """Plain BN of each of `groups` consecutive virtual batches of x: (y, mean, var), the statistics (groups, C).
 
     The virtual batches become channels: (N, C, *) as (G, k, C, *), then as one k-row batch of G·C channels,
-    so that plain BN's Function does all of them in one call (measured 1.7-2x faster than a Function of its
+    so that plain BN does all of them in one call (measured 1.7-2x faster than a Function of its
     own over a grouped view). γ and β are repeated per virtual batch; repeat's backward adds their gradients
     up over the groups, as the virtual batches share them.
     """
@@ -154,7 +154,7 @@ def ghost_batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None
     folded = x.reshape(groups, k, c, *rest).transpose(0, 1).reshape(k, groups * c, *rest)
     weight = None if weight is None else weight.repeat(groups)
     bias = None if bias is None else bias.repeat(groups)
-    y, mean, var = BatchNormTrainFunction.apply(folded, weight, bias, eps, unbiased, None, None)
+    y, mean, var = batch_norm_train(folded, weight, bias, eps, unbiased)
     y = y.reshape(k, groups, c, *rest).transpose(0, 1).reshape(x.shape)
     return y, mean.view(groups, c), var.view(groups, c)
 
