@@ -85,8 +85,22 @@ def _num(value: Any) -> float:
 
 
 def log_scale(series: list[Series]) -> bool:
-    xs = [x for s in series for x in s.x]
+    return spans_decades([x for s in series for x in s.x])
+
+
+def spans_decades(xs: list[float]) -> bool:
     return bool(xs) and min(xs) > 0 and max(xs) / min(xs) >= 10
+
+
+def value_axis(ax, xs: list[float]) -> None:
+    """An x axis of swept values: logarithmic across decades, ticked at the values, in plain numbers."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    if spans_decades(xs):
+        ax.set_xscale("log")
+    ax.set_xticks(sorted(set(xs)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def sweep_figure(series: list[Series], axis: str, ylabel: str, title: str):
@@ -95,8 +109,6 @@ def sweep_figure(series: list[Series], axis: str, ylabel: str, title: str):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), sharey=True)
     xs = sorted({x for s in series for x in s.x})
@@ -107,11 +119,7 @@ def sweep_figure(series: list[Series], axis: str, ylabel: str, title: str):
             std = np.array([d for _, d, _ in stats])
             n = min(k for _, _, k in stats)
             ax.errorbar(s.x, mean, yerr=std, marker="o", capsize=3, label=f"{s.label or 'all'} (n≥{n})")
-        if log_scale(series):
-            ax.set_xscale("log")
-        ax.set_xticks(xs)  # the swept values themselves, in plain numbers
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        value_axis(ax, xs)
         ax.set(xlabel=axis, title=f"{which} {ylabel}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"{ylabel} (mean ± std over seeds)")

@@ -28,7 +28,7 @@ import numpy as np
 from bnexp.engine.rundir import FINISHED
 from bnexp.experiments.plots import arm_colors, plot_bands, save_figure
 from bnexp.experiments.records import RunRecord
-from bnexp.experiments.sweeps import Points, numeric_axes
+from bnexp.experiments.sweeps import Points, numeric_axes, value_axis
 
 _BLOCK = re.compile(r"^(?:signal|rank)/(h\d+|stem)(?:/|$)")
 _ICS = re.compile(r"^ics/(.+)/l2$")
@@ -158,8 +158,7 @@ def _write_init_plots(records: list[RunRecord], points: Points | None, save) -> 
                 std = [np.nanstd(y, ddof=1) if np.isfinite(y).sum() > 1 else 0.0 for y in ys]
                 ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=label or "all")
             ax.set(title=f"{q} at initialization", xlabel=axis)
-            if min(xs) > 0 and max(xs) / min(xs) >= 10:
-                ax.set_xscale("log")
+            value_axis(ax, [x for by_x in series.values() for x in by_x])
             if q != "last block effective rank":
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
