@@ -6,12 +6,20 @@ can do `run=$(bnexp train ... | tail -n 1)`.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
-from contextlib import contextmanager
-from pathlib import Path
-from typing import List, Optional
 
-import typer
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "bnexp":
+    # Until a command installs bnexp's handlers (bnexp.engine.signals), Ctrl-C ends the program quietly, as
+    # SIGTERM does, instead of with a KeyboardInterrupt traceback from whichever import it lands in.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+from contextlib import contextmanager  # noqa: E402 - after the line above, on purpose
+from pathlib import Path  # noqa: E402
+from typing import List, Optional  # noqa: E402
+
+import typer  # noqa: E402
 
 try:  # recent typer vendors its own click
     from typer._click import exceptions as click_exc
@@ -43,15 +51,26 @@ CompareQuietOpt = typer.Option(False, "--quiet", "-q",
 
 
 def _check_paths(out: Optional[Path], resume: Optional[Path], what: str) -> None:
-    """Say plainly what is wrong with a path whose OS error would only read "File exists" or "not found"."""
+    """Say plainly what is wrong with a path whose OS error would only read "File exists" or "not found",
+    or would come out of a deeper call as a traceback (a name too long, a NUL byte)."""
+    from bnexp.errors import shown_path
+
+    for flag, path in (("--out", out), ("--resume", resume)):
+        try:
+            if path is not None:
+                os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except (OSError, ValueError) as err:
+            raise UserError(f"{flag} {shown_path(path)}: {getattr(err, 'strerror', None) or err}") from None
     if resume is not None and resume.exists() and not resume.is_dir():
-        raise UserError(f"--resume {resume}: is a file, not a {what} directory")
+        raise UserError(f"--resume {shown_path(resume)}: is a file, not a {what} directory")
     if out is not None:
         for parent in out.parents:
             if parent.exists() or parent.is_symlink():
                 if not parent.is_dir():
-                    raise UserError(f"cannot create a {what} directory at {out}: its parent {parent} is a "
-                                    f"file, not a directory")
+                    raise UserError(f"cannot create a {what} directory at {shown_path(out)}: its parent "
+                                    f"{shown_path(parent)} is a file, not a directory")
                 break
 
 
@@ -93,7 +112,7 @@ def train(
     _check_paths(out, resume, "run")
     # Installed before torch is imported: a signal during start-up ends the command cleanly (see
     # bnexp.engine.signals), one during training checkpoints and marks the run interrupted.
-    with catch_signals(), _interruptible(resume):
+    with catch_signals(note=_startup_note(resume)), _interruptible(resume):
         from bnexp import config as cfgmod
         from bnexp.engine import session
 
@@ -110,6 +129,13 @@ def train(
     _report(summary, run_dir)
 
 
+def _startup_note(resume: Optional[Path], what: str = "run") -> str:
+    """What a signal before anything is written means ("{signal}" is filled in)."""
+    if resume is not None:
+        return f"interrupted by {{signal}} before {resume} resumed; nothing in it changed"
+    return f"interrupted by {{signal}} during start-up; no {what} directory was created"
+
+
 @contextmanager
 def _interruptible(resume: Optional[Path]):
     from bnexp.engine.signals import Interrupted
@@ -121,10 +147,8 @@ def _interruptible(resume: Optional[Path]):
             typer.echo(f"interrupted by {sig}: checkpoint written; continue with "
                        f"bnexp train --resume {sig.run_dir}", err=True)
             typer.echo(str(sig.run_dir))
-        elif resume is not None:
-            typer.echo(f"interrupted by {sig} before {resume} resumed; nothing in it changed", err=True)
         else:
-            typer.echo(f"interrupted by {sig} during start-up; no run directory was created", err=True)
+            typer.echo(_startup_note(resume).format(signal=sig), err=True)
         raise typer.Exit(sig.exit_code)
 
 

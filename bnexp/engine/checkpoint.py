@@ -13,7 +13,6 @@ is reported, never skipped or deleted: silently resuming from an older state wou
 from __future__ import annotations
 
 import io
-import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,8 +20,9 @@ from typing import Any
 
 import torch
 
+from bnexp.engine import files
+from bnexp.engine.rundir import CHECKPOINTS
 from bnexp.errors import UserError, first_line
-from bnexp.engine.rundir import CHECKPOINTS, fsync_dir
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 _TMP = re.compile(r"^\.step-(\d+)\.pt\.tmp$")
@@ -45,24 +45,18 @@ def serialize(state: dict[str, Any]) -> memoryview:
 
 
 def write(run_dir: Path, step: int, data: bytes | memoryview) -> Path:
-    """Put serialized checkpoint bytes under their step's name, atomically and durably; prune old ones."""
-    folder = run_dir / CHECKPOINTS
-    folder.mkdir(exist_ok=True)
+    """Put serialized checkpoint bytes under their step's name, atomically and durably; prune old ones.
+    Nothing is written through a symbolic link (a planted temporary, a linked folder)."""
+    folder = files.real_dir(run_dir / CHECKPOINTS, create=True)
     final = folder / f"step-{step:08d}.pt"
-    tmp = folder / f".step-{step:08d}.pt.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(folder)
+    files.write_atomic(final, data)
     # Only once the new one is durable: older checkpoints beyond the fallback, and temporaries left by a
     # process killed mid-write (the run directory's lock makes this process the only writer).
     for old in list_checkpoints(run_dir)[:-KEEP]:
-        old.unlink(missing_ok=True)
+        files.unlink(old)
     for stale in folder.iterdir():
         if _TMP.match(stale.name):
-            stale.unlink(missing_ok=True)
+            files.unlink(stale)
     return final
 
 
