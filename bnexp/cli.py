@@ -117,7 +117,8 @@ def train(
         from bnexp.engine import session
 
         if resume is not None:
-            summary, run_dir = session.resume(resume, quiet=quiet), resume
+            notify = lambda line: typer.echo(line, err=True)  # noqa: E731
+            summary, run_dir = session.resume(resume, quiet=quiet, notify=notify), resume
         else:
             cfg = cfgmod.load(config, set_ or [])
             if out is not None:

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -403,13 +404,16 @@ def test_a_checkpoint_of_format_1_resumes_like_an_uninterrupted_run(tmp_path, ca
     assert run_cli(capsys, "train", "-c", cfg, "--out", run_dir, "-q")[0] == 143
     newest = checkpoint.list_checkpoints(run_dir)[-1]
     state = torch.load(newest, weights_only=True)
-    assert state.pop("format") == checkpoint.FORMAT == 2
+    assert state.pop("format") == checkpoint.FORMAT == 3
     metrics = state.pop("train_metrics")
     assert len(metrics["losses"]) == 353 % 7
     state.update(read_losses=metrics["losses"], read_hits=metrics["hits"], pending_losses=[],
                  pending_correct=[], loss_window=metrics["window"])
-    torch.save(state, newest)
-    assert run_cli(capsys, "train", "--resume", run_dir, "-q")[0] == 0
+    torch.save(state, newest)  # as bnexp wrote it then: no checksum
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 0, err
+    assert f"note: {newest} is of format 1, written by an older bnexp without a checksum: resuming from it " \
+           f"unverified\n" in err
     assert_same_run(run_dir, reference)
 
 
@@ -993,6 +997,54 @@ def interrupted_template(tmp_path_factory, one_thread) -> Path:
 @pytest.fixture
 def interrupted(interrupted_template, tmp_path) -> Path:
     return Path(shutil.copytree(interrupted_template, tmp_path / "run", symlinks=True))
+
+
+def flip_tensor_bytes(path: Path, count: int = 64) -> None:
+    """Invert `count` bytes in the middle of the largest tensor record of a torch.save archive: the damage
+    of the issue, which torch.load reads without complaint."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    # The record's bytes follow its local header (30 bytes, the name, the extra field).
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len + (info.file_size - count) // 2
+    data[start:start + count] = bytes(b ^ 0xFF for b in data[start:start + count])
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["step"] > 0  # still loads: only a checksum can tell
+
+
+def test_a_damaged_checkpoint_is_found_by_its_checksum_and_its_intact_predecessor_resumes(interrupted, capsys,
+                                                                                          reference):
+    run_dir = interrupted
+    damaged = run_dir / "checkpoints" / "step-00000350.pt"
+    flip_tensor_bytes(damaged)
+    before = files_of(run_dir)
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert err == (f"error: damaged checkpoint {damaged}: its contents do not match the checksum written with "
+                   f"it; the previous checkpoint step-00000300.pt is intact: move step-00000350.pt out of "
+                   f"{damaged.parent} to resume from it\n")
+    assert files_of(run_dir) == before
+
+    damaged.rename(run_dir / "step-00000350.pt.damaged")  # what the message says to do
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 0, err
+    assert_same_run(run_dir, reference)
+
+
+def test_checkpoints_without_their_checksum_or_with_a_damaged_one_are_refused(interrupted, capsys):
+    run_dir = interrupted
+    newest, previous = checkpoint.list_checkpoints(run_dir)[::-1]
+    data = newest.read_bytes()
+    newest.write_bytes(data[:-10] + bytes(b ^ 1 for b in data[-10:]))  # a flip in the checksum itself
+    with pytest.raises(checkpoint.CheckpointError, match="do not match the checksum"):
+        checkpoint.load(newest)
+    torch.save(torch.load(previous, weights_only=True), newest)  # format 3 contents, no checksum
+    with pytest.raises(checkpoint.CheckpointError, match="the checksum written with it is missing"):
+        checkpoint.load(newest)
+    assert checkpoint.check(previous) is None  # an intact one: verified, no notice
 
 
 @pytest.mark.parametrize("damage, line, what", [

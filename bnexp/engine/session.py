@@ -106,12 +106,12 @@ def train(cfg: Config, run_dir: Path, *, quiet: bool = True, data: Dataset | Non
             return trainer.run()
 
 
-def resume(run_dir: Path, *, quiet: bool = True, callbacks=()) -> dict[str, Any]:
+def resume(run_dir: Path, *, quiet: bool = True, callbacks=(), notify=None) -> dict[str, Any]:
     """Continue an interrupted (or killed) run in its own directory, from its newest complete checkpoint.
 
     Nothing in the directory changes until every check has passed: a corrupted checkpoint, config or
     metrics.jsonl, or a symbolic link where the run writes, is a one-line user error and no file is
-    deleted.
+    deleted. `notify` gets one-line notices (a checkpoint resumed unverified).
     """
     from bnexp.config import load as load_config
 
@@ -135,11 +135,10 @@ def resume(run_dir: Path, *, quiet: bool = True, callbacks=()) -> dict[str, Any]
             raise ConfigError(f"{run_dir / CONFIG}: {err}") from None
         refuse_links(run_dir, (CHECKPOINTS, METRICS, SUMMARY, ERROR_FILE))
         read_metrics(run_dir)  # a damaged metrics.jsonl is reported here, before anything is written
-        found = checkpoint.list_checkpoints(run_dir)
-        newest = found[-1] if found else None
-        if found:
-            checkpoint.load(newest)  # so is a damaged checkpoint
+        newest, notice = checkpoint.check_newest(run_dir)  # so is a damaged checkpoint
         data = prepare(cfg)
+        if notice and notify is not None and dist.env_rank() == 0:
+            notify(notice)
         if distributed(cfg):
             if dist.env_rank() == 0:
                 files.unlink(run_dir / ERROR_FILE)  # a previous failure's traceback
