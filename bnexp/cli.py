@@ -188,18 +188,27 @@ def compare(
     quiet: bool = CompareQuietOpt,
 ) -> None:
     """Run arms x seeds and write a report (table, CSV, plots); or report on existing runs."""
-    from bnexp.engine.signals import Interrupted
-    from bnexp.experiments import compare as comparemod, report
+    from bnexp.engine.signals import Interrupted, catch_signals
 
     _check_paths(out, resume, "comparison")
-    console = _stderr_console()
+    note = _startup_note(resume, "comparison")
     try:
-        outcome = comparemod.main(config=config, overrides=set_ or [], out=out, jobs=jobs, resume=resume,
-                                  run_dirs=run_dirs or [],
-                                  log=None if quiet else lambda line: console.print(line, soft_wrap=True))
+        # As for train: a signal before the comparison directory exists ends the command cleanly; after,
+        # the runs in progress checkpoint and the comparison can be finished with --resume.
+        with catch_signals(note=note):
+            from bnexp.experiments import compare as comparemod, report
+
+            console = _stderr_console()
+            outcome = comparemod.main(config=config, overrides=set_ or [], out=out, jobs=jobs, resume=resume,
+                                      run_dirs=run_dirs or [],
+                                      log=None if quiet else lambda line: console.print(line, soft_wrap=True))
     except Interrupted as sig:
-        typer.echo(f"interrupted: checkpoints written; finish with bnexp compare --resume {sig.run_dir}", err=True)
-        typer.echo(str(sig.run_dir))
+        if sig.run_dir is None:
+            typer.echo(note.format(signal=sig), err=True)
+        else:
+            typer.echo(f"interrupted by {sig}: checkpoints written; finish with bnexp compare --resume "
+                       f"{sig.run_dir}", err=True)
+            typer.echo(str(sig.run_dir))
         raise typer.Exit(sig.exit_code)
     if not quiet:
         if not console.is_terminal:  # a log file or pipe: no terminal width to respect, keep rows on one line
