@@ -12,11 +12,10 @@ a later flush or close would try again (and report a second time, as a traceback
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -46,8 +45,7 @@ def os_error(err: OSError, path: str | Path, doing: str = "write") -> UserError 
     else:
         reason = err.strerror or str(err)
     kind = OutputError if err.errno in USER_CAUSED else OutputFailed
-    where = err.filename if isinstance(err.filename, str) and err.filename else path  # the exact file, if known
-    return kind(f"cannot {doing} {shown_path(where)}: {reason}")
+    return kind(f"cannot {doing} {shown_path(path)}: {reason}")
 
 
 @contextmanager
@@ -100,7 +98,7 @@ def open_new(path: Path) -> BinaryIO:
     """A fresh file for writing, unbuffered: whatever is at `path` (a stale temporary, a planted link) is
     removed first and the file is created with O_EXCL, so nothing is written through a link."""
     with reporting(path):
-        with _suppress_missing():
+        with suppress(FileNotFoundError):
             os.unlink(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644)
         return os.fdopen(fd, "wb", buffering=0)
@@ -136,7 +134,7 @@ def write_atomic(path: Path, data: str | bytes | memoryview) -> None:
                 f.close()
             os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):  # best effort: the write's own error is the one to report
+        with suppress(OSError):  # best effort: the write's own error is the one to report
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
@@ -158,13 +156,5 @@ def sync_dir(folder: Path) -> None:
 
 def unlink(path: Path) -> None:
     """Remove a file (a link itself, never its target); a missing one is fine."""
-    with reporting(path, "remove"), _suppress_missing():
+    with reporting(path, "remove"), suppress(FileNotFoundError):
         os.unlink(path)
-
-
-@contextmanager
-def _suppress_missing() -> Iterator[None]:
-    try:
-        yield
-    except FileNotFoundError:
-        pass

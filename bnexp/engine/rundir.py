@@ -17,8 +17,8 @@ from typing import Any, Iterable, Iterator
 import torch
 
 import bnexp
-from bnexp.engine.files import (OutputError, OutputFailed, fsync_dir, sync_dir, write_all,  # noqa: F401 - re-exported
-                               write_atomic)
+# write_atomic is this module's too: report.py, logs.py, session.py and compare.py take it from here.
+from bnexp.engine.files import OutputError, OutputFailed, sync_dir, write_all, write_atomic  # noqa: F401
 from bnexp.errors import UserError, shown_path
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
