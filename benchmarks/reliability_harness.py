@@ -446,19 +446,21 @@ def compare_kills(tally: Tally, work: Path) -> None:
             os.killpg(proc.pid, sig)
         else:
             proc.send_signal(sig)
-        out, err = proc.communicate(timeout=300)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=300)  # not communicate(): orphaned workers would hold its pipes open
         deadline = time.monotonic() + 60
         while any(_alive(p) for p in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
         problem = ""
-        if any(_alive(p) for p in workers):
+        if any(_alive(p) for p in [proc.pid, *workers]):
             problem = "a worker outlived its comparison"
-            for p in workers:
+            for p in [proc.pid, *workers]:
                 with contextlib.suppress(OSError):
                     os.kill(p, signal.SIGKILL)
-        elif "Traceback" in err:
+        out, err = proc.communicate(timeout=60)
+        if not problem and "Traceback" in err:
             problem = f"traceback: {err.strip()[-400:]}"
-        else:
+        if not problem:
             r = cli("compare", "--resume", comp, "--jobs", "2", "-q", cwd=cwd)
             if r.code != 0:
                 problem = f"resume: exit {r.code}: {r.err.strip()[-300:]}"
