@@ -666,15 +666,25 @@ def _start_killable(argv: list[str], cwd: Path, comp: Path):
     return proc, workers
 
 
-def _gone(workers: list[int]) -> bool:
+def _stopped(proc, workers: list[int]) -> tuple[str, str]:
+    """Wait for `proc` to end and its workers to be gone (at most a minute each); its stdout and stderr.
+    Workers still alive then are killed, and the test fails."""
+    import os
+    import signal
+    import subprocess
     import time
 
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=60)  # not communicate(): workers that outlived it would hold its pipes open
     deadline = time.monotonic() + 60
-    while any(_alive(p) for p in workers):
-        if time.monotonic() > deadline:
-            return False
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return True
+    survivors = [p for p in [proc.pid, *workers] if _alive(p)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert not survivors, "a worker outlived its comparison"
+    return out, err
 
 
 @pytest.mark.slow
@@ -690,8 +700,7 @@ def test_workers_die_with_their_comparison_and_it_resumes_cleanly(tmp_path):
     comp = tmp_path / "c"
     proc, workers = _start_killable(["-c", str(cfg), "--out", str(comp)], tmp_path, comp)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert _gone(workers), "a worker outlived its comparison"
+    out, err = _stopped(proc, workers)
     assert proc.returncode == 143 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (f"interrupted by SIGTERM: checkpoints written; finish with "
                                             f"bnexp compare --resume {comp}")
@@ -700,8 +709,7 @@ def test_workers_die_with_their_comparison_and_it_resumes_cleanly(tmp_path):
 
     proc, workers = _start_killable(["--resume", str(comp)], tmp_path, comp)
     proc.kill()
-    proc.communicate(timeout=120)
-    assert _gone(workers), "a worker outlived its comparison"
+    _stopped(proc, workers)
 
     code, out, err = run_cli(["compare", "--resume", str(comp)])
     assert code == 0, err
