@@ -2,10 +2,12 @@
 
 Before a run directory exists (reading the config, importing torch, loading data) a signal raises
 `Interrupted` at once: nothing is on disk yet, so there is nothing to save and nothing half-made. Inside
-an import, though, an exception thrown from a signal handler does not come out as itself: through torch's
-C++ initialisation it became "ImportError: initialization failed", a RecursionError or an abort. A signal
-that lands in an import before the run directory exists therefore ends the process on the spot, with the
-guard's one-line note and the exit status a shell reports for the signal. From
+an import, though, an exception thrown from a signal handler does not come out as itself: it left modules
+half-imported (a RecursionError in numpy's lazy attributes, "ImportError: cannot load module more than once
+per process"; the issue saw "initialization failed" and an abort in torch's), or a library's
+`except Exception` swallowed it and the run trained on. A signal that lands in an import before the run
+directory exists therefore ends the process on the spot, with the guard's one-line note and the exit
+status a shell reports for the signal. From
 `defer()` on (just before the run directory is created, or a resumed run starts writing) a signal is only
 recorded; the training loop polls it between steps, writes a checkpoint, marks the run `interrupted` and
 raises `Interrupted`, so a step, a checkpoint or a log row is never cut in half.
