@@ -6,12 +6,20 @@ can do `run=$(bnexp train ... | tail -n 1)`.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
-from contextlib import contextmanager
-from pathlib import Path
-from typing import List, Optional
 
-import typer
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "bnexp":
+    # Until a command installs bnexp's handlers (bnexp.engine.signals), Ctrl-C ends the program quietly, as
+    # SIGTERM does, instead of with a KeyboardInterrupt traceback from whichever import it lands in.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+from contextlib import contextmanager  # noqa: E402 - after the line above, on purpose
+from pathlib import Path  # noqa: E402
+from typing import List, Optional  # noqa: E402
+
+import typer  # noqa: E402
 
 try:  # recent typer vendors its own click
     from typer._click import exceptions as click_exc
@@ -43,15 +51,26 @@ CompareQuietOpt = typer.Option(False, "--quiet", "-q",
 
 
 def _check_paths(out: Optional[Path], resume: Optional[Path], what: str) -> None:
-    """Say plainly what is wrong with a path whose OS error would only read "File exists" or "not found"."""
+    """Say plainly what is wrong with a path whose OS error would only read "File exists" or "not found",
+    or would come out of a deeper call as a traceback (a name too long, a NUL byte)."""
+    from bnexp.errors import shown_path
+
+    for flag, path in (("--out", out), ("--resume", resume)):
+        try:
+            if path is not None:
+                os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except (OSError, ValueError) as err:
+            raise UserError(f"{flag} {shown_path(path)}: {getattr(err, 'strerror', None) or err}") from None
     if resume is not None and resume.exists() and not resume.is_dir():
-        raise UserError(f"--resume {resume}: is a file, not a {what} directory")
+        raise UserError(f"--resume {shown_path(resume)}: is a file, not a {what} directory")
     if out is not None:
         for parent in out.parents:
             if parent.exists() or parent.is_symlink():
                 if not parent.is_dir():
-                    raise UserError(f"cannot create a {what} directory at {out}: its parent {parent} is a "
-                                    f"file, not a directory")
+                    raise UserError(f"cannot create a {what} directory at {shown_path(out)}: its parent "
+                                    f"{shown_path(parent)} is a file, not a directory")
                 break
 
 
@@ -93,12 +112,13 @@ def train(
     _check_paths(out, resume, "run")
     # Installed before torch is imported: a signal during start-up ends the command cleanly (see
     # bnexp.engine.signals), one during training checkpoints and marks the run interrupted.
-    with catch_signals(), _interruptible(resume):
+    with catch_signals(note=_startup_note(resume)), _interruptible(resume):
         from bnexp import config as cfgmod
         from bnexp.engine import session
 
         if resume is not None:
-            summary, run_dir = session.resume(resume, quiet=quiet), resume
+            notify = lambda line: typer.echo(line, err=True)  # noqa: E731
+            summary, run_dir = session.resume(resume, quiet=quiet, notify=notify), resume
         else:
             cfg = cfgmod.load(config, set_ or [])
             if out is not None:
@@ -108,6 +128,13 @@ def train(
                 refuse_existing(out)
             run_dir, summary = session.start(cfg, out, quiet=quiet)
     _report(summary, run_dir)
+
+
+def _startup_note(resume: Optional[Path], what: str = "run") -> str:
+    """What a signal before anything is written means ("{signal}" is filled in)."""
+    if resume is not None:
+        return f"interrupted by {{signal}} before {resume} resumed; nothing in it changed"
+    return f"interrupted by {{signal}} during start-up; no {what} directory was created"
 
 
 @contextmanager
@@ -121,10 +148,8 @@ def _interruptible(resume: Optional[Path]):
             typer.echo(f"interrupted by {sig}: checkpoint written; continue with "
                        f"bnexp train --resume {sig.run_dir}", err=True)
             typer.echo(str(sig.run_dir))
-        elif resume is not None:
-            typer.echo(f"interrupted by {sig} before {resume} resumed; nothing in it changed", err=True)
         else:
-            typer.echo(f"interrupted by {sig} during start-up; no run directory was created", err=True)
+            typer.echo(_startup_note(resume).format(signal=sig), err=True)
         raise typer.Exit(sig.exit_code)
 
 
@@ -166,18 +191,27 @@ def compare(
     yes: bool = typer.Option(False, "--yes", "-y", help="Start a comparison of more runs than its max_runs."),
 ) -> None:
     """Run arms x seeds (x a grid) and write a report (table, CSV, plots); or report on existing runs."""
-    from bnexp.engine.signals import Interrupted
-    from bnexp.experiments import compare as comparemod, report
+    from bnexp.engine.signals import Interrupted, catch_signals
 
     _check_paths(out, resume, "comparison")
-    console = _stderr_console()
+    note = _startup_note(resume, "comparison")
     try:
-        outcome = comparemod.main(config=config, overrides=set_ or [], out=out, jobs=jobs, resume=resume,
-                                  run_dirs=run_dirs or [], yes=yes,
-                                  log=None if quiet else lambda line: console.print(line, soft_wrap=True))
+        # As for train: a signal before the comparison directory exists ends the command cleanly; after,
+        # the runs in progress checkpoint and the comparison can be finished with --resume.
+        with catch_signals(note=note):
+            from bnexp.experiments import compare as comparemod, report
+
+            console = _stderr_console()
+            outcome = comparemod.main(config=config, overrides=set_ or [], out=out, jobs=jobs, resume=resume,
+                                      run_dirs=run_dirs or [], yes=yes,
+                                      log=None if quiet else lambda line: console.print(line, soft_wrap=True))
     except Interrupted as sig:
-        typer.echo(f"interrupted: checkpoints written; finish with bnexp compare --resume {sig.run_dir}", err=True)
-        typer.echo(str(sig.run_dir))
+        if sig.run_dir is None:
+            typer.echo(note.format(signal=sig), err=True)
+        else:
+            typer.echo(f"interrupted by {sig}: checkpoints written; finish with bnexp compare --resume "
+                       f"{sig.run_dir}", err=True)
+            typer.echo(str(sig.run_dir))
         raise typer.Exit(sig.exit_code)
     if not quiet:
         if not console.is_terminal:  # a log file or pipe: no terminal width to respect, keep rows on one line

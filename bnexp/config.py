@@ -6,15 +6,15 @@ CLI can print it and exit 2 before anything is written to disk.
 
 from __future__ import annotations
 
-from bnexp.errors import UserError
+from bnexp.errors import UserError, excerpt
 
 import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError,
+                      field_validator, model_validator)
 
 
 class ConfigError(UserError):
@@ -32,6 +32,16 @@ def _not_a_bool(value: Any) -> Any:
 # such as "1e-5", which YAML 1.1 does not read as a float.
 Int = Annotated[int, Strict()]
 Float = Annotated[float, BeforeValidator(_not_a_bool)]
+
+
+def _no_nul(value: str) -> str:
+    # Every OS call refuses a path with a NUL byte in it, and Python raises ValueError rather than OSError.
+    if "\0" in value:
+        raise ValueError("a path cannot contain a NUL byte")
+    return value
+
+
+PathStr = Annotated[str, AfterValidator(_no_nul)]
 
 
 class _Strict(BaseModel):
@@ -63,7 +73,7 @@ class DataConfig(_Strict):
     # scikit-learn (the split) and numpy take seeds below 2**32 only.
     seed: Int = Field(0, ge=0, lt=2**32,
                       description="fixes the split, subsets and synthetic data across run seeds")
-    root: str = "data"
+    root: PathStr = "data"
     download: bool = False
     test_fraction: Float = Field(0.2, gt=0, lt=1)
     train_size: Optional[Int] = Field(None, ge=2)
@@ -227,8 +237,9 @@ class Config(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # These networks are too small to gain from intra-op threads: on 2 cores the default run measured
     # 5x slower with 2 threads than with 1, and far worse when the cores are shared.
-    threads: Optional[Int] = Field(1, ge=1, description="torch CPU threads; null = torch's default")
-    out_dir: str = "runs"
+    # torch takes a C int, and a pool of millions of threads is a mistake, not a request.
+    threads: Optional[Int] = Field(1, ge=1, le=1024, description="torch CPU threads; null = torch's default")
+    out_dir: PathStr = "runs"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -318,9 +329,15 @@ class Config(_Strict):
         return self
 
 
+def _shown_key(key: Any) -> str:
+    text = str(key)
+    return text if len(text) <= 60 else excerpt(text)
+
+
 def format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    # A key or value is quoted by an excerpt: a key of a million characters is still a one-line error.
+    loc = ".".join(_shown_key(p) for p in first["loc"])
     msg = first["msg"]
     # Cross-field validators raise "Value error, <key>: ..." with the key already in the message.
     if msg.startswith("Value error, "):
@@ -333,10 +350,10 @@ def format_validation_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
     if first["type"] == "string_pattern_mismatch" and first.get("ctx", {}).get("pattern") == NAME_PATTERN:
-        return (f"{loc}: {first['input']!r} is not a usable directory name (letters, digits, '_', '.' and '-', "
-                f"not only dots)")
+        return (f"{loc}: {excerpt(first['input'])} is not a usable directory name (letters, digits, '_', '.' "
+                f"and '-', not only dots)")
     if "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
-        return f"{loc}: {msg} (got {first['input']!r})"
+        return f"{loc}: {msg} (got {excerpt(first['input'])})"
     return f"{loc or '<top>'}: {msg}"
 
 
@@ -377,8 +394,70 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# Bounds on what a config may make the loader build. A config is a few hundred values at most; YAML's
+# aliases let a few hundred bytes stand for billions of values (each alias is the anchored value again),
+# which validation, error messages and copies then walk, and deep nesting exhausts Python's recursion.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_YAML_VALUES = 100_000
+
+
+class _Hostile(Exception):
+    """YAML beyond the bounds above: what is wrong, in a few words."""
+
+
+def _check_bounds(text: str) -> None:
+    """Measure the document from the parser's events (no recursion, nothing built): its size, its nesting
+    depth and the number of values it expands to with every alias replaced by its anchored value."""
+    if len(text) > MAX_YAML_BYTES:
+        raise _Hostile(f"larger than {MAX_YAML_BYTES >> 20} MiB")
+    total = 0
+    stack: list[list] = []  # per open collection: [anchor, values inside, depth below]
+    anchored: dict[str, tuple[int, int]] = {}  # anchor -> (values, depth) of the anchored node
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(stack) >= MAX_YAML_DEPTH:
+                raise _Hostile(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            stack.append([event.anchor, 1, 0])
+            total += 1
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, values, depth = stack.pop()
+            if anchor is not None:
+                anchored[anchor] = (values, depth + 1)
+            if stack:
+                stack[-1][1] += values
+                stack[-1][2] = max(stack[-1][2], depth + 1)
+        elif isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
+            if isinstance(event, yaml.AliasEvent):
+                if any(entry[0] == event.anchor for entry in stack):
+                    raise _Hostile(f"the alias *{event.anchor[:20]} refers to a value that contains it")
+                values, depth = anchored.get(event.anchor, (1, 0))
+            else:
+                values, depth = 1, 0
+                if event.anchor is not None:
+                    anchored[event.anchor] = (1, 0)
+            total += values
+            if stack:
+                stack[-1][1] += values
+                stack[-1][2] = max(stack[-1][2], depth)
+            if len(stack) + depth > MAX_YAML_DEPTH:
+                raise _Hostile(f"nested deeper than {MAX_YAML_DEPTH} levels (through an alias)")
+        if total > MAX_YAML_VALUES:
+            raise _Hostile(f"expands to more than {MAX_YAML_VALUES:,} values (through aliases)")
+
+
 def _load_yaml(text: str) -> Any:
+    _check_bounds(text)
     return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, reading no more than MAX_YAML_BYTES + 1 bytes of it."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_YAML_BYTES + 1)
+    if len(data) > MAX_YAML_BYTES:
+        raise _Hostile(f"larger than {MAX_YAML_BYTES >> 20} MiB")
+    return data.decode("utf-8")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -388,9 +467,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = _load_yaml(path.read_text())
+        raw = _load_yaml(_read_text(path))
+    except _Hostile as err:
+        raise ConfigError(f"refused YAML in {path}: {err}") from None
     except _DuplicateKey as dup:
-        raise ConfigError(f"duplicate key {dup.key} at line {dup.line} in {path}") from None
+        raise ConfigError(f"duplicate key {_shown_key(dup.key)} at line {dup.line} in {path}") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -409,14 +490,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     """Split `a.b=value`; the value is parsed as YAML so `--set optim.lr=0.1` gives a float."""
     key, sep, value = text.partition("=")
     key = key.strip()
+    shown = excerpt(text)
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"bad --set {text!r}: expected KEY=VALUE with a dotted key, e.g. model.norm=none")
+        raise ConfigError(f"bad --set {shown}: expected KEY=VALUE with a dotted key, e.g. model.norm=none")
+    key_shown = _shown_key(key)
     try:
         parsed = _load_yaml(value) if value.strip() else None
+    except _Hostile as err:
+        raise ConfigError(f"bad --set {shown}: the value of {key_shown} is refused: {err}") from None
     except _DuplicateKey as dup:
-        raise ConfigError(f"bad --set {text!r}: duplicate key {dup.key} in the value of {key}") from None
+        raise ConfigError(f"bad --set {shown}: duplicate key {_shown_key(dup.key)} in the value of "
+                          f"{key_shown}") from None
     except yaml.YAMLError:
-        raise ConfigError(f"bad --set {text!r}: the value of {key} is not valid YAML") from None
+        raise ConfigError(f"bad --set {shown}: the value of {key_shown} is not valid YAML") from None
     return key, parsed
 
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 from bnexp.errors import UserError, first_line
 
 import math
+import os
 import pickle
+import shutil
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -154,8 +158,9 @@ def _torchvision(cfg: DataConfig):
     cls_name, folder, classes = _TORCHVISION[cfg.dataset]
     cls = getattr(tvd, cls_name)
     try:
-        train = cls(cfg.root, train=True, download=cfg.download)
-        test = cls(cfg.root, train=False, download=cfg.download)
+        with _removed_on_failure(Path(cfg.root) / folder):
+            train = cls(cfg.root, train=True, download=cfg.download)
+            test = cls(cfg.root, train=False, download=cfg.download)
     except (RuntimeError, OSError, ValueError, TypeError, EOFError, KeyError, IndexError,
             pickle.UnpicklingError) as err:
         where = Path(cfg.root) / folder
@@ -175,6 +180,20 @@ def _torchvision(cfg: DataConfig):
         return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
 
     return images(train), np.asarray(train.targets), images(test), np.asarray(test.targets), classes
+
+
+@contextmanager
+def _removed_on_failure(folder: Path) -> Iterator[None]:
+    """A download that fails (offline, say) leaves nothing behind: torchvision creates the dataset's folder
+    before it fetches anything, so the folders of `folder`'s path that did not exist before are removed,
+    with whatever the failed attempt put in them."""
+    new = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
+    try:
+        yield
+    except BaseException:
+        if new:
+            shutil.rmtree(new[-1], ignore_errors=True)
+        raise
 
 
 _LOADERS = {"digits": _digits, "mnist1d": _mnist1d, "synthetic": _synthetic, "linear_regression": _linear_regression,

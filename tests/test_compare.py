@@ -521,3 +521,198 @@ def test_every_shipped_experiment_config_validates(path):
     from bnexp.config import load
 
     assert load(path).name
+
+
+# --- issue 17: killed comparisons, two resumes at once, runs another process trains, links ----------------
+
+def _copy_with_a_run_to_finish(tiny_comparison, tmp_path, run: str = "bnexp/s1") -> Path:
+    """A copy of the tiny comparison whose `run` is marked interrupted at its last checkpoint (resuming it
+    trains nothing and completes it again)."""
+    import shutil
+
+    comp, code, _, _ = tiny_comparison
+    assert code == 0
+    copy = tmp_path / "c"
+    shutil.copytree(comp, copy)
+    summary = copy / run / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "status": "interrupted"}))
+    return copy
+
+
+def test_a_second_resume_of_a_comparison_is_refused_and_changes_nothing(tiny_comparison, tmp_path):
+    from bnexp.engine import rundir
+
+    copy = _copy_with_a_run_to_finish(tiny_comparison, tmp_path)
+    with rundir.locked(copy):  # what a running `compare` or `compare --resume` of it holds
+        before = tree(copy)
+        code, out, err = run_cli(["compare", "--resume", str(copy)])
+        assert (code, out) == (2, "")
+        assert err == f"error: comparison {copy} is being run or resumed by another process\n"
+        assert tree(copy) == before
+    code, out, err = run_cli(["compare", "--resume", str(copy), "-q"])  # once the other one is done
+    assert code == 0, err
+    assert read_csv(copy / "summary.csv")["bnexp"]["completed"] == "2"
+
+
+def test_a_run_another_process_trains_is_busy_not_failed(tiny_comparison, tmp_path):
+    """A run whose lock another process holds (a worker orphaned by a killed comparison, say) is skipped
+    without an error file; the next resume finishes it."""
+    from bnexp.engine import rundir
+
+    copy = _copy_with_a_run_to_finish(tiny_comparison, tmp_path)
+    with rundir.locked(copy / "bnexp" / "s1"):
+        code, out, err = run_cli(["compare", "--resume", str(copy)])
+    assert code == 0, err
+    assert f"bnexp seed 1: busy: run {copy / 'bnexp' / 's1'} is being trained by another process" in err
+    assert not (copy / "bnexp" / "s1" / "error.txt").exists()
+    row = read_csv(copy / "summary.csv")["bnexp"]
+    assert (row["completed"], row["failed"], row["unfinished"]) == ("1", "0", "1")
+    assert run_cli(["compare", "--resume", str(copy), "-q"])[0] == 0
+    row = read_csv(copy / "summary.csv")["bnexp"]
+    assert (row["completed"], row["failed"], row["unfinished"]) == ("2", "0", "0")
+
+
+def test_an_error_file_beside_a_run_that_completed_later_is_stale(tiny_comparison, tmp_path):
+    copy = _copy_with_a_run_to_finish(tiny_comparison, tmp_path, "no_bn/s0")
+    (copy / "no_bn" / "s0" / "summary.json").write_text((tiny_comparison[0] / "no_bn" / "s0" / "summary.json")
+                                                       .read_text())  # completed after all
+    (copy / "no_bn" / "s0" / "error.txt").write_text("RunDirError: run is being trained by another process\n")
+    code, out, err = run_cli(["compare", "--resume", str(copy), "-q"])
+    assert code == 0, err
+    row = read_csv(copy / "summary.csv")["no_bn"]
+    assert (row["completed"], row["failed"]) == ("2", "0")
+
+
+def test_an_arm_folder_that_is_a_link_is_refused(tiny_comparison, tmp_path):
+    import shutil
+
+    copy = _copy_with_a_run_to_finish(tiny_comparison, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(copy / "bnexp", elsewhere)
+    (copy / "bnexp").symlink_to(elsewhere)
+    before = tree(elsewhere)
+    code, out, err = run_cli(["compare", "--resume", str(copy)])
+    assert code == 2 and err.count("\n") == 1
+    assert err == (f"error: {copy / 'bnexp'} is a symbolic link or a file, not a folder inside the comparison: "
+                   f"refusing to delete or write through it\n")
+    assert tree(elsewhere) == before  # nothing trained into the other folder
+
+
+def test_resume_of_a_read_only_comparison_is_one_line(tiny_comparison, tmp_path, monkeypatch):
+    """A read-only folder, faked at the OS-call boundary (EROFS from every call that would change
+    something below it; the test runs as root, which a chmod would not stop)."""
+    import errno
+    import io
+    import os
+
+    copy = _copy_with_a_run_to_finish(tiny_comparison, tmp_path)
+    root = str(copy)
+
+    def refuse(real, writes=lambda *a: True):
+        def call(path, *args, **kwargs):
+            if str(os.path.abspath(os.fspath(path))).startswith(root) and writes(*args):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    monkeypatch.setattr(os, "open", refuse(os.open, lambda flags, *a: flags & write_flags))
+    monkeypatch.setattr(io, "open", refuse(io.open, lambda mode="r", *a: any(c in mode for c in "wax+")))
+    for name in ("mkdir", "unlink", "rmdir", "rename", "replace", "remove"):
+        monkeypatch.setattr(os, name, refuse(getattr(os, name)))
+    before = tree(copy)
+    code, out, err = run_cli(["compare", "--resume", str(copy)])
+    assert (code, out) == (2, "")
+    assert err == f"error: cannot write to comparison directory {copy}: Read-only file system\n"
+    monkeypatch.undo()
+    assert tree(copy) == before
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def _start_killable(argv: list[str], cwd: Path, comp: Path):
+    """`bnexp compare ... --jobs 2` in its own process group, once both its workers train; with their pids."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bnexp.cli", "compare", *argv, "--jobs", "2"], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    workers: list[int] = []
+    while len(workers) < 2:  # both workers are up (the resource tracker is a child too, not a worker)
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        workers = [p for p in _children(proc.pid) if "resource_tracker" not in open(f"/proc/{p}/cmdline").read()]
+        time.sleep(0.05)
+    started = {r: (r / "metrics.jsonl").stat().st_size if (r / "metrics.jsonl").exists() else -1
+               for r in comp.glob("*/s*")}
+    while sum((r / "metrics.jsonl").exists() and (r / "metrics.jsonl").stat().st_size > started.get(r, -1)
+              for r in comp.glob("*/s*")) < 2:  # and both train
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    return proc, workers
+
+
+def _stopped(proc, workers: list[int]) -> tuple[str, str]:
+    """Wait for `proc` to end and its workers to be gone (at most a minute each); its stdout and stderr.
+    Workers still alive then are killed, and the test fails."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=60)  # not communicate(): workers that outlived it would hold its pipes open
+    deadline = time.monotonic() + 60
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    survivors = [p for p in [proc.pid, *workers] if _alive(p)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert not survivors, "a worker outlived its comparison"
+    return out, err
+
+
+@pytest.mark.slow
+def test_workers_die_with_their_comparison_and_it_resumes_cleanly(tmp_path):
+    """`compare --jobs 2` stopped while both workers train, twice: by SIGTERM (the parent has them checkpoint
+    and stop, and says so) and, resumed, by SIGKILL (the kernel kills them with their parent). No worker
+    outlives its comparison, and a resume right after completes every run, none counted as failed."""
+    import signal
+
+    cfg = write_cfg(tmp_path / "c.yaml", {**TINY, "base": {**TINY["base"], "probes": {"enabled": False},
+                                                        "train": {**TINY["base"]["train"], "steps": 1000,
+                                                                  "checkpoint_every": 250}}})
+    comp = tmp_path / "c"
+    proc, workers = _start_killable(["-c", str(cfg), "--out", str(comp)], tmp_path, comp)
+    proc.send_signal(signal.SIGTERM)
+    out, err = _stopped(proc, workers)
+    assert proc.returncode == 143 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"interrupted by SIGTERM: checkpoints written; finish with "
+                                            f"bnexp compare --resume {comp}")
+    assert out.strip().splitlines()[-1] == str(comp)
+    assert "interrupted" in [json.loads((r / "summary.json").read_text())["status"] for r in comp.glob("*/s*")]
+
+    proc, workers = _start_killable(["--resume", str(comp)], tmp_path, comp)
+    proc.kill()
+    _stopped(proc, workers)
+
+    code, out, err = run_cli(["compare", "--resume", str(comp)])
+    assert code == 0, err
+    assert not list(comp.glob("*/s*/error.txt"))
+    table = read_csv(comp / "summary.csv")
+    assert all((table[arm]["completed"], table[arm]["failed"]) == ("2", "0") for arm in TINY["arms"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -206,3 +207,79 @@ def test_a_validator_that_names_its_key_is_not_repeated():
     with pytest.raises(ValidationError) as exc:
         Arms(seeds=[1, 1])
     assert format_validation_error(exc.value) == "seeds: each seed may appear once (got [1, 1])"
+
+
+# --- hostile YAML (issue 17): bounded size, alias expansion and depth; short quotes in errors ------------
+
+def _alias_bomb(levels: int = 6, width: int = 9) -> str:
+    """A flow list of anchored lists, each holding `width` aliases of the one before: a few hundred bytes
+    that expand to about width ** levels values (531,441 at 9 ** 6)."""
+    parts = [f"&a0 [{', '.join(['1'] * width)}]"]
+    parts += [f"&a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels)]
+    return f"[{', '.join(parts)}]"
+
+
+HOSTILE = {
+    "alias bomb": (_alias_bomb(), "expands to more than 100,000 values (through aliases)"),
+    "deep brackets": ("[" * 400 + "]" * 400, "nested deeper than 32 levels"),
+    "self-reference": ("&r [1, *r]", "the alias *r refers to a value that contains it"),
+}
+
+
+@pytest.mark.parametrize("how", ["file", "--set"])
+@pytest.mark.parametrize("key", ["model.hidden", "seed", "name"])
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_yaml_is_one_short_line(cli, tmp_path, case, key, how):
+    value, problem = HOSTILE[case]
+    config = tmp_path / "c.yaml"
+    if how == "file":
+        section, _, leaf = key.rpartition(".")
+        config.write_text(f"{section}:\n  {leaf}: {value}\n" if section else f"{leaf}: {value}\n")
+        r = cli("train", "-c", config, "--out", "run")
+    else:
+        config.write_text("{}\n")
+        r = cli("train", "-c", config, "--set", f"{key}={value}", "--out", "run")
+    assert r.code == 2 and r.out == ""
+    assert r.err.count("\n") == 1 and len(r.err) < 250 and problem in r.err, r.err[:500]
+    assert os.listdir(tmp_path) == ["c.yaml"]
+
+
+def test_brackets_a_thousand_deep_are_refused_before_they_reach_the_recursion_limit():
+    with pytest.raises(ConfigError, match="nested deeper than 32 levels"):
+        load(None, ["model.hidden=" + "[" * 1000 + "]" * 1000])
+
+
+def test_a_config_file_over_a_mebibyte_is_refused_unread(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("# padding\n" * 120_000 + "seed: 1\n")
+    with pytest.raises(ConfigError, match=r"^refused YAML in .*big\.yaml: larger than 1 MiB$"):
+        load(path)
+
+
+def test_anchors_and_merge_keys_within_the_bounds_still_load(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("model: {hidden: &w [64, 64], channels: *w}\noptim: &o {lr: 0.1}\n" + _alias_bomb(3, 9)
+                    .join(["probes: {units_per_layer: 3}\n# ", "\n"]))
+    cfg = load(path)
+    assert (cfg.model.hidden, cfg.model.channels, cfg.optim.lr) == ([64, 64], [64, 64], 0.1)
+
+
+@pytest.mark.parametrize("override, quoted", [
+    ("model.norm=" + "x" * 5000, "model.norm: Input should be"),
+    ("seed=" + "7" * 5000 + "x", "seed: Input should be a valid integer"),
+    ("model.hidden=[[" + ", ".join(["1"] * 5000) + "]]", "model.hidden.0: Input should be a valid integer"),
+    ("x" * 5000 + "=1", "unknown key"),
+])
+def test_errors_quote_a_short_excerpt_of_the_value(override, quoted):
+    with pytest.raises(ConfigError) as exc:
+        load(None, [override])
+    message = str(exc.value)
+    assert quoted in message and len(message) < 200 and "\n" not in message, message[:300]
+
+
+def test_threads_and_paths_that_no_os_call_accepts_are_config_errors():
+    with pytest.raises(ConfigError, match=r"^invalid config: threads: Input should be less than or equal to 1024"):
+        validate({"threads": 1099511627776})
+    for key in ("data.root", "out_dir"):
+        with pytest.raises(ConfigError, match=f"^invalid config: {re.escape(key)}: a path cannot contain a NUL byte"):
+            load(None, [f'{key}="runs\\0x"'])

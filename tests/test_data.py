@@ -206,3 +206,24 @@ def test_test_fraction_that_leaves_a_side_without_every_class(cli, tmp_path, fra
     assert r.err.strip().splitlines() == [r.err.strip()]
     assert "data.test_fraction" in r.err and f"for the {side} set" in r.err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_download_leaves_no_folder_behind(cli, write_config, tmp_path, monkeypatch):
+    """Offline (urlopen fails at once here, as with no network), data.download: true is one line, and the
+    data/MNIST/raw/ that torchvision makes before fetching anything is removed again."""
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "keep.txt").write_text("the user's")
+    path = write_config({"data": {"dataset": "mnist", "root": "datasets", "download": True}})
+    r = cli("train", "--config", path, "--quiet")
+    assert r.code == 2 and r.out == "" and "Traceback" not in r.err
+    assert r.err.startswith(f"error: could not download mnist into {os.path.join('datasets', 'MNIST', 'raw')}")
+    assert r.err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["config.yaml", "datasets"]
+    assert os.listdir(tmp_path / "datasets") == ["keep.txt"]

@@ -306,3 +306,70 @@ def test_grouped_forward_is_the_layer_on_each_batch(kernel_on):
         assert norm.grouped_train_forward(BatchNorm2d(3, stats="global"), x, 4) is None
         assert norm.grouped_train_forward(bn, x.to(memory_format=torch.channels_last), 4) is None
     assert norm.grouped_train_forward(bn, x, 4) is None
+
+
+# --- issue 17: a library planted where the kernel is cached must never be loaded ---------------------------
+
+_PLANTED = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(getenv("PLANTED_MARKER"), "w");
+    if (f) { fputs("planted code ran\n", f); fclose(f); }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def kernel_name(tmp_path_factory) -> str:
+    """The file name bnexp gives its kernel on this machine: what an attacker would compute (from the
+    public source, the compiler command and /proc/cpuinfo); here, learnt from one build in a fresh cache,
+    which bnexp makes private."""
+    cache = tmp_path_factory.mktemp("scratch") / "cache"
+    result = subprocess.run([sys.executable, "-c", _CHILD], env={**os.environ, "BNEXP_CACHE_DIR": str(cache)},
+                            cwd=cache.parent, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert cache.stat().st_mode & 0o777 == 0o700
+    (built,) = cache.glob("bn_kernel-*.so")
+    assert built.stat().st_uid == os.getuid()
+    return built.name
+
+
+def _plant(folder, name: str, cc: str) -> None:
+    source = folder.parent / "planted.c"
+    source.write_text(_PLANTED)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(folder / name), str(source)], check=True)
+
+
+@pytest.mark.parametrize("where", ["world-writable cache", "cache of another user", "fallback of another user"])
+def test_a_planted_kernel_is_never_loaded(tmp_path, kernel_name, where):
+    """The issue's attack: a library under the kernel's cache name, in a cache folder someone else can write.
+    bnexp builds its own privately instead, and the planted code never runs."""
+    if where != "world-writable cache" and os.getuid() != 0:
+        pytest.skip("making a folder another user's takes root")
+    cc = kernel._compiler()
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    _plant(hostile, kernel_name, cc)
+    env = {**os.environ, "PLANTED_MARKER": str(tmp_path / "marker"), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    if where == "world-writable cache":
+        hostile.chmod(0o777)
+        env["BNEXP_CACHE_DIR"] = str(hostile)
+    elif where == "cache of another user":
+        os.chown(hostile, 12345, 12345)
+        env["BNEXP_CACHE_DIR"] = str(hostile)
+    else:  # the cache cannot be written, and $TMPDIR/bnexp-<uid> was made first by someone else
+        (tmp_path / "a-file").write_text("")
+        env["BNEXP_CACHE_DIR"] = str(tmp_path / "a-file" / "cache")
+        hostile.rename(tmp_path / "tmp" / f"bnexp-{os.getuid()}")
+        hostile = tmp_path / "tmp" / f"bnexp-{os.getuid()}"
+        os.chown(hostile, 12345, 12345)
+    before = sorted(p.name for p in hostile.iterdir())
+    result = subprocess.run([sys.executable, "-c", _CHILD], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["kernel", "True"] and "not built" not in result.stderr
+    assert not (tmp_path / "marker").exists(), "the planted library ran"
+    assert sorted(p.name for p in hostile.iterdir()) == before  # nothing read, built or removed there
+    assert not list((tmp_path / "tmp").glob("bnexp-kernel-*"))  # the private build is cleaned up

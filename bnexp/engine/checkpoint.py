@@ -1,35 +1,51 @@
 """Checkpoints: written atomically (temporary file, fsync, rename) so a kill mid-write never leaves a
 half file under a real checkpoint name; resume takes the newest complete one.
 
+Each file carries a SHA-256 of its own bytes, in the zip archive's comment (a torch.save file is a zip
+archive; the comment is the last field of the archive, where readers, torch.load among them, expect free
+text): load() checks it before it unpickles anything, so flipped bytes in the tensor data, which torch.load
+reads without complaint, are found. The digest is taken on the writer thread from the bytes it writes; a
+digest of the state in the training loop would have cost about as much as serializing it.
+
 The training loop hands its checkpoints to a Writer: the state is serialized at once, at its step, and the
 file work (write, fsync, rename, pruning: system calls that release the GIL) is done by a background
 thread while training goes on. On the bench workload that took a checkpoint's cost to the loop from
 ~3.6 ms to ~1.3 ms.
 
-A file under a real name that does not load (truncated or damaged after the fact, by a disk or a person)
-is reported, never skipped or deleted: silently resuming from an older state would hide it.
+A file under a real name that does not load or does not match its checksum (truncated or damaged after
+the fact, by a disk or a person) is reported, never skipped or deleted: silently resuming from an older
+state would hide it. The report names the previous checkpoint when that one is intact, so the user can
+move the damaged file away and resume from it. Files of formats 1 and 2 (before checksums) load as
+unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-import os
+import pickle
 import re
+import struct
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bnexp.errors import UserError, first_line
-from bnexp.engine.rundir import CHECKPOINTS, fsync_dir
+from bnexp.engine import files
+from bnexp.engine.rundir import CHECKPOINTS
+from bnexp.errors import UserError, excerpt, first_line
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 _TMP = re.compile(r"^\.step-(\d+)\.pt\.tmp$")
 REQUIRED = ("step", "model", "optimizer", "scheduler", "sampler", "rng", "probes")
 # 2: the loop's read-back state became "train_metrics" (bnexp.engine.step_metrics); files without a
-# "format" key are version 1 and are converted on load.
-FORMAT = 2
+# "format" key are version 1 and are converted on load. 3: the file carries its checksum (same state).
+FORMAT = 3
+CHECKSUMMED = 3  # the first format whose files carry a checksum
+_EOCD = b"PK\x05\x06"  # a zip archive's end record: 22 bytes, then the comment
+_SUM = b"bnexp-sha256:"
 KEEP = 2  # the newest plus one fallback
 
 
@@ -44,25 +60,41 @@ def serialize(state: dict[str, Any]) -> memoryview:
     return buf.getbuffer()
 
 
+def with_checksum(data: bytes | memoryview) -> bytes:
+    """The bytes of a torch.save archive with a SHA-256 of everything before it as the zip comment."""
+    data = bytes(data)
+    if data[-22:-18] != _EOCD or data[-2:] != b"\0\0":
+        raise ValueError("not a torch.save zip archive without a comment")
+    head = data[:-2]
+    comment = _SUM + hashlib.sha256(head).hexdigest().encode()
+    return head + struct.pack("<H", len(comment)) + comment
+
+
+def _checksum_state(data: bytes) -> str:
+    """'ok', 'none' (the archive has no comment of ours) or 'bad' (it has one, which does not match)."""
+    comment_len = len(_SUM) + 64
+    end = len(data) - comment_len
+    if end < 22 or data[end - 22:end - 18] != _EOCD or data[end:end + len(_SUM)] != _SUM:
+        return "none"
+    if data[end - 2:end] != struct.pack("<H", comment_len):
+        return "bad"
+    digest = hashlib.sha256(data[:end - 2]).hexdigest().encode()
+    return "ok" if data[end + len(_SUM):] == digest else "bad"
+
+
 def write(run_dir: Path, step: int, data: bytes | memoryview) -> Path:
-    """Put serialized checkpoint bytes under their step's name, atomically and durably; prune old ones."""
-    folder = run_dir / CHECKPOINTS
-    folder.mkdir(exist_ok=True)
+    """Put serialized checkpoint bytes under their step's name with their checksum, atomically and durably;
+    prune old ones. Nothing is written through a symbolic link (a planted temporary, a linked folder)."""
+    folder = files.real_dir(run_dir / CHECKPOINTS, create=True)
     final = folder / f"step-{step:08d}.pt"
-    tmp = folder / f".step-{step:08d}.pt.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(folder)
+    files.write_atomic(final, with_checksum(data))
     # Only once the new one is durable: older checkpoints beyond the fallback, and temporaries left by a
     # process killed mid-write (the run directory's lock makes this process the only writer).
     for old in list_checkpoints(run_dir)[:-KEEP]:
-        old.unlink(missing_ok=True)
+        files.unlink(old)
     for stale in folder.iterdir():
         if _TMP.match(stale.name):
-            stale.unlink(missing_ok=True)
+            files.unlink(stale)
     return final
 
 
@@ -110,24 +142,76 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load(path: Path) -> dict[str, Any]:
+    """A checkpoint's state, checked against its checksum; CheckpointError (one line naming the file) for a
+    damaged, truncated or foreign one. Older formats are converted (and are not verified: see check)."""
+    return _load(path)[0]
+
+
+def check(path: Path) -> str | None:
+    """Raise CheckpointError if the checkpoint at `path` is damaged; return a one-line notice if it can only
+    be trusted unverified (an older format, written before checkpoints carried a checksum), else None."""
+    version = _load(path)[1]
+    if version >= CHECKSUMMED:
+        return None
+    return (f"note: {path} is of format {version}, written by an older bnexp without a checksum: "
+            f"resuming from it unverified")
+
+
+def check_newest(run_dir: Path) -> tuple[Path | None, str | None]:
+    """The newest checkpoint of a run and check()'s notice for it (None, None without one). If it is
+    damaged, the CheckpointError says whether the previous one is intact, which resume can then use."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None, None
     try:
-        # Our own files hold RNG states and optimizer dicts: plain tensors and containers only.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return found[-1], check(found[-1])
+    except CheckpointError as err:
+        hint = ""
+        if len(found) > 1:
+            try:
+                check(found[-2])
+                hint = (f"; the previous checkpoint {found[-2].name} is intact: move {found[-1].name} out of "
+                        f"{found[-1].parent} to resume from it")
+            except CheckpointError:
+                hint = f"; the previous checkpoint {found[-2].name} is damaged too"
+        raise CheckpointError(f"{err}{hint}") from None
+
+
+def _load(path: Path) -> tuple[dict[str, Any], int]:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    checksum = _checksum_state(data)
+    if checksum == "bad":
+        raise CheckpointError(f"damaged checkpoint {path}: its contents do not match the checksum written "
+                              f"with it")
+    try:
+        # Our own files hold RNG states and optimizer dicts: plain tensors and containers only. A foreign
+        # file makes torch warn as well as raise: the error line says it all.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"corrupted checkpoint {path}: it holds objects other than tensors and plain "
+                              f"containers (not loaded)") from None
     except Exception as err:  # noqa: BLE001 - whatever a damaged file makes the unpickler raise
-        first = first_line(err)
-        raise CheckpointError(f"corrupted or truncated checkpoint {path}: {first[:200]}") from None
+        raise CheckpointError(f"corrupted or truncated checkpoint {path}: {first_line(err)[:120]}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         raise CheckpointError(f"corrupted checkpoint {path}: not a bnexp checkpoint")
     version = state.get("format", 1)
+    if version not in (1, 2, FORMAT):
+        raise CheckpointError(f"checkpoint {path} is of format {excerpt(version)}, from another version of "
+                              f"bnexp (this one reads formats 1 to {FORMAT})")
+    if version >= CHECKSUMMED and checksum != "ok":
+        raise CheckpointError(f"damaged checkpoint {path}: the checksum written with it is missing")
     if version == 1:
         try:
-            return _from_version_1(state)
+            state = _from_version_1(state)
         except (AttributeError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"corrupted checkpoint {path}: {first_line(err)[:200]}") from None
-    if version != FORMAT:
-        raise CheckpointError(f"checkpoint {path} is of format {version!r}, from another version of bnexp "
-                              f"(this one reads formats 1 and {FORMAT})")
-    return state
+    state["format"] = FORMAT
+    return state, version
 
 
 def _from_version_1(state: dict[str, Any]) -> dict[str, Any]:

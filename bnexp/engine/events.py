@@ -26,6 +26,8 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
+from bnexp.engine import files
+
 _uid = itertools.count()
 
 
@@ -102,7 +104,7 @@ class EventWriter:
         self.flush_secs = flush_secs
         self.path = self.log_dir / (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
                                     f"{os.getpid()}.{next(_uid)}")
-        self._file = open(self.path, "wb")
+        self._file = files.open_new(self.path)  # unbuffered, never through a planted link
         self._pending: list[bytes] = []
         self._bins: np.ndarray | None = None
         self._next_flush = float("inf")  # set by the flush below
@@ -155,9 +157,8 @@ class EventWriter:
         if self._file is None:
             return
         if self._pending:
-            self._file.write(b"".join(self._pending))
-            self._pending = []
-        self._file.flush()
+            data, self._pending = b"".join(self._pending), []
+            files.write(self._file, data, self.path)
         self._next_flush = time.time() + self.flush_secs
 
     def close(self) -> None:

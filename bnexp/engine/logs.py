@@ -16,30 +16,31 @@ from typing import Any, Iterator
 
 from bnexp.config import Config
 from bnexp.engine.events import EventWriter
-from bnexp.engine.rundir import METRICS, json_safe, parse_rows, write_atomic
+from bnexp.engine import files
+from bnexp.engine.rundir import METRICS, json_safe, read_metrics, write_atomic
 
 TRAIN_METRICS = ("train/loss", "train/accuracy")
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step, flushed as written so a killed run keeps its rows."""
+    """metrics.jsonl: one JSON object per logged step, written as it comes (one write per batch of rows,
+    unbuffered) so a killed run keeps its rows."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None):
         self.path = run_dir / METRICS
         if resume_step is not None:
             self._truncate_after(resume_step)
-        self._f = open(self.path, "a")
+        self._f = files.open_append(self.path)
 
     def _truncate_after(self, step: int) -> None:
         # Rows written after the checkpoint are replayed by the resumed run: drop them so none is doubled.
-        if not self.path.is_file():
-            return
-        keep = [row for row in parse_rows(self.path.read_text()) if row["step"] <= step]
-        write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in keep))
+        # (session.resume has read the file through read_metrics already: a damaged one never gets here.)
+        keep = [row for row in read_metrics(self.path.parent) if row["step"] <= step]
+        if keep or self.path.exists():
+            write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def write_many(self, rows: list[dict[str, Any]]) -> None:
-        self._f.write("".join(json.dumps(json_safe(row)) + "\n" for row in rows))
-        self._f.flush()
+        files.write(self._f, "".join(json.dumps(json_safe(row)) + "\n" for row in rows).encode(), self.path)
 
     def close(self) -> None:
         self._f.close()

@@ -2,9 +2,11 @@
 lock, and one process or N ranks.
 
 Everything that can fail on user input (the config, the data, the network against the data's shape) is
-checked before a run directory exists. A run directory holds config.yaml and a `running` summary.json
-before the first step trains, and is written only while its lock is held (by the launching process, or by
-rank 0 under torchrun), so two processes never train into it at once.
+checked before a run directory exists. A run directory appears holding config.yaml and a `running`
+summary.json (bnexp.engine.rundir.new_run_dir), and is written only while its lock is held (by the
+launching process, or by rank 0 under torchrun), so two processes never train into it at once. An OS
+error on it (a full disk, a read-only folder) is one line naming the path, and the run continues from its
+last checkpoint once the cause is gone.
 
 N ranks on this machine (`dist.nproc` > 1) are started by bnexp.dist.launch (torch's elastic_launch) with
 `run_rank` as their body; under torchrun every process is already a rank. Rank 0 writes the run; the
@@ -27,13 +29,15 @@ import torch.distributed as tdist
 from bnexp import dist
 from bnexp.config import Config, ConfigError, apply_override, to_yaml, validate
 from bnexp.data import Dataset, load_dataset
-from bnexp.engine import checkpoint, signals
-from bnexp.engine.rundir import (CONFIG, ERROR_FILE, FINISHED, RunDirError, create_run_dir, is_run_dir, locked,
-                                 read_status, read_summary, refuse_existing, versions, write_atomic,
-                                 write_summary)
+from bnexp.engine import checkpoint, files, signals
+from bnexp.engine.files import refuse_links
+from bnexp.engine.rundir import (CHECKPOINTS, CONFIG, ERROR_FILE, FINISHED, METRICS, SUMMARY, RunDirError,
+                                 create_run_dir, is_run_dir, locked, new_run_dir, read_metrics, read_status,
+                                 read_summary, refuse_existing, summary_json as _summary_json, versions,
+                                 write_atomic, write_summary)
 from bnexp.engine.signals import Interrupted
 from bnexp.engine.trainer import Trainer, resolve_device
-from bnexp.errors import RunFailed, UserError, first_line
+from bnexp.errors import RunFailed, UserError, first_line, shown_path
 from bnexp.models import build_model
 from bnexp.probes import summary_of
 
@@ -84,23 +88,18 @@ def start(cfg: Config, out: str | Path | None = None, *, quiet: bool = True,
     cfg = resolve_budget(cfg, data)
     if dist.under_launcher():
         return _start_in_group(cfg, out, quiet=quiet, data=data)
-    # From here a signal no longer aborts at once: the loop checkpoints and marks the run interrupted, so a
-    # run directory is never left half-made.
+    # From here a signal no longer aborts at once: the loop checkpoints and marks the run interrupted. The
+    # directory appears complete (config.yaml, a `running` summary.json) with its lock held, so a process
+    # killed at any moment leaves no directory or one that --resume continues; a failure before training
+    # wrote anything removes it again.
     signals.defer()
-    run_dir = create_run_dir(cfg.out_dir, cfg.name, cfg.seed, out)
-    try:
+    with new_run_dir(cfg.out_dir, cfg.name, cfg.seed, out, files=_fresh_files(cfg)) as run_dir:
         return run_dir, train(cfg, run_dir, quiet=quiet, data=data, callbacks=callbacks)
-    except BaseException:
-        # A failure before train wrote anything leaves the directory empty: remove it rather than leave an
-        # empty run behind (rmdir refuses a directory that holds anything, so a started run is kept).
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()
-        raise
 
 
 def train(cfg: Config, run_dir: Path, *, quiet: bool = True, data: Dataset | None = None,
           callbacks=()) -> dict[str, Any]:
-    """Train a fresh run in an existing, empty run directory (one process, or N ranks)."""
+    """Train a fresh run in an existing run directory, empty or made by new_run_dir (one process, or N ranks)."""
     run_dir = Path(run_dir)
     data = prepare(cfg) if data is None else data
     cfg = resolve_budget(cfg, data)
@@ -115,24 +114,29 @@ def train(cfg: Config, run_dir: Path, *, quiet: bool = True, data: Dataset | Non
         # Built before the first file is written (it writes none itself): a failure here leaves the
         # directory as it was, not holding a config.yaml for a run that never started.
         trainer = Trainer(cfg, run_dir, data, quiet=quiet, callbacks=callbacks)
-        with locked(run_dir):
+        with locked(run_dir), _continuable(run_dir):
             _write_fresh(cfg, run_dir)
             return trainer.run()
 
 
-def resume(run_dir: Path, *, quiet: bool = True, callbacks=()) -> dict[str, Any]:
+def resume(run_dir: Path, *, quiet: bool = True, callbacks=(), notify=None) -> dict[str, Any]:
     """Continue an interrupted (or killed) run in its own directory, from its newest complete checkpoint.
 
-    Nothing in the directory changes until every check has passed: a corrupted checkpoint or config is a
-    one-line user error and no file is deleted.
+    Nothing in the directory changes until every check has passed: a corrupted checkpoint, config or
+    metrics.jsonl, or a symbolic link where the run writes, is a one-line user error and no file is
+    deleted. `notify` gets one-line notices (a checkpoint resumed unverified).
     """
     from bnexp.config import load as load_config
 
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(f"run directory not found: {run_dir}")
+    try:
+        found_dir = run_dir.is_dir()
+    except (OSError, ValueError) as err:  # a name too long
+        raise RunDirError(f"--resume {shown_path(run_dir)}: {getattr(err, 'strerror', None) or err}") from None
+    if not found_dir:
+        raise RunDirError(f"run directory not found: {shown_path(run_dir)}")
     if not is_run_dir(run_dir):
-        raise RunDirError(f"not a bnexp run directory (no config.yaml and summary.json): {run_dir}")
+        raise RunDirError(f"not a bnexp run directory (no config.yaml and summary.json): {shown_path(run_dir)}")
     # Under torchrun every rank runs this; rank 0 alone holds the lock (and writes the directory).
     with locked(run_dir) if dist.env_rank() == 0 else contextlib.nullcontext():
         status = read_status(run_dir)
@@ -142,13 +146,15 @@ def resume(run_dir: Path, *, quiet: bool = True, callbacks=()) -> dict[str, Any]
             cfg = load_config(run_dir / CONFIG)
         except ConfigError as err:  # edited by hand, or written by a bnexp with other keys
             raise ConfigError(f"{run_dir / CONFIG}: {err}") from None
-        found = checkpoint.list_checkpoints(run_dir)
-        if found:
-            checkpoint.load(found[-1])  # a damaged file is reported here, before anything changes
+        refuse_links(run_dir, (CHECKPOINTS, METRICS, SUMMARY, ERROR_FILE))
+        read_metrics(run_dir)  # a damaged metrics.jsonl is reported here, before anything is written
+        newest, notice = checkpoint.check_newest(run_dir)  # so is a damaged checkpoint
         data = prepare(cfg)
+        if notice and notify is not None and dist.env_rank() == 0:
+            notify(notice)
         if distributed(cfg):
             if dist.env_rank() == 0:
-                (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a previous failure's traceback
+                files.unlink(run_dir / ERROR_FILE)  # a previous failure's traceback
             if not dist.under_launcher():
                 return _launch(cfg, run_dir, quiet=quiet, resume=True)
             if dist.env_world() != cfg.dist.nproc:
@@ -156,16 +162,33 @@ def resume(run_dir: Path, *, quiet: bool = True, callbacks=()) -> dict[str, Any]
                                 f"started {dist.env_world()} processes")
             return run_rank(cfg.model_dump(mode="json"), str(run_dir), quiet, True, data=data)
         trainer = Trainer(cfg, run_dir, data, quiet=quiet, callbacks=callbacks)
-        if found:
-            trainer.load_checkpoint(found[-1])
+        if newest is not None:
+            trainer.load_checkpoint(newest)
         # else: killed before its first checkpoint; the run starts over in place.
-        return trainer.run(resume=True)
+        with _continuable(run_dir):
+            return trainer.run(resume=True)
+
+
+@contextlib.contextmanager
+def _continuable(run_dir: Path):
+    """An OS error on the run's folder (a full disk, say) ends the run; it continues from its last
+    checkpoint once the cause is gone: the one-line error says how."""
+    try:
+        yield
+    except (files.OutputError, files.OutputFailed) as err:
+        raise type(err)(f"{err}; once that is fixed, continue with: bnexp train --resume "
+                        f"{shown_path(run_dir)}") from None
+
+
+def _fresh_files(cfg: Config) -> dict[str, str]:
+    """config.yaml and a `running` summary.json: what a run directory holds before it trains."""
+    return {CONFIG: to_yaml(cfg), SUMMARY: _summary_json({"status": "running", "steps": 0, "seed": cfg.seed,
+                                                            "name": cfg.name, "versions": versions()})}
 
 
 def _write_fresh(cfg: Config, run_dir: Path) -> None:
-    write_atomic(run_dir / CONFIG, to_yaml(cfg))
-    write_summary(run_dir, {"status": "running", "steps": 0, "seed": cfg.seed, "name": cfg.name,
-                            "versions": versions()})
+    for name, text in _fresh_files(cfg).items():
+        write_atomic(run_dir / name, text)
 
 
 def mark_interrupted(run_dir: Path) -> None:
@@ -195,7 +218,8 @@ def _launch(cfg: Config, run_dir: Path, *, quiet: bool, resume: bool) -> dict[st
         raise Interrupted(sig.signum, run_dir) from None
     except dist.RankFailure as failure:
         if failure.traceback:
-            (run_dir / ERROR_FILE).write_text(f"rank {failure.rank}:\n{failure.traceback}")
+            with contextlib.suppress(UserError):  # best effort: the failure line is what matters
+                write_atomic(run_dir / ERROR_FILE, f"rank {failure.rank}:\n{failure.traceback}")
         with contextlib.suppress(UserError, OSError):  # best effort: the failure line is what matters
             if read_status(run_dir) == "running":
                 mark_interrupted(run_dir)
@@ -265,7 +289,7 @@ def _start_in_group(cfg: Config, out, *, quiet: bool, data: Dataset) -> tuple[Pa
     msg: list[Any] = [None]
     if tdist.get_rank() == 0:
         try:
-            msg = [str(create_run_dir(cfg.out_dir, cfg.name, cfg.seed, out))]
+            msg = [str(create_run_dir(cfg.out_dir, cfg.name, cfg.seed, out, files=_fresh_files(cfg)))]
         except UserError as err:
             msg = [err]
     tdist.broadcast_object_list(msg, src=0)

@@ -248,6 +248,8 @@ class Trainer:
                     self.logs.flush()
                 with contextlib.suppress(Exception):
                     self.checkpoints.close()  # the last checkpoint handed over still reaches the disk
+                with contextlib.suppress(Exception):
+                    self.logs.close()
                 raise
             finally:
                 progress.close()
@@ -397,9 +399,11 @@ class Trainer:
             summary["diverged_step"] = diverged_step
         if self.probes is not None:
             summary.update(self.probes.summary())
-        write_summary(self.run_dir, summary)
         if status != "interrupted":
             self.logs.write_hparams(cfg, summary)
+        # The summary last: a run whose summary says it ended has every other file complete (a failed
+        # write before it leaves a run that --resume finishes).
         self.logs.close()
+        write_summary(self.run_dir, summary)
         return summary
 

@@ -13,6 +13,8 @@ is recorded (its summary.json, or error.txt for an exception) and the comparison
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import re
@@ -28,10 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from bnexp.config import (NAME_PATTERN, Config, ConfigError, Float, Int, apply_override, format_validation_error,
                           parse_override, read_yaml, validate)
-from bnexp.errors import UserError
-from bnexp.engine import session
-from bnexp.engine.rundir import (ERROR_FILE, FINISHED, RunDirError, create_run_dir, find_runs, is_run_dir,
-                                 read_status, refuse_existing, write_atomic)
+from bnexp.errors import RunFailed, UserError
+from bnexp.engine import files, session, signals
+from bnexp.engine.rundir import (ERROR_FILE, FINISHED, RunBusy, RunDirError, create_run_dir, find_runs, is_run_dir,
+                                 locked, new_run_dir, read_status, refuse_existing, write_atomic)
 from bnexp.engine.signals import Interrupted
 from bnexp.experiments import report
 from bnexp.experiments.records import RunRecord, load_record
@@ -56,6 +58,10 @@ class Arm:
     overrides: dict[str, Any]  # dotted config keys: the declared arm's, then the grid point's
     point: dict[str, Any]  # the grid point, {dotted key: value} ({} without a grid)
     family: str  # the declared arm it comes from ("" for a grid without declared arms)
+
+
+class WorkerDied(RunFailed):
+    """A worker process of `--jobs N` died without reporting (killed by the system, say): one line, exit 1."""
 
 
 class CompareConfig(BaseModel):
@@ -304,31 +310,58 @@ def _resolved_yaml(cmp: CompareConfig) -> str:
     return head + yaml.safe_dump(cmp.model_dump(mode="json"), sort_keys=False)
 
 
-def _create_dir(cmp: CompareConfig, explicit: Path | None) -> Path:
-    """<out_dir>/compare/<name>/<timestamp>, or --out: made the way run directories are (never reused)."""
-    return create_run_dir(Path(cmp.out_dir) / "compare", cmp.name, None, explicit, template="{stamp}",
-                          what="comparison")
+def _create_dir(cmp: CompareConfig, explicit: Path | None, files_: dict[str, str] | None = None):
+    """<out_dir>/compare/<name>/<timestamp>, or --out: made the way run directories are (never reused, complete
+    when it appears, its lock held while the block runs)."""
+    return new_run_dir(Path(cmp.out_dir) / "compare", cmp.name, None, explicit, template="{stamp}",
+                       what="comparison", files=files_)
 
 
 # --- running ----------------------------------------------------------------------------------------------
 
 _WORKER_DATA: dict[str, Any] = {}
+_STOP: Any = None  # in a worker process: the comparison's "start no more runs" event
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _init_worker() -> None:
-    # Torch threads are the run's own (config `threads`, set by the Trainer). An idle worker ignores Ctrl-C;
-    # a training one catches it (bnexp.engine.signals) and checkpoints first.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _init_worker(parent: int, stop) -> None:
+    """A worker of `--jobs N`. Torch threads are the run's own (config `threads`, set by the Trainer).
+
+    An idle worker ignores SIGINT and SIGTERM: a Ctrl-C or `kill` of the process group reaches the parent,
+    which stops handing out runs and passes the signal on to the workers that are training (they catch it,
+    bnexp.engine.signals, checkpoint and stop); idle workers then leave when the pool shuts down. A worker
+    must not outlive its parent, which would leave it training queued runs behind a comparison that was
+    killed: the kernel sends it SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG; every file of a run
+    is written so that a kill at any moment resumes).
+    """
+    global _STOP
+    _STOP = stop
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: no prctl (nor this guarantee)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _inside(comp_dir: Path, run_dir: Path, create: bool) -> Path:
+    """run_dir (<arm>/s<seed> below comp_dir) as real directories, not links that lead elsewhere."""
+    folder = comp_dir
+    for part in run_dir.relative_to(comp_dir).parts:
+        folder = files.real_dir(folder / part, create=create)
+    return run_dir
 
 
 def run_one(cfg: Config | dict, run_dir: str | Path, action: str, data: Any = None) -> dict[str, Any]:
-    """Train (action "fresh") or resume one run; an exception is written to error.txt, never raised."""
+    """Train (action "fresh") or resume one run; an exception is written to error.txt, never raised. A run
+    another process is training is "busy": nothing is written for it."""
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
+    if _STOP is not None and _STOP.is_set():
+        return {"status": "cancelled"}
     try:
         if isinstance(cfg, dict):
             cfg = validate(cfg)
-        (run_dir / ERROR_FILE).unlink(missing_ok=True)
         if action == "resume":
             summary = session.resume(run_dir, quiet=True)
         else:
@@ -337,16 +370,20 @@ def run_one(cfg: Config | dict, run_dir: str | Path, action: str, data: Any = No
                 if key not in _WORKER_DATA:
                     _WORKER_DATA[key] = session.prepare(cfg)
                 data = _WORKER_DATA[key]
-            run_dir.mkdir(parents=True, exist_ok=True)
+            _inside(run_dir.parent.parent, run_dir, create=True)
+            files.unlink(run_dir / ERROR_FILE)
             summary = session.train(cfg, run_dir, quiet=True, data=data)
         return {"status": summary["status"], "test_accuracy": summary.get("test_accuracy"),
                 "wall_time_s": summary.get("wall_time_s")}
     except Interrupted as sig:
         return {"status": "interrupted", "signum": sig.signum}
+    except RunBusy as err:
+        return {"status": "busy", "error": str(err)}
     except Exception as err:  # noqa: BLE001 - one broken run must not end the comparison
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ERROR_FILE).write_text(traceback.format_exc())
-        return {"status": "failed", "error": f"{type(err).__name__}: {err}".splitlines()[0],
+        with contextlib.suppress(UserError):  # best effort: the outcome line reports the error anyway
+            _inside(run_dir.parent.parent, run_dir, create=True)
+            write_atomic(run_dir / ERROR_FILE, traceback.format_exc())
+        return {"status": "failed", "error": f"{type(err).__name__}: {err}".splitlines()[0][:300],
                 "wall_time_s": time.perf_counter() - t0}
 
 
@@ -368,15 +405,16 @@ def _finished_line(done: int, total: int, job: Job, outcome: dict[str, Any]) -> 
 def _run_all(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, datasets: dict[str, Any], log: Log) -> None:
     """Train every run of `todo`; on a signal, raise Interrupted(signum, comp_dir) once runs checkpointed."""
     if jobs <= 1 or len(todo) <= 1:
-        try:
+        with signals.catch_signals() as guard:
+            guard.defer()  # a signal between runs is acted on before the next one starts
             for done, (job, action) in enumerate(todo, start=1):
+                if guard.received:
+                    raise Interrupted(guard.received[0], comp_dir)
                 data = datasets.get(_data_key(job.cfg))
                 outcome = run_one(job.cfg, comp_dir / job.rel, action, data)
                 log(_finished_line(done, len(todo), job, outcome))
                 if outcome["status"] == "interrupted":
                     raise Interrupted(outcome["signum"], comp_dir)
-        except KeyboardInterrupt:  # between runs, where no training loop is catching signals
-            raise Interrupted(signal.SIGINT, comp_dir) from None
         return
     _run_parallel(todo, comp_dir, jobs, log)
 
@@ -390,32 +428,64 @@ def _cores() -> int:
 
 def _run_parallel(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, log: Log) -> None:
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     workers = min(jobs, len(todo))
     threads = sorted({"torch's default" if job.cfg.threads is None else str(job.cfg.threads)
                       for job, _ in todo})
     log(f"{len(todo)} runs on {workers} worker processes, {' or '.join(threads)} torch thread(s) each")
     # spawn, not fork: a forked child would inherit this process's torch thread pool and locks.
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker)
-    interrupted = None
-    try:
-        futures = {pool.submit(run_one, job.cfg.model_dump(mode="json"), str(comp_dir / job.rel), action): job
-                   for job, action in todo}
-        for done, fut in enumerate(as_completed(futures), start=1):
-            outcome = fut.result()
-            log(_finished_line(done, len(todo), futures[fut], outcome))
-            if outcome["status"] == "interrupted" and interrupted is None:
-                interrupted = outcome["signum"]
-                pool.shutdown(wait=False, cancel_futures=True)
-    except KeyboardInterrupt:
-        interrupted = signal.SIGINT
-    finally:
-        # Workers that are training finish their checkpoint before they exit.
-        pool.shutdown(wait=True, cancel_futures=True)
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    interrupted: int | None = None
+    died = False
+    with signals.catch_signals() as guard:
+        guard.defer()  # signals are recorded, and handed on to the workers below
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(os.getpid(), stop))
+        try:
+            futures = {pool.submit(run_one, job.cfg.model_dump(mode="json"), str(comp_dir / job.rel), action): job
+                       for job, action in todo}
+            pending, done_count, told = set(futures), 0, 0.0
+            while pending:
+                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    try:
+                        outcome = fut.result()
+                    except CancelledError:
+                        continue
+                    except BrokenProcessPool:
+                        died = True
+                        continue
+                    if outcome["status"] == "cancelled":
+                        continue
+                    done_count += 1
+                    log(_finished_line(done_count, len(todo), futures[fut], outcome))
+                    if outcome["status"] == "interrupted" and interrupted is None:
+                        interrupted = outcome["signum"]
+                if interrupted is None and guard.received:
+                    interrupted = guard.received[0]
+                if interrupted is not None and time.monotonic() - told > 1.0:
+                    # Start no more runs, and stop those in progress (again each second: a worker that was
+                    # still starting a run when told ignored it, and takes it once it trains).
+                    stop.set()
+                    for fut in pending:
+                        fut.cancel()
+                    for child in multiprocessing.active_children():
+                        with contextlib.suppress(OSError):
+                            os.kill(child.pid, signal.SIGINT)
+                    told = time.monotonic()
+        finally:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+        if interrupted is None and guard.received:
+            interrupted = guard.received[0]
     if interrupted is not None:
         raise Interrupted(interrupted, comp_dir)
+    if died:
+        raise WorkerDied(f"a worker process died without reporting (killed from outside?); the runs it left "
+                         f"resume: bnexp compare --resume {comp_dir}")
 
 
 # --- collecting and reporting -----------------------------------------------------------------------------
@@ -443,8 +513,9 @@ class Outcome:
 
 def _report(out_dir: Path, records, title: str, target: float | None, baseline: str | None,
             arms: list[str], notes: list[str], points=None) -> Outcome:
-    rows = report.write_report(out_dir, records, title=title, target=target, baseline=baseline, arms=arms,
-                               notes=notes, points=points)
+    with files.reporting(out_dir):  # a full or read-only folder: one line naming the file
+        rows = report.write_report(out_dir, records, title=title, target=target, baseline=baseline, arms=arms,
+                                   notes=notes, points=points)
     return Outcome(out_dir, title, rows, notes)
 
 
@@ -477,13 +548,14 @@ def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, log: Log, ye
     if out is not None:
         refuse_existing(out)  # before the datasets load: this mistake should cost no time
     datasets = _prepare_all(plan_)
-    comp_dir = _create_dir(cmp, out)
-    write_atomic(comp_dir / COMPARE_YAML, _resolved_yaml(cmp))
-    t0 = time.perf_counter()
-    _run_all([(job, "fresh") for job in plan_], comp_dir, jobs, datasets, log)
-    notes = _describe(cmp, plan_) + [_timing(len(plan_), time.perf_counter() - t0, jobs)]
-    return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
-                   cmp.arm_names, notes, _points(cmp))
+    signals.defer()  # from here a signal stops the runs at a checkpoint; --resume finishes them
+    # Held for the whole comparison: a `compare --resume` of it meanwhile is refused.
+    with _create_dir(cmp, out, {COMPARE_YAML: _resolved_yaml(cmp)}) as comp_dir:
+        t0 = time.perf_counter()
+        _run_all([(job, "fresh") for job in plan_], comp_dir, jobs, datasets, log)
+        notes = _describe(cmp, plan_) + [_timing(len(plan_), time.perf_counter() - t0, jobs)]
+        return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
+                       cmp.arm_names, notes, _points(cmp))
 
 
 def _timing(n: int, seconds: float, jobs: int) -> str:
@@ -502,8 +574,20 @@ def _remove_run(comp_dir: Path, run_dir: Path) -> None:
 def resume_comparison(comp_dir: Path, jobs: int, log: Log) -> Outcome:
     if not (comp_dir / COMPARE_YAML).is_file():
         raise CompareError(f"not a comparison directory (no {COMPARE_YAML}): {comp_dir}")
+    # One resume at a time (nor while the comparison itself runs): the second is refused, changing nothing.
+    with locked(comp_dir, what="comparison"):
+        signals.defer()
+        return _resume_locked(comp_dir, jobs, log)
+
+
+def _resume_locked(comp_dir: Path, jobs: int, log: Log) -> Outcome:
     cmp = _validate_compare(read_yaml(comp_dir / COMPARE_YAML))
     plan_ = plan(cmp)
+    for job in plan_:  # every run inside the comparison, before anything changes
+        for folder in (comp_dir / job.arm, comp_dir / job.rel):
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                raise CompareError(f"{folder} is a symbolic link or a file, not a folder inside the comparison: "
+                                   f"refusing to delete or write through it")
     todo: list[tuple[Job, str]] = []
     damaged: list[str] = []
     for job in plan_:
@@ -620,9 +704,9 @@ def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None) ->
     if "baseline" not in set_keys and raw.get("baseline") not in arms:
         raw.pop("baseline", None)  # the source comparison's baseline is not among these runs
     cmp = _validate_compare(raw)
-    report_dir = _create_dir(cmp, out)
-    notes = [f"report on {len(found)} existing run directories"]
-    return _report(report_dir, records, cmp.name, cmp.target_accuracy, cmp.baseline, arms, notes)
+    with _create_dir(cmp, out) as report_dir:
+        notes = [f"report on {len(found)} existing run directories"]
+        return _report(report_dir, records, cmp.name, cmp.target_accuracy, cmp.baseline, arms, notes)
 
 
 def main(config: Path | None = None, overrides: list[str] | None = None, out: Path | None = None,

@@ -8,7 +8,7 @@ from typing import Any
 
 from bnexp.config import read_yaml
 from bnexp.data import REGRESSION
-from bnexp.engine.rundir import CONFIG, ERROR_FILE, SUMMARY, read_metrics, read_summary
+from bnexp.engine.rundir import CONFIG, ERROR_FILE, FINISHED, SUMMARY, read_metrics, read_summary
 
 
 @dataclass
@@ -32,7 +32,10 @@ def load_record(arm: str, seed: int | None, run_dir: Path) -> RunRecord:
         rec.summary = read_summary(run_dir)
         rec.status = rec.summary.get("status") or "missing"
         rec.metrics = read_metrics(run_dir)
-    if (run_dir / ERROR_FILE).is_file():
+    # An error file beside a summary of a run that ended is stale: the run failed once (an attempt to
+    # resume it while another process trained it, say) and completed later; a run writes its ended
+    # summary last.
+    if (run_dir / ERROR_FILE).is_file() and rec.status not in FINISHED:
         rec.status = "failed"
         lines = [ln for ln in (run_dir / ERROR_FILE).read_text(errors="replace").splitlines() if ln.strip()]
         rec.error = lines[-1] if lines else "failed"

@@ -7,9 +7,14 @@ contiguous CPU float32/float64 tensors of one dtype (``eligible``) and takes its
 anything else.
 
 The shared library is cached in ``$BNEXP_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bnexp``, else
-``~/.cache/bnexp``; a temporary directory if that cannot be written) under a hash of the source, the
-compiler command and this CPU's model and flags, since it is built for the CPU it runs on (-march=native). ``BNEXP_KERNEL=0`` turns the kernel off; so does a
-build that fails (no compiler, say), with one warning, and the layer then runs its tensor-op path.
+``~/.cache/bnexp``; ``$TMPDIR/bnexp-<uid>`` if that cannot be written) under a hash of the source, the
+compiler command and this CPU's model and flags, since it is built for the CPU it runs on (-march=native).
+Loading a library runs its code, and its name can be computed by anyone, so a cache directory is used only
+if no one else can write to it: it is created private (0700), and it, the folders above it and the library
+must belong to this user (or root) and not be writable by group or others (the sticky /tmp excepted). A
+cache that fails these checks is not read: the kernel is built in a fresh private temporary directory,
+loaded, and the directory removed. ``BNEXP_KERNEL=0`` turns the kernel off; so does a build that fails
+(no compiler, say), with one warning, and the layer then runs its tensor-op path.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -179,6 +185,50 @@ _built: Kernel | None | object = _UNSET  # the outcome of the one build attempt 
 _enabled = os.environ.get("BNEXP_KERNEL", "1") != "0"
 
 
+def _private_dir(path: Path) -> Path | None:
+    """`path` as a cache only this user can write (made 0700 if missing), by its real location; None if it
+    cannot be made or fails the checks of the module's docstring."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        real = Path(os.path.realpath(path))
+        st = os.lstat(real)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return None
+        for folder in real.parents:  # whoever may rename a folder above may swap the cache for their own
+            st = os.lstat(folder)
+            if st.st_uid not in (0, os.getuid()) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+                return None
+        return real
+    except (OSError, ValueError):
+        return None
+
+
+def _trusted_library(path: Path) -> bool:
+    """A library in a private cache that this user wrote: a regular file, not a link, not writable by others."""
+    st = os.lstat(path)
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _load_built(cc: str) -> Kernel:
+    """Build (or reuse) the library in the first private cache, else in a fresh private directory."""
+    for candidate in (cache_dir(), Path(tempfile.gettempdir()) / f"bnexp-{os.getuid()}"):
+        folder = _private_dir(candidate)
+        if folder is None:
+            continue
+        try:
+            path = _build(cc, folder)
+        except OSError:  # an unwritable cache (a read-only home, say): build where we may write
+            continue
+        if _trusted_library(path):
+            return Kernel(ctypes.CDLL(str(path)), path)
+    private = Path(tempfile.mkdtemp(prefix="bnexp-kernel-"))  # 0700, a fresh name: no one else's file
+    try:
+        path = _build(cc, private)
+        return Kernel(ctypes.CDLL(str(path)), path)  # mapped: the file can go
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
 def _build_once() -> Kernel | None:
     global _built
     if _built is _UNSET:
@@ -187,11 +237,7 @@ def _build_once() -> Kernel | None:
         try:
             if cc is None:
                 raise RuntimeError("no C compiler found (set CC)")
-            try:
-                path = _build(cc, cache_dir())
-            except OSError:  # an unwritable cache (a read-only home, say): build where we may write
-                path = _build(cc, Path(tempfile.gettempdir()) / f"bnexp-{os.getuid()}")
-            _built = Kernel(ctypes.CDLL(str(path)), path)
+            _built = _load_built(cc)
             if _built.parallel and not torch_openmp():
                 # Loading it brought a second OpenMP runtime in after all: keep to one thread.
                 _built.lib.bn_set_parallel_min(2**62)
