@@ -8,6 +8,8 @@ whose `act` follows the addition.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -17,6 +19,26 @@ from bnexp.nn import is_batchnorm
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 # Normalizers that subtract a per-channel mean of their input: a bias of the layer before them cancels.
 _CANCEL_BIAS = ("bnexp", "torch", "instance")
+
+
+class ConvOps(NamedTuple):
+    conv: type[nn.Module]
+    pool: type[nn.Module]
+    gpool: type[nn.Module]
+
+
+_CONV_OPS = {1: ConvOps(nn.Conv1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d),
+             2: ConvOps(nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d)}
+
+
+def conv_input(input_shape: tuple[int, ...], layers: dict[str, nn.Module]) -> tuple[tuple[int, ...], int, ConvOps]:
+    """The (channels, *positions) shape a conv net sees, its number of spatial dims and the layer classes
+    for them. Tabular features are read as a one-channel signal (an Unflatten added to `layers`)."""
+    if len(input_shape) == 1:
+        input_shape = (1, input_shape[0])
+        layers["signal"] = nn.Unflatten(1, input_shape)
+    dims = len(input_shape) - 1
+    return input_shape, dims, _CONV_OPS[dims]
 
 
 def out_width(layer: nn.Module) -> int:

@@ -7,18 +7,13 @@ from collections import OrderedDict
 from torch import nn
 
 from bnexp.config import ModelConfig
-from bnexp.models.blocks import ACTIVATIONS, Block, layer_bias
+from bnexp.models.blocks import ACTIVATIONS, Block, conv_input, layer_bias
 from bnexp.nn import make_norm
 
 
 def build_cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    if len(input_shape) == 1:  # tabular features read as a one-channel signal
-        input_shape = (1, input_shape[0])
-        layers["signal"] = nn.Unflatten(1, input_shape)
-    dims = len(input_shape) - 1
-    conv, pool, gpool = {1: (nn.Conv1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d),
-                         2: (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d)}[dims]
+    input_shape, dims, (conv, pool, gpool) = conv_input(input_shape, layers)
     channels, size = input_shape[0], min(input_shape[1:])
     for i, c in enumerate(cfg.channels, start=1):
         # Halve the resolution while it stays at least 2 wide; small inputs (8x8 digits) run out fast.

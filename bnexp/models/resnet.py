@@ -17,7 +17,7 @@ from collections import OrderedDict
 from torch import nn
 
 from bnexp.config import ModelConfig
-from bnexp.models.blocks import ACTIVATIONS, Block, ConvNorm, PadShortcut, ResidualBlock, layer_bias
+from bnexp.models.blocks import ACTIVATIONS, Block, ConvNorm, PadShortcut, ResidualBlock, conv_input, layer_bias
 from bnexp.nn import make_norm
 
 WIDTHS = (16, 32, 64)
@@ -25,11 +25,7 @@ WIDTHS = (16, 32, 64)
 
 def build_resnet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    if len(input_shape) == 1:  # tabular features read as a one-channel signal
-        input_shape = (1, input_shape[0])
-        layers["signal"] = nn.Unflatten(1, input_shape)
-    dims = len(input_shape) - 1
-    conv, gpool = {1: (nn.Conv1d, nn.AdaptiveAvgPool1d), 2: (nn.Conv2d, nn.AdaptiveAvgPool2d)}[dims]
+    input_shape, dims, (conv, _, gpool) = conv_input(input_shape, layers)
     act = ACTIVATIONS[cfg.activation]
     bias, bn_first = layer_bias(cfg), cfg.bn_position == "before_activation"
     widths = [max(1, round(w * cfg.width_factor)) for w in WIDTHS]
