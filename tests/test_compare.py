@@ -716,3 +716,25 @@ def test_workers_die_with_their_comparison_and_it_resumes_cleanly(tmp_path):
     assert not list(comp.glob("*/s*/error.txt"))
     table = read_csv(comp / "summary.csv")
     assert all((table[arm]["completed"], table[arm]["failed"]) == ("2", "0") for arm in TINY["arms"])
+
+
+def test_an_arm_folder_made_by_the_other_worker_meanwhile_is_taken(tmp_path, monkeypatch):
+    """The two workers of `--jobs 2` start two seeds of one arm at once: the second to make the arm's folder
+    finds it made (here the folder appears between the look and the mkdir, faked at the OS call), and its
+    run trains rather than failing with "File exists" (seen in the signal test above)."""
+    import errno
+    import os
+
+    from bnexp.engine import files
+
+    arm = tmp_path / "no_bn"
+    real_lstat = os.lstat
+
+    def made_meanwhile(path, *args, **kwargs):
+        if Path(path) == arm and not arm.exists():
+            os.mkdir(arm)  # the other worker, just now
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", made_meanwhile)
+    assert files.real_dir(arm, create=True) == arm and arm.is_dir()
