@@ -110,6 +110,7 @@ def train(
     if resume is None and config is None:
         raise UserError("missing option --config (or --resume RUN_DIR)")
     _check_paths(out, resume, "run")
+    _check_progress_interval(quiet)
     # Installed before torch is imported: a signal during start-up ends the command cleanly (see
     # bnexp.engine.signals), one during training checkpoints and marks the run interrupted.
     with catch_signals(note=_startup_note(resume)), _interruptible(resume):
@@ -191,28 +192,30 @@ def compare(
     yes: bool = typer.Option(False, "--yes", "-y", help="Start a comparison of more runs than its max_runs."),
 ) -> None:
     """Run arms x seeds (x a grid) and write a report (table, CSV, plots); or report on existing runs."""
+    from bnexp.engine.progress import RunsProgress, stderr_console
     from bnexp.engine.signals import Interrupted, catch_signals
 
     _check_paths(out, resume, "comparison")
+    _check_progress_interval(quiet)
     note = _startup_note(resume, "comparison")
+    console = stderr_console()
+    display = RunsProgress(console, quiet)
     try:
         # As for train: a signal before the comparison directory exists ends the command cleanly; after,
         # the runs in progress checkpoint and the comparison can be finished with --resume.
         with catch_signals(note=note):
             from bnexp.experiments import compare as comparemod, report
 
-            console = _stderr_console()
             outcome = comparemod.main(config=config, overrides=set_ or [], out=out, jobs=jobs, resume=resume,
                                       run_dirs=run_dirs or [], yes=yes,
-                                      log=None if quiet else lambda line: console.print(line, soft_wrap=True))
+                                      log=None if quiet else lambda line: console.print(line, soft_wrap=True),
+                                      progress=lambda st: display.update(st.done, st.total, st.running))
     except Interrupted as sig:
-        if sig.run_dir is None:
-            typer.echo(note.format(signal=sig), err=True)
-        else:
-            typer.echo(f"interrupted by {sig}: checkpoints written; finish with bnexp compare --resume "
-                       f"{sig.run_dir}", err=True)
-            typer.echo(str(sig.run_dir))
+        display.close()
+        _say_what_stopped(sig, note, console)
         raise typer.Exit(sig.exit_code)
+    finally:
+        display.close()
     if not quiet:
         if not console.is_terminal:  # a log file or pipe: no terminal width to respect, keep rows on one line
             console = _stderr_console(width=200)
@@ -221,6 +224,47 @@ def compare(
             if "wall time" in note:
                 console.print(note, soft_wrap=True)
     typer.echo(str(outcome.path))
+
+
+# How an interrupted comparison's runs are listed, in this order (other statuses follow under their own name).
+_STOPPED_AS = {"interrupted": "stopped at a checkpoint, resumable",
+               "running": "left running by a process that was killed, resumable",
+               "completed": "completed", "diverged": "diverged", "failed": "failed (--resume tries again)",
+               "damaged": "with a damaged summary.json", "not started": "not started"}
+
+
+def _say_what_stopped(sig, note: str, console) -> None:
+    """What a signal left of a comparison: where each run stands and how to finish; or, when it came before
+    any run started (the comparison directory is then removed), the start-up note."""
+    from bnexp.engine.progress import WIDTH, fit
+
+    comp_dir = sig.run_dir
+    if comp_dir is None or not comp_dir.is_dir():
+        typer.echo(note.format(signal=sig), err=True)
+        return
+    runs = getattr(sig, "runs", [])
+    width = min(WIDTH, console.width) if console.is_terminal else WIDTH
+    if runs:
+        typer.echo(f"interrupted by {sig}; of the comparison's {len(runs)} runs:", err=True)
+        groups: dict[str, list[str]] = {}
+        for name, status, steps in runs:
+            shown = f"{name} at step {steps}" if status == "interrupted" and steps is not None else name
+            groups.setdefault(status, []).append(shown)
+        for status in sorted(groups, key=lambda s: list(_STOPPED_AS).index(s) if s in _STOPPED_AS else 99):
+            label = _STOPPED_AS.get(status, status)
+            typer.echo(fit(f"  {label} ({len(groups[status])}): ", groups[status], width), err=True)
+    else:
+        typer.echo(f"interrupted by {sig}: checkpoints written", err=True)
+    typer.echo(f"finish with: bnexp compare --resume {comp_dir}", err=True)
+    typer.echo(str(comp_dir))
+
+
+def _check_progress_interval(quiet: bool) -> None:
+    """A bad BNEXP_PROGRESS_SECONDS is a user error before anything is created."""
+    if not quiet:
+        from bnexp.engine.progress import seconds
+
+        seconds()
 
 
 def _stderr_console(width: int | None = None):

@@ -228,7 +228,13 @@ def test_resume_finishes_interrupted_and_missing_runs_and_leaves_completed_ones(
     monkeypatch.undo()
     assert code == 130, err
     assert out.strip().splitlines()[-1] == str(comp)
-    assert f"bnexp compare --resume {comp}" in err
+    assert err.strip().splitlines()[-5:] == [
+        "interrupted by SIGINT; of the comparison's 4 runs:",
+        "  stopped at a checkpoint, resumable (1): bnexp/s0 at step 30",
+        "  completed (2): no_bn/s0, no_bn/s1",
+        "  not started (1): bnexp/s1",
+        f"finish with: bnexp compare --resume {comp}",
+    ]
     interrupted = json.loads((comp / "bnexp" / "s0" / "summary.json").read_text())
     assert interrupted["status"] == "interrupted" and interrupted["steps"] == 30
     assert not (comp / "bnexp" / "s1").exists() and not (comp / "report.md").exists()
@@ -702,8 +708,7 @@ def test_workers_die_with_their_comparison_and_it_resumes_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = _stopped(proc, workers)
     assert proc.returncode == 143 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (f"interrupted by SIGTERM: checkpoints written; finish with "
-                                            f"bnexp compare --resume {comp}")
+    assert err.strip().splitlines()[-1] == f"finish with: bnexp compare --resume {comp}"
     assert out.strip().splitlines()[-1] == str(comp)
     assert "interrupted" in [json.loads((r / "summary.json").read_text())["status"] for r in comp.glob("*/s*")]
 
@@ -716,6 +721,72 @@ def test_workers_die_with_their_comparison_and_it_resumes_cleanly(tmp_path):
     assert not list(comp.glob("*/s*/error.txt"))
     table = read_csv(comp / "summary.csv")
     assert all((table[arm]["completed"], table[arm]["failed"]) == ("2", "0") for arm in TINY["arms"])
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def _wait_for(proc, condition, timeout: float = 180) -> None:
+    """Poll `condition` while `proc` runs; the timeout only guards against a hang."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
+# Six long runs (three arms x two seeds): more than two workers can take at once, and none ends by itself
+# before the test has signalled the comparison.
+LONG = {**TINY, "arms": {**TINY["arms"], "torch_bn": {"model.norm": "torch"}},
+        "base": {**TINY["base"], "probes": {"enabled": False},
+                 "train": {**TINY["base"]["train"], "steps": 100_000, "eval_every": 1000, "checkpoint_every": 50_000}}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, to_group", [("SIGINT", True), ("SIGTERM", False)], ids=["ctrl-c", "kill"])
+def test_a_signal_to_compare_jobs_2_starts_no_queued_run_and_says_what_it_stopped(tmp_path, sig, to_group):
+    """Ctrl-C (SIGINT to the whole process group: the comparison and its workers) or a `kill` of the
+    comparison alone, once its two workers train the first two of six runs: those two checkpoint, none of
+    the four queued runs gets a directory, and stderr lists what was stopped and what never started."""
+    import os
+    import signal
+
+    from bnexp.engine.checkpoint import list_checkpoints
+
+    cfg = write_cfg(tmp_path / "c.yaml", LONG)
+    comp = tmp_path / "c"
+    proc, workers = _start_killable(["-c", str(cfg), "--out", str(comp)], tmp_path, comp)
+    _wait_for(proc, lambda: sum('"train/loss"' in _read(r / "metrics.jsonl") for r in comp.glob("*/s*")) == 2)
+    started = sorted(str(r.relative_to(comp)) for r in comp.glob("*/s*"))
+    signum = getattr(signal, sig)
+    if to_group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    out, err = _stopped(proc, workers)
+    assert proc.returncode == 128 + signum and "Traceback" not in err, err
+    assert out.strip().splitlines()[-1] == str(comp)
+    assert sorted(str(r.relative_to(comp)) for r in comp.glob("*/s*")) == started == ["no_bn/s0", "no_bn/s1"], err
+    steps = {}
+    for run in started:
+        summary = json.loads((comp / run / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and 0 < summary["steps"] < 100_000
+        newest = list_checkpoints(comp / run)[-1]  # the signal's checkpoint, which the summary describes
+        assert int(newest.stem.split("-")[1]) == summary["steps"]
+        steps[run] = summary["steps"]
+    lines = err.strip().splitlines()
+    assert lines[-4:] == [
+        f"interrupted by {sig}; of the comparison's 6 runs:",
+        f"  stopped at a checkpoint, resumable (2): no_bn/s0 at step {steps['no_bn/s0']}, "
+        f"no_bn/s1 at step {steps['no_bn/s1']}",
+        "  not started (4): bnexp/s0, bnexp/s1, torch_bn/s0, torch_bn/s1",
+        f"finish with: bnexp compare --resume {comp}",
+    ]
 
 
 def test_an_arm_folder_made_by_the_other_worker_meanwhile_is_taken(tmp_path, monkeypatch):
@@ -738,3 +809,65 @@ def test_an_arm_folder_made_by_the_other_worker_meanwhile_is_taken(tmp_path, mon
 
     monkeypatch.setattr(os, "lstat", made_meanwhile)
     assert files.real_dir(arm, create=True) == arm and arm.is_dir()
+
+
+@pytest.mark.slow
+def test_a_signal_as_a_run_ends_starts_no_other_run_with_jobs_1(tmp_path, monkeypatch):
+    """`compare` (one run at a time, in-process) signalled at the last step of its second run: that run
+    completes (there is nothing left to stop), the two queued runs never start, and stderr says so."""
+    import signal
+
+    from bnexp.engine import session
+
+    cfg = write_cfg(tmp_path / "tiny.yaml", TINY)
+    comp = tmp_path / "c"
+
+    class CtrlCAtTheEnd:
+        def after_step(self, trainer, step):
+            if trainer.cfg.name == "no_bn" and trainer.cfg.seed == 1 and step == TINY["base"]["train"]["steps"]:
+                signal.raise_signal(signal.SIGTERM)
+
+    real = session.Trainer
+    monkeypatch.setattr(session, "Trainer",
+                        lambda *a, callbacks=(), **k: real(*a, callbacks=[*callbacks, CtrlCAtTheEnd()], **k))
+    code, out, err = run_cli(["compare", "-c", str(cfg), "--out", str(comp)])
+    assert code == 143, err
+    assert sorted(p.name for p in comp.iterdir() if p.is_dir()) == ["no_bn"]
+    assert err.strip().splitlines()[-4:] == [
+        "interrupted by SIGTERM; of the comparison's 4 runs:",
+        "  completed (2): no_bn/s0, no_bn/s1",
+        "  not started (2): bnexp/s0, bnexp/s1",
+        f"finish with: bnexp compare --resume {comp}",
+    ]
+    assert out.strip().splitlines()[-1] == str(comp)
+
+
+@pytest.mark.slow
+def test_a_signal_before_any_run_started_keeps_no_comparison(tmp_path):
+    """`compare --jobs 2` signalled as soon as its directory appears, while the workers start: what it
+    says matches what it left. Nearly always no run had started (workers take seconds to import torch):
+    then the comparison directory is gone, stdout is empty and stderr says nothing was created; should a
+    run have started, the directory is kept and named for --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cfg = write_cfg(tmp_path / "c.yaml", LONG)
+    comp = tmp_path / "c"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bnexp.cli", "compare", "-c", str(cfg), "--out", str(comp),
+                             "--jobs", "2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    _wait_for(proc, lambda: (comp / "compare.yaml").is_file())
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    if not comp.exists():
+        assert out == ""
+        assert err.strip().splitlines()[-1] == ("interrupted by SIGINT during start-up; no comparison directory "
+                                                "was created")
+        assert sorted(os.listdir(tmp_path)) == ["c.yaml"]
+    else:
+        assert out.strip().splitlines()[-1] == str(comp)
+        assert err.strip().splitlines()[-1] == f"finish with: bnexp compare --resume {comp}"
