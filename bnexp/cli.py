@@ -29,7 +29,31 @@ except ImportError:  # pragma: no cover - typer releases that depend on click
 import bnexp
 from bnexp.errors import RunFailed, UserError
 
+
+
+class _Flags:
+    """typer's help shows a boolean flag as `--quiet <bool>`, as if it took a value (and `--help <bool>`):
+    a flag gets no value column."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_Flags, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_Flags, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"]},
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -86,7 +110,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML experiment config.",
                                           show_default=False),
@@ -169,7 +193,7 @@ def _report(summary: dict, run_dir: Path) -> None:
     typer.echo(str(run_dir))
 
 
-@app.command()
+@app.command(cls=_Command)
 def validate(config: Path = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Print the resolved config (file + overrides + defaults), exactly what `train` would run."""
     from bnexp import config as cfgmod
@@ -177,7 +201,7 @@ def validate(config: Path = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> No
     typer.echo(cfgmod.to_yaml(cfgmod.load(config, set_ or [])), nl=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def compare(
     run_dirs: Optional[List[Path]] = typer.Argument(None, help="Existing run directories to report on "
                                                     "(instead of --config)."),
@@ -273,7 +297,7 @@ def _stderr_console(width: int | None = None):
     return Console(stderr=True, highlight=False, width=width)
 
 
-@app.command()
+@app.command(cls=_Command)
 def check(seed: int = typer.Option(0, help="Seed of the random cases.")) -> None:
     """Compare bnexp's BN layer with torch.nn.BatchNorm*d on random cases; exit 1 if any case fails."""
     from rich.console import Console
@@ -288,7 +312,7 @@ def check(seed: int = typer.Option(0, help="Seed of the random cases.")) -> None
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Few repeats: a smoke test of the benchmark."),
     only: Optional[List[str]] = typer.Option(None, "--only", help="Sections to run: layer, resnet, loop, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,6 +37,23 @@ def test_help_and_version(cli):
 def test_each_command_has_help(cli, command, expect):
     r = cli(command, "--help")
     assert r.code == 0 and expect in r.out and r.err == ""
+
+
+@pytest.mark.parametrize("command, flags", [
+    ([], ["--version", "--help"]), (["train"], ["--quiet", "--help"]), (["validate"], ["--help"]),
+    (["compare"], ["--quiet", "--yes", "--help"]), (["check"], ["--help"]), (["bench"], ["--quick", "--help"]),
+])
+def test_help_shows_boolean_flags_as_flags(cli, command, flags):
+    """typer's help put `<bool>` after every flag (`--quiet <bool>`), as if it took a value."""
+    for help_flag in ("--help", "-h"):
+        r = cli(*command, help_flag)
+        assert r.code == 0 and r.err == "" and "Usage: bnexp" in r.out
+        assert "<bool>" not in r.out and "bool" not in r.out.lower().replace("boolean", "")
+        rows = {line.strip("│ *").split()[0]: line.strip("│ *") for line in r.out.splitlines()
+                if line.strip("│ *").startswith("--")}
+        for flag in flags:
+            # The flag, its short form if any, then its help: no value between them.
+            assert re.match(rf"{flag} +(-[a-z] +)?[A-Z]", rows[flag]), rows[flag]
 
 
 def test_console_script_help_version_and_user_error(tmp_path):
