@@ -361,14 +361,16 @@ def _bad(tmp_path: Path, monkeypatch, argv: list[str]) -> str:
 @pytest.mark.parametrize("change, expected", [
     ({"arms": {}}, "arms: at least one arm"),
     ({"arms": None}, "arms"),
-    ({"arms": {"a": {"model.nrom": "none"}}}, "arms.a: model.nrom: unknown key"),
+    ({"arms": {"a": {"model.nrom": "none"}}}, "arms.a: model.nrom: unknown key (did you mean model.norm?)"),
     ({"arms": {"a": {"optim.lr": -1}}}, "arms.a: optim.lr"),
     ({"arms": {"a": {"model.norm": "batch"}}}, "arms.a: model.norm"),
     ({"arms": {"a": {"seed": 3}}}, "arms.a.seed"),
     ({"baseline": "nope"}, "baseline: 'nope' is not an arm"),
     ({"seeds": []}, "seeds"),
     ({"seeds": [1, 1]}, "seeds: each seed may appear once"),
-    ({"bogus": 1}, "bogus: unknown key"),
+    ({"bogus": 1}, "bogus: unknown key\n"),
+    ({"seed": 1}, "seed: unknown key (did you mean seeds?)"),
+    ({"model": {"norm": "none"}}, "model: unknown key (did you mean base.model?)"),  # base: forgotten
     ({"arms": {"..": {}}}, "an arm name must be"),
     ({"arms": {".": {}}}, "an arm name must be"),
     ({"name": ".."}, "name: '..' is not a usable directory name"),
@@ -392,7 +394,8 @@ def test_bad_comparison_configs(tmp_path, monkeypatch, change, expected):
 @pytest.mark.parametrize("argv, expected", [
     (["--set", "base.optim.lr=-1"], "base: optim.lr"),
     (["--set", "arms.no_bn.model.nrom=none"], "arms.no_bn: model.nrom: unknown key"),
-    (["--set", "seedz=[1]"], "seedz: unknown key"),
+    (["--set", "seedz=[1]"], "seedz: unknown key (did you mean seeds?)"),
+    (["--set", "base.optim.lrr=1"], "base: optim.lrr: unknown key (did you mean optim.lr?)"),
     (["--out", "existing"], "already exists"),
     (["--resume", "existing"], "do not combine"),
     (["--out", "afile/x"], "cannot create a comparison directory at afile/x"),
@@ -871,3 +874,13 @@ def test_a_signal_before_any_run_started_keeps_no_comparison(tmp_path):
     else:
         assert out.strip().splitlines()[-1] == str(comp)
         assert err.strip().splitlines()[-1] == f"finish with: bnexp compare --resume {comp}"
+
+
+def test_a_run_config_given_to_compare_says_to_use_train(tmp_path, monkeypatch):
+    run_cfg = write_cfg(tmp_path / "run.yaml", TINY["base"])
+    err = _bad(tmp_path, monkeypatch, ["compare", "-c", "run.yaml"])
+    assert err == ("error: run.yaml is a run config (device, data, model, ...): train it with bnexp train -c "
+                   "run.yaml, or name it as the base: of a comparison config\n")
+    # Arms given with --set make it a comparison whose keys are misplaced: the error says where they go.
+    err = _bad(tmp_path, monkeypatch, ["compare", "-c", str(run_cfg), "--set", "arms={a: {}}"])
+    assert err == "error: invalid comparison config: device: unknown key (did you mean base.device?)\n"

@@ -28,8 +28,8 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from bnexp.config import (NAME_PATTERN, Config, ConfigError, Float, Int, apply_override, format_validation_error,
-                          parse_override, read_yaml, validate)
+from bnexp.config import (COMPARISON_KEYS, NAME_PATTERN, Config, ConfigError, Float, Int, apply_override,
+                          format_validation_error, parse_override, read_yaml, validate)
 from bnexp.errors import RunFailed, UserError
 from bnexp.engine import files, session, signals
 from bnexp.engine.rundir import (ERROR_FILE, FINISHED, RunBusy, RunDirError, create_run_dir, find_runs, is_run_dir,
@@ -191,7 +191,7 @@ def _validate_compare(raw: dict[str, Any]) -> CompareConfig:
     try:
         cmp = CompareConfig.model_validate(raw)
     except ValidationError as err:
-        raise CompareError(f"invalid comparison config: {format_validation_error(err)}") from None
+        raise CompareError(f"invalid comparison config: {format_validation_error(err, CompareConfig, {'base': Config})}") from None
     cmp.arms = {arm: _flatten(o or {}) for arm, o in cmp.arms.items()}
     cmp._expanded = expand(cmp)
     names = cmp.arm_names
@@ -219,6 +219,10 @@ def load_compare(path: str | Path, overrides: list[str]) -> CompareConfig:
     path = Path(path)
     raw = read_yaml(path)
     pairs = [parse_override(o) for o in overrides]
+    run_keys = [key for key in raw if key in Config.model_fields and key not in CompareConfig.model_fields]
+    if run_keys and not any(key.split(".")[0] in COMPARISON_KEYS for key in [*raw, *(k for k, _ in pairs)]):
+        raise CompareError(f"{path} is a run config ({', '.join(run_keys[:3])}, ...): train it with bnexp train "
+                           f"-c {path}, or name it as the base: of a comparison config")
     base_dir = path.parent
     for key, value in pairs:
         if key == "base":
@@ -244,7 +248,7 @@ def _config_problem(raw: dict[str, Any]) -> str | None:
     try:
         Config.model_validate(raw)
     except ValidationError as err:
-        return format_validation_error(err)
+        return format_validation_error(err, Config)
     return None
 
 
