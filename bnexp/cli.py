@@ -260,7 +260,7 @@ _STOPPED_AS = {"interrupted": "stopped at a checkpoint, resumable",
 def _say_what_stopped(sig, note: str, console) -> None:
     """What a signal left of a comparison: where each run stands and how to finish; or, when it came before
     any run started (the comparison directory is then removed), the start-up note."""
-    from bnexp.engine.progress import WIDTH, fit
+    from bnexp.engine.progress import WIDTH, fit, wrapped
 
     comp_dir = sig.run_dir
     if comp_dir is None or not comp_dir.is_dir():
@@ -275,8 +275,12 @@ def _say_what_stopped(sig, note: str, console) -> None:
             shown = f"{name} at step {steps}" if status == "interrupted" and steps is not None else name
             groups.setdefault(status, []).append(shown)
         for status in sorted(groups, key=lambda s: list(_STOPPED_AS).index(s) if s in _STOPPED_AS else 99):
-            label = _STOPPED_AS.get(status, status)
-            typer.echo(fit(f"  {label} ({len(groups[status])}): ", groups[status], width), err=True)
+            head = f"  {_STOPPED_AS.get(status, status)} ({len(groups[status])}): "
+            if status in ("interrupted", "running"):  # what --resume continues: every one named
+                for line in wrapped(head, groups[status], width):
+                    typer.echo(line, err=True)
+            else:
+                typer.echo(fit(head, groups[status], width), err=True)
     else:
         typer.echo(f"interrupted by {sig}: checkpoints written", err=True)
     typer.echo(f"finish with: bnexp compare --resume {comp_dir}", err=True)

@@ -376,3 +376,15 @@ def test_fit_lists_what_fits_and_counts_the_rest():
     assert shown[-1] == f"and {40 - len(shown) + 1} more" and shown[:-1] == names[:len(shown) - 1]
     assert fit("  x (2): ", ["a", "b"]) == "  x (2): a, b"
     assert fit("h: ", ["a" * 120]) == "h: " + "a" * 120  # one item is shown even when it alone is too long
+
+
+def test_wrapped_names_every_item_over_lines_of_the_width():
+    from bnexp.engine.progress import wrapped
+
+    items = [f"arm_{i}/s{i} at step {i * 1111}" for i in range(9)]
+    lines = wrapped("  stopped at a checkpoint, resumable (9): ", items, width=80)
+    assert len(lines) > 1 and all(len(line) <= 80 for line in lines)
+    assert lines[0].startswith("  stopped at a checkpoint, resumable (9): arm_0/s0 at step 0,")
+    assert all(line.startswith("    arm_") for line in lines[1:])
+    assert " ".join(line.strip() for line in lines).split(": ", 1)[1] == ", ".join(items)
+    assert wrapped("  x (1): ", ["a"]) == ["  x (1): a"]

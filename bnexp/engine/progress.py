@@ -74,6 +74,19 @@ def fit(head: str, items: Sequence[str], width: int = WIDTH, sep: str = ", ") ->
     return head + sep.join(shown) + (f"{sep}and {left} more" if left else "")
 
 
+def wrapped(head: str, items: Sequence[str], width: int = WIDTH, indent: str = "    ", sep: str = ", ") -> list[str]:
+    """head + every one of `items`, over as many lines of `width` columns as they take (an item is never
+    split; the lines after the first start with `indent`)."""
+    lines, line = [], head
+    for k, item in enumerate(items):
+        piece = item + (sep.rstrip() if k < len(items) - 1 else "")
+        if line not in (head, indent) and len(line) + 1 + len(piece) > width:
+            lines.append(line.rstrip())
+            line = indent
+        line += ("" if line in (head, indent) else " ") + piece
+    return [*lines, line.rstrip()]
+
+
 class RunProgress:
     """One run's steps (`bnexp train`): a bar with the step, the info (loss, accuracy) and the time left in a
     terminal; in a pipe, "step 300/1000 (30%)  loss 0.41  test acc 0.912  41.2 steps/s  ETA 0:00:17", and
