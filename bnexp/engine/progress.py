@@ -139,14 +139,15 @@ class RunsProgress:
     """Several runs (`bnexp compare`): in a terminal, a bar for the runs done and one for each run in progress;
     in a pipe, "2/6 runs done, ETA 0:01:10; running: no_bn/s0 step 1090/3000, no_bn/s1 step 1080/3000".
 
-    `update(done, total, running)` with running = [(name, step, steps), ...]. The ETA extrapolates the time
-    since the first run started over the fraction of all steps done, supposing the runs not started as long
-    as the others; it is shown from 1% on.
+    `update(done, total, running)` with running = [(name, step, steps), ...]. The ETA is the steps left
+    (the runs not started counted as long as the average run seen) at the rate steps were trained since the
+    first run was seen, all runs together; a resumed run counts from the step it resumed at.
     """
 
     def __init__(self, console: Console, quiet: bool):
         self.console, self.bar, self.lines = console, None, None
-        self.t0: float | None = None  # when the first run started
+        self.t0: float | None = None  # when the first run was seen training
+        self.seen: dict[str, list[int]] = {}  # name: [first step seen, last step seen, steps]
         self.quiet, self.tasks = quiet, {}
         if not quiet and not console.is_terminal:
             self.lines = _Every(seconds())
@@ -174,19 +175,39 @@ class RunsProgress:
                     self.tasks[name] = self.bar.add_task(f"  {name}", total=steps)
                 self.bar.update(self.tasks[name], completed=step, total=steps)
         elif self.lines is not None:
-            if self.t0 is None and (running or done):
-                self.t0 = time.monotonic()
+            self._count(running)
             if not self.lines.due():
                 return
             head = f"{done}/{total} runs done"
-            fraction = (done + sum(step / steps for _, step, steps in running if steps > 0)) / max(total, 1)
-            if self.t0 is not None and 0.01 <= fraction < 1:
-                head += f", ETA {clock((time.monotonic() - self.t0) * (1 - fraction) / fraction)}"
+            if (eta := self._eta(done, total, running)) is not None:
+                head += f", ETA {clock(eta)}"
             if running:
                 self.console.print(fit(head + "; running: ", [f"{name} step {step}/{steps}"
                                                               for name, step, steps in running]), soft_wrap=True)
             else:
                 self.console.print(head, soft_wrap=True)
+
+    def _count(self, running: Sequence[tuple[str, int, int]]) -> None:
+        if running and self.t0 is None:
+            self.t0 = time.monotonic()
+        names = set()
+        for name, step, steps in running:
+            names.add(name)
+            entry = self.seen.setdefault(name, [step, step, steps])
+            entry[1:] = [step, steps]
+        for name, entry in self.seen.items():
+            if name not in names:  # it ended: trained to its end (or near it, if it failed)
+                entry[1] = entry[2]
+
+    def _eta(self, done: int, total: int, running: Sequence[tuple[str, int, int]]) -> float | None:
+        trained = sum(last - first for first, last, _ in self.seen.values())
+        if self.t0 is None or trained <= 0:
+            return None
+        rate = trained / (time.monotonic() - self.t0)
+        average = sum(steps for _, _, steps in self.seen.values()) / len(self.seen)
+        left = sum(max(steps - step, 0) for _, step, steps in running)
+        left += max(total - done - len(running), 0) * average
+        return left / rate
 
     def close(self) -> None:
         if self.bar is not None:

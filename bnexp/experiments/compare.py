@@ -403,9 +403,7 @@ def run_one(cfg: Config | dict, run_dir: str | Path, action: str, data: Any = No
             if isinstance(cfg, dict):
                 cfg = validate(cfg)
             callbacks = [] if counter is None else [counter]
-            if action == "resume":
-                if counter is not None:
-                    counter.start(cfg.train.steps)
+            if action == "resume":  # shown once it trains: its first step is the one after its checkpoint
                 summary = session.resume(run_dir, quiet=True, callbacks=callbacks)
             else:
                 if data is None:  # a worker process: one load per distinct dataset
