@@ -30,7 +30,6 @@ import bnexp
 from bnexp.errors import RunFailed, UserError
 
 
-
 class _Flags:
     """typer's help shows a boolean flag as `--quiet <bool>`, as if it took a value (and `--help <bool>`):
     a flag gets no value column."""
@@ -242,7 +241,7 @@ def compare(
         display.close()
     if not quiet:
         if not console.is_terminal:  # a log file or pipe: no terminal width to respect, keep rows on one line
-            console = _stderr_console(width=200)
+            console = stderr_console(width=200)
         console.print(report.table(outcome.rows, outcome.title))
         for note in outcome.notes:
             if "wall time" in note:
@@ -293,12 +292,6 @@ def _check_progress_interval(quiet: bool) -> None:
         from bnexp.engine.progress import seconds
 
         seconds()
-
-
-def _stderr_console(width: int | None = None):
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, width=width)
 
 
 @app.command(cls=_Command)

@@ -366,7 +366,9 @@ def did_you_mean(model: type[BaseModel], loc: tuple, under: dict[str, type[BaseM
         score = lambda other: difflib.SequenceMatcher(None, key, other).ratio()  # noqa: E731
         tied = sorted(k for k in close if score(k) == score(close[0]))  # _dmax: d_max or r_max
         return f" (did you mean {' or '.join(prefix + k for k in tied)}?)"
-    everywhere = dotted_keys(model) + [k for name, sub in (under or {}).items() for k in dotted_keys(sub, f"{name}.")]
+    everywhere = dotted_keys(model)
+    for name, sub in (under or {}).items():
+        everywhere += dotted_keys(sub, f"{name}.")
     same = [k for k in everywhere if k.rsplit(".", 1)[-1] == key and k != prefix + key]
     return f" (did you mean {' or '.join(same[:3])}?)" if same else ""
 

@@ -37,8 +37,8 @@ def seconds() -> float:
     return value
 
 
-def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False)
+def stderr_console(width: int | None = None) -> Console:
+    return Console(stderr=True, highlight=False, width=width)
 
 
 def clock(seconds_: float) -> str:

@@ -191,7 +191,8 @@ def _validate_compare(raw: dict[str, Any]) -> CompareConfig:
     try:
         cmp = CompareConfig.model_validate(raw)
     except ValidationError as err:
-        raise CompareError(f"invalid comparison config: {format_validation_error(err, CompareConfig, {'base': Config})}") from None
+        problem = format_validation_error(err, CompareConfig, under={"base": Config})
+        raise CompareError(f"invalid comparison config: {problem}") from None
     cmp.arms = {arm: _flatten(o or {}) for arm, o in cmp.arms.items()}
     cmp._expanded = expand(cmp)
     names = cmp.arm_names
