@@ -33,13 +33,18 @@ class _Case:
 
     @property
     def name(self) -> str:
+        return " ".join(filter(None, self.label))
+
+    @property
+    def label(self) -> tuple[str, str]:
+        """The layer and input ("2d (8,16,9,9) f32"), and the options ("m=None affine=F", or "")."""
         short = {"momentum": "m", "affine": "affine", "bias": "bias", "track_running_stats": "track"}
         opts = [f"{short[k]}={'F' if v is False else v}" for k, v in self.kwargs.items()]
         if self.channels_last:
             opts.append("chlast")
         dt = {torch.float32: "f32", torch.float64: "f64"}[self.dtype]
         rank = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(self.shape)]
-        return " ".join([rank, "(" + ",".join(map(str, self.shape)) + ")", dt, *opts])
+        return " ".join([rank, "(" + ",".join(map(str, self.shape)) + ")", dt]), " ".join(opts)
 
 
 def _cases(gen: torch.Generator) -> list[_Case]:
@@ -143,35 +148,42 @@ def run_check(seed: int = 0, classes: dict[int, type] | None = None) -> tuple[bo
     """
     classes = {**_OURS, **(classes or {})}
     gen = torch.Generator().manual_seed(seed)
+    # 79 columns at most: the case's layer and input on its first row, its options on the next (the other
+    # path's), one space between columns. Nothing wraps on an 80-column terminal.
     table = Table(title=f"bnexp.nn vs torch.nn.BatchNorm*d (seed {seed}, {_TRAIN_STEPS} training steps)",
-                  caption="max |ours − torch| / max(1, max |torch|); path: the compiled kernel, or the tensor ops",
-                  box=box.SIMPLE_HEAD)
-    # The numbers never wrap; on a narrow terminal the case name does.
-    table.add_column("case · path", ratio=1, overflow="fold")
+                  caption="max |ours − torch| / max(1, max |torch|)\npath: the compiled kernel, or the tensor ops",
+                  box=box.SIMPLE_HEAD, padding=0, pad_edge=False, show_edge=False)
+    table.add_column("case")
+    table.add_column("path", no_wrap=True)
     for col in _COLUMNS:
         table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("result", no_wrap=True)
+    table.add_column("", no_wrap=True)
     # Both of the layer's paths on every case: the compiled kernel (bnexp.nn.kernel) takes contiguous float
     # input, the tensor ops everything else (and all input when the kernel cannot be built).
     with kernel.enabled(True) as built:
         paths = {"kernel": True, "ops": False} if built is not None else {"ops": False}
     all_ok = True
+    errors = []
     for case in _cases(gen):
         # channels_last input is not contiguous: only the tensor ops take it.
-        for path, on in ({"ops": False} if case.channels_last else paths).items():
+        case_paths = {"ops": False} if case.channels_last else paths
+        label = case.label if len(case_paths) > 1 and case.label[1] else (case.name,)
+        for row, (path, on) in enumerate(case_paths.items()):
             try:
                 with kernel.enabled(on):
                     errs = _run_case(case, gen, classes)
                 ok = all(e <= _TOL[case.dtype] for e in errs.values())
                 cells = [_fmt(e) if e <= _TOL[case.dtype] else f"[red]{_fmt(e)}[/red]" for e in errs.values()]
-            except Exception as exc:  # a crash is a failed comparison, reported in its row
+            except Exception as exc:  # a crash is a failed comparison, reported in its row and below the table
                 ok = False
-                cells = [f"[red]{type(exc).__name__}: {exc}[/red]"] + [""] * (len(_COLUMNS) - 1)
+                cells = ["[red]error[/red]"] + [""] * (len(_COLUMNS) - 1)
+                errors.append(f"[red]{case.name} · {path}: {type(exc).__name__}: {exc}[/red]")
             all_ok &= ok
             result = "[green]PASS[/green]" if ok else "[bold red]FAIL[/bold red]"
-            table.add_row(f"{case.name} · {path}", *cells, result)
+            name = label[row] if row < len(label) else ""
+            table.add_row(f"  {name}" if row else name, path, *cells, result)
     tol = ", ".join(f"{str(k).removeprefix('torch.')} ≤ {v:g}" for k, v in _TOL.items())
-    shown = [table, ("[green]all cases pass[/green]" if all_ok else "[bold red]some cases FAIL[/bold red]")
+    shown = [table, *errors, ("[green]all cases pass[/green]" if all_ok else "[bold red]some cases FAIL[/bold red]")
              + f" (tolerance {tol})"]
     if "kernel" not in paths:
         shown.append("[yellow]the compiled kernel could not be built (see the warning above): "

@@ -29,7 +29,30 @@ except ImportError:  # pragma: no cover - typer releases that depend on click
 import bnexp
 from bnexp.errors import RunFailed, UserError
 
+
+class _Flags:
+    """typer's help shows a boolean flag as `--quiet <bool>`, as if it took a value (and `--help <bool>`):
+    a flag gets no value column."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_Flags, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_Flags, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"]},
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -86,7 +109,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML experiment config.",
                                           show_default=False),
@@ -110,6 +133,7 @@ def train(
     if resume is None and config is None:
         raise UserError("missing option --config (or --resume RUN_DIR)")
     _check_paths(out, resume, "run")
+    _check_progress_interval(quiet)
     # Installed before torch is imported: a signal during start-up ends the command cleanly (see
     # bnexp.engine.signals), one during training checkpoints and marks the run interrupted.
     with catch_signals(note=_startup_note(resume)), _interruptible(resume):
@@ -168,7 +192,7 @@ def _report(summary: dict, run_dir: Path) -> None:
     typer.echo(str(run_dir))
 
 
-@app.command()
+@app.command(cls=_Command)
 def validate(config: Path = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Print the resolved config (file + overrides + defaults), exactly what `train` would run."""
     from bnexp import config as cfgmod
@@ -176,7 +200,7 @@ def validate(config: Path = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> No
     typer.echo(cfgmod.to_yaml(cfgmod.load(config, set_ or [])), nl=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def compare(
     run_dirs: Optional[List[Path]] = typer.Argument(None, help="Existing run directories to report on "
                                                     "(instead of --config)."),
@@ -191,31 +215,33 @@ def compare(
     yes: bool = typer.Option(False, "--yes", "-y", help="Start a comparison of more runs than its max_runs."),
 ) -> None:
     """Run arms x seeds (x a grid) and write a report (table, CSV, plots); or report on existing runs."""
+    from bnexp.engine.progress import RunsProgress, stderr_console
     from bnexp.engine.signals import Interrupted, catch_signals
 
     _check_paths(out, resume, "comparison")
+    _check_progress_interval(quiet)
     note = _startup_note(resume, "comparison")
+    console = stderr_console()
+    display = RunsProgress(console, quiet)
     try:
         # As for train: a signal before the comparison directory exists ends the command cleanly; after,
         # the runs in progress checkpoint and the comparison can be finished with --resume.
         with catch_signals(note=note):
             from bnexp.experiments import compare as comparemod, report
 
-            console = _stderr_console()
             outcome = comparemod.main(config=config, overrides=set_ or [], out=out, jobs=jobs, resume=resume,
                                       run_dirs=run_dirs or [], yes=yes,
-                                      log=None if quiet else lambda line: console.print(line, soft_wrap=True))
+                                      log=None if quiet else lambda line: console.print(line, soft_wrap=True),
+                                      progress=lambda st: display.update(st.done, st.total, st.running))
     except Interrupted as sig:
-        if sig.run_dir is None:
-            typer.echo(note.format(signal=sig), err=True)
-        else:
-            typer.echo(f"interrupted by {sig}: checkpoints written; finish with bnexp compare --resume "
-                       f"{sig.run_dir}", err=True)
-            typer.echo(str(sig.run_dir))
+        display.close()
+        _say_what_stopped(sig, note, console)
         raise typer.Exit(sig.exit_code)
+    finally:
+        display.close()
     if not quiet:
         if not console.is_terminal:  # a log file or pipe: no terminal width to respect, keep rows on one line
-            console = _stderr_console(width=200)
+            console = stderr_console(width=200)
         console.print(report.table(outcome.rows, outcome.title))
         for note in outcome.notes:
             if "wall time" in note:
@@ -223,13 +249,52 @@ def compare(
     typer.echo(str(outcome.path))
 
 
-def _stderr_console(width: int | None = None):
-    from rich.console import Console
+# How an interrupted comparison's runs are listed, in this order (other statuses follow under their own name).
+_STOPPED_AS = {"interrupted": "stopped at a checkpoint, resumable",
+               "running": "left running by a process that was killed, resumable",
+               "completed": "completed", "diverged": "diverged", "failed": "failed (--resume tries again)",
+               "damaged": "with a damaged summary.json", "not started": "not started"}
 
-    return Console(stderr=True, highlight=False, width=width)
+
+def _say_what_stopped(sig, note: str, console) -> None:
+    """What a signal left of a comparison: where each run stands and how to finish; or, when it came before
+    any run started (the comparison directory is then removed), the start-up note."""
+    from bnexp.engine.progress import WIDTH, fit, wrapped
+
+    comp_dir = sig.run_dir
+    if comp_dir is None or not comp_dir.is_dir():
+        typer.echo(note.format(signal=sig), err=True)
+        return
+    runs = getattr(sig, "runs", [])
+    width = min(WIDTH, console.width) if console.is_terminal else WIDTH
+    if runs:
+        typer.echo(f"interrupted by {sig}; of the comparison's {len(runs)} runs:", err=True)
+        groups: dict[str, list[str]] = {}
+        for name, status, steps in runs:
+            shown = f"{name} at step {steps}" if status == "interrupted" and steps is not None else name
+            groups.setdefault(status, []).append(shown)
+        for status in sorted(groups, key=lambda s: list(_STOPPED_AS).index(s) if s in _STOPPED_AS else 99):
+            head = f"  {_STOPPED_AS.get(status, status)} ({len(groups[status])}): "
+            if status in ("interrupted", "running"):  # what --resume continues: every one named
+                for line in wrapped(head, groups[status], width):
+                    typer.echo(line, err=True)
+            else:
+                typer.echo(fit(head, groups[status], width), err=True)
+    else:
+        typer.echo(f"interrupted by {sig}: checkpoints written", err=True)
+    typer.echo(f"finish with: bnexp compare --resume {comp_dir}", err=True)
+    typer.echo(str(comp_dir))
 
 
-@app.command()
+def _check_progress_interval(quiet: bool) -> None:
+    """A bad BNEXP_PROGRESS_SECONDS is a user error before anything is created."""
+    if not quiet:
+        from bnexp.engine.progress import seconds
+
+        seconds()
+
+
+@app.command(cls=_Command)
 def check(seed: int = typer.Option(0, help="Seed of the random cases.")) -> None:
     """Compare bnexp's BN layer with torch.nn.BatchNorm*d on random cases; exit 1 if any case fails."""
     from rich.console import Console
@@ -244,7 +309,7 @@ def check(seed: int = typer.Option(0, help="Seed of the random cases.")) -> None
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Few repeats: a smoke test of the benchmark."),
     only: Optional[List[str]] = typer.Option(None, "--only", help="Sections to run: layer, resnet, loop, "

@@ -9,8 +9,9 @@ from __future__ import annotations
 from bnexp.errors import UserError, excerpt
 
 import copy
+import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError,
@@ -334,7 +335,48 @@ def _shown_key(key: Any) -> str:
     return text if len(text) <= 60 else excerpt(text)
 
 
-def format_validation_error(err: ValidationError) -> str:
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The model a field's annotation holds (SyntheticConfig for `synthetic: SyntheticConfig`), or None."""
+    for t in (annotation, *get_args(annotation)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key of `model`, sections and their keys, dotted (model, model.norm, ..., model.bn.eps, ...)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        if (sub := _section(field.annotation)) is not None:
+            keys += dotted_keys(sub, f"{prefix}{name}.")
+    return keys
+
+
+def did_you_mean(model: type[BaseModel], loc: tuple, under: dict[str, type[BaseModel]] | None = None) -> str:
+    """" (did you mean model.norm?)" for the unknown key at `loc` of `model`: a close spelling among the keys
+    at its level, else the same key elsewhere (train.lr: optim.lr), or "". `under`: sections `model` holds
+    as plain mappings, with the model of their keys (a comparison's base: a run config)."""
+    node: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        field = node.model_fields.get(str(part)) if node is not None else None
+        node = _section(field.annotation) if field is not None else None
+    key, prefix = str(loc[-1]), "".join(f"{part}." for part in loc[:-1])
+    if node is not None and (close := difflib.get_close_matches(key, list(node.model_fields), n=3)):
+        score = lambda other: difflib.SequenceMatcher(None, key, other).ratio()  # noqa: E731
+        tied = sorted(k for k in close if score(k) == score(close[0]))  # _dmax: d_max or r_max
+        return f" (did you mean {' or '.join(prefix + k for k in tied)}?)"
+    everywhere = dotted_keys(model)
+    for name, sub in (under or {}).items():
+        everywhere += dotted_keys(sub, f"{name}.")
+    same = [k for k in everywhere if k.rsplit(".", 1)[-1] == key and k != prefix + key]
+    return f" (did you mean {' or '.join(same[:3])}?)" if same else ""
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel] | None = None,
+                            under: dict[str, type[BaseModel]] | None = None) -> str:
+    """The first error as one line, "<dotted key>: <what>"; with the `model` validated (and `under`, see
+    did_you_mean), an unknown key gets a "did you mean"."""
     first = err.errors()[0]
     # A key or value is quoted by an excerpt: a key of a million characters is still a one-line error.
     loc = ".".join(_shown_key(p) for p in first["loc"])
@@ -348,7 +390,7 @@ def format_validation_error(err: ValidationError) -> str:
         if msg.startswith(f"{loc}: "):
             msg = msg[len(loc) + 2:]
     if first["type"] == "extra_forbidden":
-        return f"{loc}: unknown key"
+        return f"{loc}: unknown key" + (did_you_mean(model, first["loc"], under) if model is not None else "")
     if first["type"] == "string_pattern_mismatch" and first.get("ctx", {}).get("pattern") == NAME_PATTERN:
         return (f"{loc}: {excerpt(first['input'])} is not a usable directory name (letters, digits, '_', '.' "
                 f"and '-', not only dots)")
@@ -364,7 +406,7 @@ def validate(raw: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"invalid config: {format_validation_error(err)}") from None
+        raise ConfigError(f"invalid config: {format_validation_error(err, Config)}") from None
 
 
 class _DuplicateKey(Exception):
@@ -529,8 +571,15 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) 
     return raw
 
 
+# The keys that make a file a comparison config (bnexp.experiments.compare), none of which a run config has.
+COMPARISON_KEYS = ("base", "arms", "grid")
+
+
 def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     raw = read_yaml(path) if path is not None else {}
+    if found := [key for key in COMPARISON_KEYS if key in raw]:
+        raise ConfigError(f"{path} is a comparison config ({', '.join(found)}, ...): run it with bnexp compare "
+                          f"-c {path}")
     return validate(apply_overrides(raw, overrides or []))
 
 

@@ -13,14 +13,19 @@ from bnexp.nn import batchnorm as norm
 from bnexp.check import run_check
 
 
-def _check(seed: int, classes=None) -> tuple[bool, str]:
-    """run_check's verdict and what `bnexp check` prints."""
+def _check(seed: int, classes=None, width: int = 250) -> tuple[bool, str]:
+    """run_check's verdict and what `bnexp check` prints on a terminal `width` columns wide."""
     ok, shown = run_check(seed=seed, classes=classes)
     buf = io.StringIO()
-    console = Console(file=buf, width=250, color_system=None)
+    console = Console(file=buf, width=width, color_system=None)
     for item in shown:
         console.print(item)
     return ok, buf.getvalue()
+
+
+def _path(row: str) -> str:
+    """The path column of a table row: the word before the numbers."""
+    return next(word for word in row.split() if word in ("kernel", "ops"))
 
 
 def _broken(make_error, only_kernel: bool = False) -> dict[int, type]:
@@ -70,12 +75,12 @@ def test_check_covers_both_paths_and_fails_when_the_kernel_backward_is_wrong():
     ok, out = _check(1)
     assert ok is True
     rows = [line for line in out.splitlines() if "PASS" in line]
-    assert sum("· kernel" in r for r in rows) == 11 and sum("· ops" in r for r in rows) == 12
+    assert [_path(r) for r in rows].count("kernel") == 11 and [_path(r) for r in rows].count("ops") == 12
 
     ok, out = _check(0, _broken(_scale_input_grad, only_kernel=True))
     assert ok is False
     failed = [line for line in out.splitlines() if "FAIL" in line and "cases" not in line]
-    assert failed and all("· kernel" in line for line in failed)
+    assert failed and all(_path(line) == "kernel" for line in failed)
 
 
 def test_check_fails_when_running_var_is_biased():
@@ -104,3 +109,36 @@ def test_bench_layer_quick_rows_and_table(path, title):
     Console(file=buf, width=250, color_system=None).print(render_table(rows))
     out = buf.getvalue()
     assert "ours/torch" in out and title in out and summary_lines(rows)
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_the_table_fits_80_and_100_columns_without_breaking_a_case(width):
+    """Each case on one line: its layer and input on the kernel row, its options on the ops row."""
+    from bnexp.check import _cases
+
+    ok, out = _check(0, width=width)
+    assert ok and max(len(line) for line in out.splitlines()) <= min(width, 79)
+    lines = out.splitlines()
+    rows = [line for line in lines if line.rstrip().endswith("PASS")]
+    assert len(rows) == 23
+    for case in _cases(torch.Generator().manual_seed(0)):
+        layer, options = case.label
+        mine = [i for i, line in enumerate(lines) if line.startswith(layer + " ")]
+        assert len(mine) == 1, (layer, out)
+        if case.channels_last:  # one row, the tensor ops': the whole name on it
+            assert lines[mine[0]].startswith(case.name + " ") and _path(lines[mine[0]]) == "ops"
+        else:
+            assert _path(lines[mine[0]]) == "kernel" and _path(lines[mine[0] + 1]) == "ops"
+            assert lines[mine[0] + 1].split("ops")[0].strip() == options
+
+
+def test_a_case_that_raises_fails_in_its_row_and_says_why_below_the_table():
+    class Raises(norm.BatchNorm2d):
+        def forward(self, x):
+            raise RuntimeError("boom " + "x" * 200)
+
+    ok, out = _check(0, {4: Raises}, width=80)
+    assert ok is False and max(len(line) for line in out.splitlines()) <= 80
+    failed = [line for line in out.splitlines() if line.rstrip().endswith("FAIL")]
+    assert failed and all(" error " in line for line in failed)
+    assert "2d (4,3,7,4) f32 · kernel: RuntimeError: boom xxx" in " ".join(out.split())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,6 +37,23 @@ def test_help_and_version(cli):
 def test_each_command_has_help(cli, command, expect):
     r = cli(command, "--help")
     assert r.code == 0 and expect in r.out and r.err == ""
+
+
+@pytest.mark.parametrize("command, flags", [
+    ([], ["--version", "--help"]), (["train"], ["--quiet", "--help"]), (["validate"], ["--help"]),
+    (["compare"], ["--quiet", "--yes", "--help"]), (["check"], ["--help"]), (["bench"], ["--quick", "--help"]),
+])
+def test_help_shows_boolean_flags_as_flags(cli, command, flags):
+    """typer's help put `<bool>` after every flag (`--quiet <bool>`), as if it took a value."""
+    for help_flag in ("--help", "-h"):
+        r = cli(*command, help_flag)
+        assert r.code == 0 and r.err == "" and "Usage: bnexp" in r.out
+        assert "<bool>" not in r.out and "bool" not in r.out.lower().replace("boolean", "")
+        rows = {line.strip("│ *").split()[0]: line.strip("│ *") for line in r.out.splitlines()
+                if line.strip("│ *").startswith("--")}
+        for flag in flags:
+            # The flag, its short form if any, then its help: no value between them.
+            assert re.match(rf"{flag} +(-[a-z] +)?[A-Z]", rows[flag]), rows[flag]
 
 
 def test_console_script_help_version_and_user_error(tmp_path):
@@ -245,3 +263,128 @@ def test_a_nul_byte_in_the_data_root_is_a_config_error(cli, tiny_config, tmp_pat
     _assert_user_error(cli("train", "--config", tiny_config, "--set", "data.dataset=mnist1d",
                            "--set", 'data.root="data\\0x"', "--quiet"), "data.root: a path cannot contain a NUL byte")
     assert _files(tmp_path) == {"config.yaml"}
+
+
+# --- progress in a pipe -------------------------------------------------------------------------------------
+
+def _lines_of(stream):
+    """The lines of a pipe as they arrive, read on a thread: get(timeout=...) never hangs the test."""
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in stream:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _first_line_matching(proc, lines, pattern: str, timeout: float = 180):
+    """The first line matching `pattern` and the lines before it; the timeout only guards against a hang."""
+    import queue
+    import re
+
+    seen = []
+    while True:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            proc.kill()
+            pytest.fail(f"no line matching {pattern!r} in {timeout} s; got {seen}")
+        assert line is not None, f"stderr ended without a line matching {pattern!r}: {seen}"
+        if m := re.fullmatch(pattern, line):
+            return m, seen
+        seen.append(line)
+
+
+def _popen_bnexp(args, cwd, **env):
+    import signal
+    import sys
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.Popen([sys.executable, "-m", "bnexp.cli", *map(str, args)], cwd=cwd, env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True), signal
+
+
+@pytest.mark.slow
+def test_train_prints_progress_lines_to_a_pipe_while_it_trains(tmp_path, write_config):
+    """With stderr a pipe, `train` prints "step N/M (P%)  loss ...  test acc ...  R steps/s  ETA h:mm:ss"
+    lines (at every update here: BNEXP_PROGRESS_SECONDS=0) while it trains: the line arrives while the run
+    is far from done, and the run is then stopped by a signal, not ended."""
+    steps = 1_000_000
+    cfg = write_config({**TINY, "train": {**TINY["train"], "steps": steps, "eval_every": 100,
+                                         "checkpoint_every": steps}})
+    proc, signal = _popen_bnexp(["train", "-c", cfg, "--out", tmp_path / "run"], tmp_path, BNEXP_PROGRESS_SECONDS="0")
+    lines = _lines_of(proc.stderr)
+    m, _ = _first_line_matching(proc, lines, rf"step (\d+)/{steps} \((\d+)%\)  loss ([0-9.]+)  test acc ([0-9.]+)  "
+                                             rf"([0-9.]+) steps/s  ETA (\d+):(\d\d):(\d\d)")
+    assert proc.poll() is None  # still training
+    step = int(m.group(1))
+    assert 0 < step < steps and int(m.group(2)) == 100 * step // steps and float(m.group(5)) > 0
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    summary = yaml.safe_load((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and step <= summary["steps"] < steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_compare_prints_progress_lines_to_a_pipe_while_runs_train(tmp_path, write_config, jobs):
+    """With stderr a pipe, `compare` prints "D/N runs done[, ETA ...]; running: arm/sS step K/M, ..." lines
+    while its runs train, before any run has ended."""
+    steps = 100_000
+    base = {**TINY, "train": {**TINY["train"], "steps": steps, "checkpoint_every": steps}}
+    cfg = write_config({"name": "p", "base": base, "seeds": [0, 1],
+                        "arms": {"no_bn": {"model.norm": "none"}, "torch_bn": {"model.norm": "torch"}}}, "c.yaml")
+    proc, signal = _popen_bnexp(["compare", "-c", cfg, "--out", tmp_path / "c", "--jobs", jobs], tmp_path,
+                                BNEXP_PROGRESS_SECONDS="0")
+    lines = _lines_of(proc.stderr)
+    running = r"no_bn/s0 step (\d+)/100000" + (r", no_bn/s1 step (\d+)/100000" if jobs == 2 else "")
+    m, before = _first_line_matching(proc, lines, rf"0/4 runs done(, ETA \d+:\d\d:\d\d)?; running: {running}")
+    while int(m.group(2)) == 0:  # until the first run has trained a step
+        m, _ = _first_line_matching(proc, lines, m.re.pattern)
+    assert proc.poll() is None and not any("] no_bn seed" in line for line in before)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf"])
+def test_a_bad_progress_interval_is_a_user_error(cli, tiny_config, write_config, tmp_path, monkeypatch, value):
+    monkeypatch.setenv("BNEXP_PROGRESS_SECONDS", value)
+    expected = (f"error: BNEXP_PROGRESS_SECONDS='{value}': expected a number of seconds >= 0 (the interval between "
+                f"progress lines in a pipe or file)\n")
+    r = cli("train", "-c", tiny_config)
+    assert (r.code, r.out, r.err) == (2, "", expected)
+    cmp = write_config({"base": TINY, "arms": {"a": {}}, "seeds": [0]}, "c.yaml")
+    r = cli("compare", "-c", cmp)
+    assert (r.code, r.out, r.err) == (2, "", expected)
+    assert _files(tmp_path) == {"config.yaml", "c.yaml"}
+    assert cli("train", "-c", tiny_config, "--quiet").code == 0  # quiet prints no progress: the value is unused
+
+
+def test_fit_lists_what_fits_and_counts_the_rest():
+    from bnexp.engine.progress import fit
+
+    names = [f"arm_{i}/s{i % 3}" for i in range(40)]
+    line = fit("  not started (40): ", names, width=100)
+    assert len(line) <= 100 and line.startswith("  not started (40): arm_0/s0, arm_1/s1, ")
+    shown = line.split(": ", 1)[1].split(", ")
+    assert shown[-1] == f"and {40 - len(shown) + 1} more" and shown[:-1] == names[:len(shown) - 1]
+    assert fit("  x (2): ", ["a", "b"]) == "  x (2): a, b"
+    assert fit("h: ", ["a" * 120]) == "h: " + "a" * 120  # one item is shown even when it alone is too long
+
+
+def test_wrapped_names_every_item_over_lines_of_the_width():
+    from bnexp.engine.progress import wrapped
+
+    items = [f"arm_{i}/s{i} at step {i * 1111}" for i in range(9)]
+    lines = wrapped("  stopped at a checkpoint, resumable (9): ", items, width=80)
+    assert len(lines) > 1 and all(len(line) <= 80 for line in lines)
+    assert lines[0].startswith("  stopped at a checkpoint, resumable (9): arm_0/s0 at step 0,")
+    assert all(line.startswith("    arm_") for line in lines[1:])
+    assert " ".join(line.strip() for line in lines).split(": ", 1)[1] == ", ".join(items)
+    assert wrapped("  x (1): ", ["a"]) == ["  x (1): a"]

@@ -228,7 +228,13 @@ def test_resume_finishes_interrupted_and_missing_runs_and_leaves_completed_ones(
     monkeypatch.undo()
     assert code == 130, err
     assert out.strip().splitlines()[-1] == str(comp)
-    assert f"bnexp compare --resume {comp}" in err
+    assert err.strip().splitlines()[-5:] == [
+        "interrupted by SIGINT; of the comparison's 4 runs:",
+        "  stopped at a checkpoint, resumable (1): bnexp/s0 at step 30",
+        "  completed (2): no_bn/s0, no_bn/s1",
+        "  not started (1): bnexp/s1",
+        f"finish with: bnexp compare --resume {comp}",
+    ]
     interrupted = json.loads((comp / "bnexp" / "s0" / "summary.json").read_text())
     assert interrupted["status"] == "interrupted" and interrupted["steps"] == 30
     assert not (comp / "bnexp" / "s1").exists() and not (comp / "report.md").exists()
@@ -355,14 +361,16 @@ def _bad(tmp_path: Path, monkeypatch, argv: list[str]) -> str:
 @pytest.mark.parametrize("change, expected", [
     ({"arms": {}}, "arms: at least one arm"),
     ({"arms": None}, "arms"),
-    ({"arms": {"a": {"model.nrom": "none"}}}, "arms.a: model.nrom: unknown key"),
+    ({"arms": {"a": {"model.nrom": "none"}}}, "arms.a: model.nrom: unknown key (did you mean model.norm?)"),
     ({"arms": {"a": {"optim.lr": -1}}}, "arms.a: optim.lr"),
     ({"arms": {"a": {"model.norm": "batch"}}}, "arms.a: model.norm"),
     ({"arms": {"a": {"seed": 3}}}, "arms.a.seed"),
     ({"baseline": "nope"}, "baseline: 'nope' is not an arm"),
     ({"seeds": []}, "seeds"),
     ({"seeds": [1, 1]}, "seeds: each seed may appear once"),
-    ({"bogus": 1}, "bogus: unknown key"),
+    ({"bogus": 1}, "bogus: unknown key\n"),
+    ({"seed": 1}, "seed: unknown key (did you mean seeds?)"),
+    ({"model": {"norm": "none"}}, "model: unknown key (did you mean base.model?)"),  # base: forgotten
     ({"arms": {"..": {}}}, "an arm name must be"),
     ({"arms": {".": {}}}, "an arm name must be"),
     ({"name": ".."}, "name: '..' is not a usable directory name"),
@@ -386,7 +394,8 @@ def test_bad_comparison_configs(tmp_path, monkeypatch, change, expected):
 @pytest.mark.parametrize("argv, expected", [
     (["--set", "base.optim.lr=-1"], "base: optim.lr"),
     (["--set", "arms.no_bn.model.nrom=none"], "arms.no_bn: model.nrom: unknown key"),
-    (["--set", "seedz=[1]"], "seedz: unknown key"),
+    (["--set", "seedz=[1]"], "seedz: unknown key (did you mean seeds?)"),
+    (["--set", "base.optim.lrr=1"], "base: optim.lrr: unknown key (did you mean optim.lr?)"),
     (["--out", "existing"], "already exists"),
     (["--resume", "existing"], "do not combine"),
     (["--out", "afile/x"], "cannot create a comparison directory at afile/x"),
@@ -699,11 +708,16 @@ def test_workers_die_with_their_comparison_and_it_resumes_cleanly(tmp_path):
                                                                   "checkpoint_every": 250}}})
     comp = tmp_path / "c"
     proc, workers = _start_killable(["-c", str(cfg), "--out", str(comp)], tmp_path, comp)
+    started = sorted(comp.glob("*/s*"))
     proc.send_signal(signal.SIGTERM)
     out, err = _stopped(proc, workers)
     assert proc.returncode == 143 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (f"interrupted by SIGTERM: checkpoints written; finish with "
-                                            f"bnexp compare --resume {comp}")
+    assert sorted(comp.glob("*/s*")) == started  # no queued run started after the signal
+    assert err.strip().splitlines()[-3:] == [
+        "  stopped at a checkpoint, resumable (2): " + ", ".join(
+            f"{r.parent.name}/{r.name} at step {json.loads((r / 'summary.json').read_text())['steps']}" for r in started),
+        "  not started (2): bnexp/s0, bnexp/s1",
+        f"finish with: bnexp compare --resume {comp}"]
     assert out.strip().splitlines()[-1] == str(comp)
     assert "interrupted" in [json.loads((r / "summary.json").read_text())["status"] for r in comp.glob("*/s*")]
 
@@ -716,3 +730,159 @@ def test_workers_die_with_their_comparison_and_it_resumes_cleanly(tmp_path):
     assert not list(comp.glob("*/s*/error.txt"))
     table = read_csv(comp / "summary.csv")
     assert all((table[arm]["completed"], table[arm]["failed"]) == ("2", "0") for arm in TINY["arms"])
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def _wait_for(proc, condition, timeout: float = 180) -> None:
+    """Poll `condition` while `proc` runs; the timeout only guards against a hang."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
+# Six long runs (three arms x two seeds): more than two workers can take at once, and none ends by itself
+# before the test has signalled the comparison.
+LONG = {**TINY, "arms": {**TINY["arms"], "torch_bn": {"model.norm": "torch"}},
+        "base": {**TINY["base"], "probes": {"enabled": False},
+                 "train": {**TINY["base"]["train"], "steps": 100_000, "eval_every": 1000, "checkpoint_every": 50_000}}}
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_compare_jobs_2_starts_no_queued_run_and_says_what_it_stopped(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group: the comparison and its workers, which may finish their
+    checkpoints before the comparison has heard of it) once its two workers train the first two of six
+    runs: those two checkpoint, none of the four queued runs gets a directory, and stderr lists what was
+    stopped and what never started. (A `kill` of the comparison alone: the test above.)"""
+    import os
+    import signal
+
+    from bnexp.engine.checkpoint import list_checkpoints
+
+    cfg = write_cfg(tmp_path / "c.yaml", LONG)
+    comp = tmp_path / "c"
+    proc, workers = _start_killable(["-c", str(cfg), "--out", str(comp)], tmp_path, comp)
+    _wait_for(proc, lambda: sum('"train/loss"' in _read(r / "metrics.jsonl") for r in comp.glob("*/s*")) == 2)
+    started = sorted(str(r.relative_to(comp)) for r in comp.glob("*/s*"))
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = _stopped(proc, workers)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert out.strip().splitlines()[-1] == str(comp)
+    assert sorted(str(r.relative_to(comp)) for r in comp.glob("*/s*")) == started == ["no_bn/s0", "no_bn/s1"], err
+    steps = {}
+    for run in started:
+        summary = json.loads((comp / run / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and 0 < summary["steps"] < 100_000
+        newest = list_checkpoints(comp / run)[-1]  # the signal's checkpoint, which the summary describes
+        assert int(newest.stem.split("-")[1]) == summary["steps"]
+        steps[run] = summary["steps"]
+    lines = err.strip().splitlines()
+    assert lines[-4:] == [
+        "interrupted by SIGINT; of the comparison's 6 runs:",
+        f"  stopped at a checkpoint, resumable (2): no_bn/s0 at step {steps['no_bn/s0']}, "
+        f"no_bn/s1 at step {steps['no_bn/s1']}",
+        "  not started (4): bnexp/s0, bnexp/s1, torch_bn/s0, torch_bn/s1",
+        f"finish with: bnexp compare --resume {comp}",
+    ]
+
+
+def test_an_arm_folder_made_by_the_other_worker_meanwhile_is_taken(tmp_path, monkeypatch):
+    """The two workers of `--jobs 2` start two seeds of one arm at once: the second to make the arm's folder
+    finds it made (here the folder appears between the look and the mkdir, faked at the OS call), and its
+    run trains rather than failing with "File exists" (seen in the signal test above)."""
+    import errno
+    import os
+
+    from bnexp.engine import files
+
+    arm = tmp_path / "no_bn"
+    real_lstat = os.lstat
+
+    def made_meanwhile(path, *args, **kwargs):
+        if Path(path) == arm and not arm.exists():
+            os.mkdir(arm)  # the other worker, just now
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", made_meanwhile)
+    assert files.real_dir(arm, create=True) == arm and arm.is_dir()
+
+
+@pytest.mark.slow
+def test_a_signal_as_a_run_ends_starts_no_other_run_with_jobs_1(tmp_path, monkeypatch):
+    """`compare` (one run at a time, in-process) signalled at the last step of its second run: that run
+    completes (there is nothing left to stop), the two queued runs never start, and stderr says so."""
+    import signal
+
+    from bnexp.engine import session
+
+    cfg = write_cfg(tmp_path / "tiny.yaml", TINY)
+    comp = tmp_path / "c"
+
+    class CtrlCAtTheEnd:
+        def after_step(self, trainer, step):
+            if trainer.cfg.name == "no_bn" and trainer.cfg.seed == 1 and step == TINY["base"]["train"]["steps"]:
+                signal.raise_signal(signal.SIGTERM)
+
+    real = session.Trainer
+    monkeypatch.setattr(session, "Trainer",
+                        lambda *a, callbacks=(), **k: real(*a, callbacks=[*callbacks, CtrlCAtTheEnd()], **k))
+    code, out, err = run_cli(["compare", "-c", str(cfg), "--out", str(comp)])
+    assert code == 143, err
+    assert sorted(p.name for p in comp.iterdir() if p.is_dir()) == ["no_bn"]
+    assert err.strip().splitlines()[-4:] == [
+        "interrupted by SIGTERM; of the comparison's 4 runs:",
+        "  completed (2): no_bn/s0, no_bn/s1",
+        "  not started (2): bnexp/s0, bnexp/s1",
+        f"finish with: bnexp compare --resume {comp}",
+    ]
+    assert out.strip().splitlines()[-1] == str(comp)
+
+
+@pytest.mark.slow
+def test_a_signal_before_any_run_started_keeps_no_comparison(tmp_path):
+    """`compare --jobs 2` signalled as soon as its directory appears, while the workers start: what it
+    says matches what it left. Nearly always no run had started (workers take seconds to import torch):
+    then the comparison directory is gone, stdout is empty and stderr says nothing was created; should a
+    run have started, the directory is kept and named for --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cfg = write_cfg(tmp_path / "c.yaml", LONG)
+    comp = tmp_path / "c"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bnexp.cli", "compare", "-c", str(cfg), "--out", str(comp),
+                             "--jobs", "2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    _wait_for(proc, lambda: (comp / "compare.yaml").is_file())
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    if not comp.exists():
+        assert out == ""
+        assert err.strip().splitlines()[-1] == ("interrupted by SIGINT during start-up; no comparison directory "
+                                                "was created")
+        assert sorted(os.listdir(tmp_path)) == ["c.yaml"]
+    else:
+        assert out.strip().splitlines()[-1] == str(comp)
+        assert err.strip().splitlines()[-1] == f"finish with: bnexp compare --resume {comp}"
+
+
+def test_a_run_config_given_to_compare_says_to_use_train(tmp_path, monkeypatch):
+    run_cfg = write_cfg(tmp_path / "run.yaml", TINY["base"])
+    err = _bad(tmp_path, monkeypatch, ["compare", "-c", "run.yaml"])
+    assert err == ("error: run.yaml is a run config (device, data, model, ...): train it with bnexp train -c "
+                   "run.yaml, or name it as the base: of a comparison config\n")
+    # Arms given with --set make it a comparison whose keys are misplaced: the error says where they go.
+    err = _bad(tmp_path, monkeypatch, ["compare", "-c", str(run_cfg), "--set", "arms={a: {}}"])
+    assert err == "error: invalid comparison config: device: unknown key (did you mean base.device?)\n"

@@ -283,3 +283,54 @@ def test_threads_and_paths_that_no_os_call_accepts_are_config_errors():
     for key in ("data.root", "out_dir"):
         with pytest.raises(ConfigError, match=f"^invalid config: {re.escape(key)}: a path cannot contain a NUL byte"):
             load(None, [f'{key}="runs\\0x"'])
+
+
+# --- unknown keys: "did you mean" -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("model.nrom=none", "model.nrom: unknown key (did you mean model.norm?)"),
+    ("optm.lr=0.1", "optm: unknown key (did you mean optim?)"),
+    ("model.bn.renrom.r_max=2", "model.bn.renrom: unknown key (did you mean model.bn.renorm?)"),
+    ("data.synthetic.num_sample=30", "data.synthetic.num_sample: unknown key (did you mean data.synthetic.num_samples?)"),
+    # A key of another section: where it is.
+    ("train.lr=0.1", "train.lr: unknown key (did you mean optim.lr?)"),
+    ("model.momentum=0.1", "model.momentum: unknown key (did you mean model.bn.momentum or optim.momentum?)"),
+    ("zzz=1", "zzz: unknown key"),  # nothing like it: no suggestion
+])
+def test_an_unknown_key_gets_a_did_you_mean_in_a_file_and_in_set(tmp_path, override, message):
+    with pytest.raises(ConfigError) as exc:
+        load(None, [override])
+    assert str(exc.value) == f"invalid config: {message}"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(apply_overrides({}, [override])))
+    with pytest.raises(ConfigError) as exc:
+        load(path)
+    assert str(exc.value) == f"invalid config: {message}"
+
+
+def test_every_key_misspelt_is_suggested_back():
+    """Two neighbouring letters of every key of five letters or more swapped: the suggestion is that key (or
+    names it among keys as close: _dmax is d_max or r_max)."""
+    from bnexp.config import dotted_keys
+
+    for key in dotted_keys(Config):
+        *section, leaf = key.split(".")
+        if len(leaf) < 5:
+            continue
+        i = next(i for i in range(len(leaf) - 1) if leaf[i] != leaf[i + 1])
+        typo = ".".join([*section, leaf[:i] + leaf[i + 1] + leaf[i] + leaf[i + 2:]])
+        with pytest.raises(ConfigError) as exc:
+            load(None, [f"{typo}=1"])
+        assert re.fullmatch(rf"invalid config: {re.escape(typo)}: unknown key \(did you mean ([a-z_.]+ or )*"
+                            rf"{re.escape(key)}( or [a-z_.]+)*\?\)", str(exc.value)), str(exc.value)
+
+
+def test_a_comparison_config_given_to_train_says_to_use_compare(cli, tmp_path):
+    from conftest import REPO
+
+    path = REPO / "configs" / "compare" / "default.yaml"
+    for argv in (["train", "-c", path], ["train", "-c", path, "--set", "model.norm=none"], ["validate", "-c", path]):
+        r = cli(*argv)
+        assert (r.code, r.out) == (2, "")
+        assert r.err == f"error: {path} is a comparison config (base, arms, ...): run it with bnexp compare -c {path}\n"
+    assert os.listdir(tmp_path) == []

@@ -659,7 +659,7 @@ def test_resume_names_the_run_config_that_no_longer_validates(tmp_path, capsys):
         f.write("nmae: typo\n")
     before = files_of(run_dir)
     rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
-    assert rc == 2 and err == f"error: {run_dir / 'config.yaml'}: invalid config: nmae: unknown key\n"
+    assert rc == 2 and err == f"error: {run_dir / 'config.yaml'}: invalid config: nmae: unknown key (did you mean name?)\n"
     assert files_of(run_dir) == before
 
 

@@ -96,10 +96,22 @@ def test_cnn_trains(cli, write_config, tmp_path, mnist1d_root, dataset, steps, m
     assert saved["model"]["kind"] == "cnn" and saved["data"]["dataset"] == dataset
 
 
-def test_progress_bar_shows_step_loss_and_test_accuracy(cli, tiny_config):
+def test_progress_shows_step_loss_and_test_accuracy(cli, tiny_config, monkeypatch):
+    import re
+
+    # A pipe (pytest captures stderr): plain lines, the last of them once the run has ended.
     r = cli("train", "--config", tiny_config)
     assert r.code == 0, r.err
-    bar = r.err.strip().splitlines()[-2]  # the final state of the bar, then the one-line report
-    assert "40/40" in bar and "loss" in bar and "test acc" in bar
+    last = r.err.strip().splitlines()[-2]  # the final state, then the one-line report
+    assert re.fullmatch(r"step 40/40 \(100%\)  loss [0-9.]+  test acc [0-9.]+  [0-9.]+ steps/s  ETA 0:00:00", last)
+    # A terminal 80 columns wide (rich's own switch): the live bar, whose final state stays, in 80 columns.
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("COLUMNS", "80")
+    r = cli("train", "--config", tiny_config)
+    assert r.code == 0, r.err
+    frames = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", f) for f in re.split(r"[\r\n]", r.err)]
+    bar = [f for f in frames if "40/40" in f][-1]
+    assert "━" in bar and "loss" in bar and "test acc" in bar
+    assert max(len(f) for f in frames) <= 80
     quiet = cli("train", "--config", tiny_config, "--quiet").err
-    assert "━" not in quiet and "loss" not in quiet
+    assert quiet == "completed after 40 steps, test accuracy " + quiet.split()[-1] + "\n"  # no progress

@@ -66,7 +66,10 @@ def real_dir(path: Path, create: bool = False) -> Path:
         except FileNotFoundError:
             if not create:
                 raise
-            os.mkdir(path)
+            try:
+                os.mkdir(path)
+            except FileExistsError:  # made meanwhile: by another worker of a comparison, taking a seed of one arm
+                pass
             st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         raise OutputError(f"cannot write into {shown_path(path)}: it is a symbolic link (bnexp does not write "

@@ -109,3 +109,16 @@ def defer() -> None:
     """From now on record signals instead of raising (no-op without an active guard)."""
     if _active is not None:
         _active.defer()
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back (blocked) in this thread for the block, and delivered when it ends.
+    Processes started inside are born with them blocked, a mask surviving fork and exec: a child can then
+    ignore them before a signal could kill it half-started (multiprocessing starts its resource tracker
+    this way)."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)

@@ -38,6 +38,7 @@ from bnexp.engine import checkpoint, signals
 from bnexp.engine.logs import RunLogs
 from bnexp.engine.optim import build_optimizer, build_scheduler
 from bnexp.engine.parallel import SingleProcess
+from bnexp.engine.progress import RunProgress
 from bnexp.engine.rundir import versions, write_summary
 from bnexp.engine.schedule import Schedule
 from bnexp.engine.signals import Interrupted
@@ -84,31 +85,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = CH
 
 # Keeps the augmentation's draws apart from the training order (seeded with cfg.seed) and the probes'.
 AUGMENT_SEED_OFFSET = 0xA06_3E17
-
-
-class _Progress:
-    """A rich progress bar on stderr (stdout is kept for the run directory's path)."""
-
-    def __init__(self, total: int, start: int, quiet: bool):
-        self.bar = None
-        if quiet:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                            console=Console(stderr=True), transient=False)
-        self.task = self.bar.add_task("train", total=total, completed=start, info="")
-        self.bar.start()
-
-    def update(self, step: int, info: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 class Trainer:
@@ -224,7 +200,7 @@ class Trainer:
             # steps, never in the middle of a step, a checkpoint or a log row.
             guard.defer()
             self.logs.open(resume_step=start if resume else None)
-            progress = _Progress(self.cfg.train.steps, start, self.quiet)
+            progress = RunProgress(self.cfg.train.steps, start, self.quiet)
             try:
                 if start == 0:
                     # Once per run: a resumed run keeps the layout written at its step 0.
@@ -255,7 +231,7 @@ class Trainer:
                 progress.close()
             return self._finish("completed" if diverged is None else "diverged", diverged)
 
-    def _train(self, start: int, received: list[int], progress: _Progress) -> int | None:
+    def _train(self, start: int, received: list[int], progress: RunProgress) -> int | None:
         """The steps; returns the step the run diverged at, or None."""
         model, opt, scheduler, strategy = self.train_model, self.optimizer, self.scheduler, self.strategy
         x_all, y_all, loss_fn, augment = self.data.x_train, self.data.y_train, self.loss_fn, self.augment

@@ -28,12 +28,12 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from bnexp.config import (NAME_PATTERN, Config, ConfigError, Float, Int, apply_override, format_validation_error,
-                          parse_override, read_yaml, validate)
+from bnexp.config import (COMPARISON_KEYS, NAME_PATTERN, Config, ConfigError, Float, Int, apply_override,
+                          format_validation_error, parse_override, read_yaml, validate)
 from bnexp.errors import RunFailed, UserError
 from bnexp.engine import files, session, signals
 from bnexp.engine.rundir import (ERROR_FILE, FINISHED, RunBusy, RunDirError, create_run_dir, find_runs, is_run_dir,
-                                 locked, new_run_dir, read_status, refuse_existing, write_atomic)
+                                 locked, new_run_dir, read_status, read_summary, refuse_existing, write_atomic)
 from bnexp.engine.signals import Interrupted
 from bnexp.experiments import report
 from bnexp.experiments.records import RunRecord, load_record
@@ -191,7 +191,8 @@ def _validate_compare(raw: dict[str, Any]) -> CompareConfig:
     try:
         cmp = CompareConfig.model_validate(raw)
     except ValidationError as err:
-        raise CompareError(f"invalid comparison config: {format_validation_error(err)}") from None
+        problem = format_validation_error(err, CompareConfig, under={"base": Config})
+        raise CompareError(f"invalid comparison config: {problem}") from None
     cmp.arms = {arm: _flatten(o or {}) for arm, o in cmp.arms.items()}
     cmp._expanded = expand(cmp)
     names = cmp.arm_names
@@ -219,6 +220,10 @@ def load_compare(path: str | Path, overrides: list[str]) -> CompareConfig:
     path = Path(path)
     raw = read_yaml(path)
     pairs = [parse_override(o) for o in overrides]
+    run_keys = [key for key in raw if key in Config.model_fields and key not in CompareConfig.model_fields]
+    if run_keys and not any(key.split(".")[0] in COMPARISON_KEYS for key in [*raw, *(k for k, _ in pairs)]):
+        raise CompareError(f"{path} is a run config ({', '.join(run_keys[:3])}, ...): train it with bnexp train "
+                           f"-c {path}, or name it as the base: of a comparison config")
     base_dir = path.parent
     for key, value in pairs:
         if key == "base":
@@ -244,7 +249,7 @@ def _config_problem(raw: dict[str, Any]) -> str | None:
     try:
         Config.model_validate(raw)
     except ValidationError as err:
-        return format_validation_error(err)
+        return format_validation_error(err, Config)
     return None
 
 
@@ -321,23 +326,29 @@ def _create_dir(cmp: CompareConfig, explicit: Path | None, files_: dict[str, str
 
 _WORKER_DATA: dict[str, Any] = {}
 _STOP: Any = None  # in a worker process: the comparison's "start no more runs" event
+_STEPS: Any = None  # in a worker process: the array shared with the comparison that _StepCounter writes
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _init_worker(parent: int, stop) -> None:
+def _init_worker(parent: int, stop, steps) -> None:
     """A worker of `--jobs N`. Torch threads are the run's own (config `threads`, set by the Trainer).
 
-    An idle worker ignores SIGINT and SIGTERM: a Ctrl-C or `kill` of the process group reaches the parent,
-    which stops handing out runs and passes the signal on to the workers that are training (they catch it,
-    bnexp.engine.signals, checkpoint and stop); idle workers then leave when the pool shuts down. A worker
-    must not outlive its parent, which would leave it training queued runs behind a comparison that was
-    killed: the kernel sends it SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG; every file of a run
-    is written so that a kill at any moment resumes).
+    A worker is born with SIGINT and SIGTERM blocked (the parent starts it inside signals.held()), so that a
+    Ctrl-C while it starts up does not kill it mid-import with a traceback; here it ignores them, and lets
+    them through. An idle worker ignores them; from the moment it takes a run it records them (run_one). A
+    Ctrl-C or `kill` of the process group reaches the parent, which stops handing out runs and passes the
+    signal on to the workers that are training (they checkpoint and stop); a worker whose run a signal
+    stopped sets `stop` itself before it takes the next run, so no queued run starts whichever process
+    heard the signal first. Idle workers leave when the pool shuts down. A worker must not outlive its
+    parent, which would leave it training queued runs behind a comparison that was killed: the kernel sends
+    it SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG; every file of a run is written so that a kill
+    at any moment resumes).
     """
-    global _STOP
-    _STOP = stop
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    global _STOP, _STEPS
+    _STOP, _STEPS = stop, steps
+    for sig in signals.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # which drops one that arrived while it started
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.SIGNALS)
     with contextlib.suppress(OSError, AttributeError):  # not Linux: no prctl (nor this guarantee)
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before prctl took effect
@@ -352,42 +363,105 @@ def _inside(comp_dir: Path, run_dir: Path, create: bool) -> Path:
     return run_dir
 
 
-def run_one(cfg: Config | dict, run_dir: str | Path, action: str, data: Any = None) -> dict[str, Any]:
+class _StepCounter:
+    """A Trainer callback that keeps where run number `slot` of a comparison stands, for its progress display:
+    values[2 slot] its step (-1 before it starts), values[2 slot + 1] its number of steps. `values` is a list
+    in this process, or an array shared with the comparison's process when a worker trains the run;
+    `on_step` (in this process) is called after every step."""
+
+    def __init__(self, values, slot: int, on_step: Callable[[], None] | None = None):
+        self.values, self.slot, self.on_step = values, slot, on_step
+
+    def start(self, steps: int) -> None:
+        self.values[2 * self.slot], self.values[2 * self.slot + 1] = 0, steps
+
+    def after_step(self, trainer, step: int) -> None:
+        self.values[2 * self.slot], self.values[2 * self.slot + 1] = step, trainer.cfg.train.steps
+        if self.on_step is not None:
+            self.on_step()
+
+
+def run_one(cfg: Config | dict, run_dir: str | Path, action: str, data: Any = None,
+            counter: _StepCounter | None = None) -> dict[str, Any]:
     """Train (action "fresh") or resume one run; an exception is written to error.txt, never raised. A run
-    another process is training is "busy": nothing is written for it."""
+    another process is training is "busy": nothing is written for it.
+
+    A signal is recorded from the moment the run is taken: until the run's directory is made (or a resumed
+    one is opened) it cancels the run ("cancelled": nothing written), after that the run checkpoints and
+    stops ("interrupted"). Either way the worker's `stop` event is set, so no process starts another run.
+    """
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
-    if _STOP is not None and _STOP.is_set():
-        return {"status": "cancelled"}
-    try:
-        if isinstance(cfg, dict):
-            cfg = validate(cfg)
-        if action == "resume":
-            summary = session.resume(run_dir, quiet=True)
-        else:
-            if data is None:  # a worker process: one load per distinct dataset
-                key = _data_key(cfg)
-                if key not in _WORKER_DATA:
-                    _WORKER_DATA[key] = session.prepare(cfg)
-                data = _WORKER_DATA[key]
-            _inside(run_dir.parent.parent, run_dir, create=True)
-            files.unlink(run_dir / ERROR_FILE)
-            summary = session.train(cfg, run_dir, quiet=True, data=data)
-        return {"status": summary["status"], "test_accuracy": summary.get("test_accuracy"),
-                "wall_time_s": summary.get("wall_time_s")}
-    except Interrupted as sig:
-        return {"status": "interrupted", "signum": sig.signum}
-    except RunBusy as err:
-        return {"status": "busy", "error": str(err)}
-    except Exception as err:  # noqa: BLE001 - one broken run must not end the comparison
-        with contextlib.suppress(UserError):  # best effort: the outcome line reports the error anyway
-            _inside(run_dir.parent.parent, run_dir, create=True)
-            write_atomic(run_dir / ERROR_FILE, traceback.format_exc())
-        return {"status": "failed", "error": f"{type(err).__name__}: {err}".splitlines()[0][:300],
-                "wall_time_s": time.perf_counter() - t0}
+    with signals.catch_signals() as guard:
+        guard.defer()
+
+        def stopping() -> bool:
+            return bool(guard.received) or (_STOP is not None and _STOP.is_set())
+
+        try:
+            if stopping():
+                return {"status": "cancelled"}
+            if isinstance(cfg, dict):
+                cfg = validate(cfg)
+            callbacks = [] if counter is None else [counter]
+            if action == "resume":  # shown once it trains: its first step is the one after its checkpoint
+                summary = session.resume(run_dir, quiet=True, callbacks=callbacks)
+            else:
+                if data is None:  # a worker process: one load per distinct dataset
+                    key = _data_key(cfg)
+                    if key not in _WORKER_DATA:
+                        _WORKER_DATA[key] = session.prepare(cfg)
+                    data = _WORKER_DATA[key]
+                if stopping():  # the last moment before the run's directory exists
+                    return {"status": "cancelled"}
+                if counter is not None:
+                    counter.start(cfg.train.steps)
+                _inside(run_dir.parent.parent, run_dir, create=True)
+                files.unlink(run_dir / ERROR_FILE)
+                summary = session.train(cfg, run_dir, quiet=True, data=data, callbacks=callbacks)
+            return {"status": summary["status"], "test_accuracy": summary.get("test_accuracy"),
+                    "wall_time_s": summary.get("wall_time_s")}
+        except Interrupted as sig:
+            return {"status": "interrupted", "signum": sig.signum}
+        except RunBusy as err:
+            return {"status": "busy", "error": str(err)}
+        except Exception as err:  # noqa: BLE001 - one broken run must not end the comparison
+            with contextlib.suppress(UserError):  # best effort: the outcome line reports the error anyway
+                _inside(run_dir.parent.parent, run_dir, create=True)
+                write_atomic(run_dir / ERROR_FILE, traceback.format_exc())
+            return {"status": "failed", "error": f"{type(err).__name__}: {err}".splitlines()[0][:300],
+                    "wall_time_s": time.perf_counter() - t0}
+        finally:
+            if guard.received and _STOP is not None:
+                _STOP.set()
+
+
+def _run_in_worker(cfg: dict, run_dir: str, action: str, slot: int) -> dict[str, Any]:
+    return run_one(cfg, run_dir, action, counter=None if _STEPS is None else _StepCounter(_STEPS, slot))
 
 
 Log = Callable[[str], None]  # where progress lines go (the CLI prints them on stderr, unless quiet)
+
+
+@dataclass
+class Status:
+    """Where the runs of a `compare` (or `compare --resume`) stand, as its progress display shows them."""
+
+    done: int  # runs that ended (completed, diverged, failed or interrupted)
+    total: int  # runs this command trains
+    running: list[tuple[str, int, int]]  # (arm/s<seed>, step, steps) of each run in progress
+
+
+Progress = Callable[[Status], None]
+# How often the progress display is told: it draws a terminal's live bars from this; a pipe's lines are
+# fewer (bnexp.engine.progress).
+TICK_SECONDS = 0.2
+
+
+def _status(todo: list[tuple[Job, str]], values, ended: set[int], done: int) -> Status:
+    running = [(f"{job.arm}/s{job.seed}", values[2 * i], values[2 * i + 1]) for i, (job, _) in enumerate(todo)
+               if values[2 * i] >= 0 and i not in ended]
+    return Status(done, len(todo), running)
 
 
 def _finished_line(done: int, total: int, job: Job, outcome: dict[str, Any]) -> str:
@@ -402,21 +476,36 @@ def _finished_line(done: int, total: int, job: Job, outcome: dict[str, Any]) -> 
     return f"[{done}/{total}] {job.arm} seed {job.seed}: {status}{detail}"
 
 
-def _run_all(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, datasets: dict[str, Any], log: Log) -> None:
-    """Train every run of `todo`; on a signal, raise Interrupted(signum, comp_dir) once runs checkpointed."""
-    if jobs <= 1 or len(todo) <= 1:
-        with signals.catch_signals() as guard:
-            guard.defer()  # a signal between runs is acted on before the next one starts
-            for done, (job, action) in enumerate(todo, start=1):
-                if guard.received:
-                    raise Interrupted(guard.received[0], comp_dir)
-                data = datasets.get(_data_key(job.cfg))
-                outcome = run_one(job.cfg, comp_dir / job.rel, action, data)
-                log(_finished_line(done, len(todo), job, outcome))
-                if outcome["status"] == "interrupted":
-                    raise Interrupted(outcome["signum"], comp_dir)
+def _run_all(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, datasets: dict[str, Any], log: Log,
+             progress: Progress | None = None) -> None:
+    """Train every run of `todo`; on a signal, raise Interrupted(signum, comp_dir) once runs checkpointed
+    (and start no other run)."""
+    progress = progress or (lambda _status: None)
+    if jobs > 1 and len(todo) > 1:
+        _run_parallel(todo, comp_dir, jobs, log, progress)
         return
-    _run_parallel(todo, comp_dir, jobs, log)
+    values, ended = [-1, 0] * len(todo), set()
+    told = [0.0]
+
+    def tell() -> None:  # after every step of the run in progress
+        if time.monotonic() - told[0] >= TICK_SECONDS:
+            told[0] = time.monotonic()
+            progress(_status(todo, values, ended, len(ended)))
+
+    with signals.catch_signals() as guard:
+        guard.defer()  # a signal between runs is acted on before the next one starts
+        for i, (job, action) in enumerate(todo):
+            if guard.received:
+                raise Interrupted(guard.received[0], comp_dir)
+            data = datasets.get(_data_key(job.cfg))
+            outcome = run_one(job.cfg, comp_dir / job.rel, action, data, _StepCounter(values, i, tell))
+            if outcome["status"] == "cancelled":  # a signal before the run's directory was made
+                raise Interrupted(guard.received[0], comp_dir)
+            ended.add(i)
+            log(_finished_line(len(ended), len(todo), job, outcome))
+            progress(_status(todo, values, ended, len(ended)))
+            if outcome["status"] == "interrupted":
+                raise Interrupted(outcome["signum"], comp_dir)
 
 
 def _cores() -> int:
@@ -426,7 +515,7 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _run_parallel(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, log: Log) -> None:
+def _run_parallel(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, log: Log, progress: Progress) -> None:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -437,20 +526,24 @@ def _run_parallel(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, log: L
     log(f"{len(todo)} runs on {workers} worker processes, {' or '.join(threads)} torch thread(s) each")
     # spawn, not fork: a forked child would inherit this process's torch thread pool and locks.
     ctx = multiprocessing.get_context("spawn")
-    stop = ctx.Event()
     interrupted: int | None = None
     died = False
     with signals.catch_signals() as guard:
         guard.defer()  # signals are recorded, and handed on to the workers below
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(os.getpid(), stop))
+        with signals.held():  # the processes started here (workers, resource tracker) are born deaf to them
+            stop = ctx.Event()
+            values = ctx.Array("q", [-1, 0] * len(todo), lock=False)  # each run's step and steps (_StepCounter)
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(os.getpid(), stop, values))
         try:
-            futures = {pool.submit(run_one, job.cfg.model_dump(mode="json"), str(comp_dir / job.rel), action): job
-                       for job, action in todo}
-            pending, done_count, told = set(futures), 0, 0.0
+            with signals.held():  # the pool starts its workers as runs are submitted
+                futures = {pool.submit(_run_in_worker, job.cfg.model_dump(mode="json"), str(comp_dir / job.rel),
+                                       action, i): i for i, (job, action) in enumerate(todo)}
+            pending, ended, done_count, told = set(futures), set(), 0, 0.0
             while pending:
-                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                finished, pending = wait(pending, timeout=TICK_SECONDS, return_when=FIRST_COMPLETED)
                 for fut in finished:
+                    ended.add(futures[fut])
                     try:
                         outcome = fut.result()
                     except CancelledError:
@@ -461,14 +554,16 @@ def _run_parallel(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, log: L
                     if outcome["status"] == "cancelled":
                         continue
                     done_count += 1
-                    log(_finished_line(done_count, len(todo), futures[fut], outcome))
+                    log(_finished_line(done_count, len(todo), todo[futures[fut]][0], outcome))
                     if outcome["status"] == "interrupted" and interrupted is None:
                         interrupted = outcome["signum"]
                 if interrupted is None and guard.received:
                     interrupted = guard.received[0]
-                if interrupted is not None and time.monotonic() - told > 1.0:
+                if interrupted is None:
+                    progress(_status(todo, values, ended, done_count))
+                elif time.monotonic() - told > 1.0:
                     # Start no more runs, and stop those in progress (again each second: a worker that was
-                    # still starting a run when told ignored it, and takes it once it trains).
+                    # still taking a run when told ignored it, and records it once it holds the run).
                     stop.set()
                     for fut in pending:
                         fut.cancel()
@@ -486,6 +581,42 @@ def _run_parallel(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, log: L
     if died:
         raise WorkerDied(f"a worker process died without reporting (killed from outside?); the runs it left "
                          f"resume: bnexp compare --resume {comp_dir}")
+
+
+def _run_states(comp_dir: Path, jobs: list[Job]) -> list[tuple[str, str, int | None]]:
+    """Each run of the comparison as its directory has it: (arm/s<seed>, status, steps). Status "not started"
+    (no run directory), "failed" (an error.txt beside an unfinished run: --resume tries it again), "damaged"
+    (an unreadable summary.json), or the summary's own (completed, diverged, interrupted, running)."""
+    states = []
+    for job in jobs:
+        run, steps, status = comp_dir / job.rel, None, "not started"
+        if is_run_dir(run):
+            try:
+                summary = read_summary(run)
+                status, steps = str(summary.get("status")), summary.get("steps")
+            except RunDirError:
+                status = "damaged"
+        if status not in FINISHED and (run / ERROR_FILE).is_file():
+            status = "failed"
+        states.append((f"{job.arm}/s{job.seed}", status, steps if isinstance(steps, int) else None))
+    return states
+
+
+class ComparisonInterrupted(Interrupted):
+    """A signal stopped the comparison in `run_dir` once its runs in progress checkpointed; `runs` says
+    where each of its runs was left (_run_states)."""
+
+    def __init__(self, signum: int, run_dir: Path, runs: list[tuple[str, str, int | None]]):
+        super().__init__(signum, run_dir)
+        self.runs = runs
+
+
+@contextlib.contextmanager
+def _saying_what_stopped(comp_dir: Path, jobs: list[Job]):
+    try:
+        yield
+    except Interrupted as sig:
+        raise ComparisonInterrupted(sig.signum, comp_dir, _run_states(comp_dir, jobs)) from None
 
 
 # --- collecting and reporting -----------------------------------------------------------------------------
@@ -539,7 +670,8 @@ def _describe(cmp: CompareConfig, jobs: list[Job]) -> list[str]:
     return notes
 
 
-def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, log: Log, yes: bool = False) -> Outcome:
+def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, log: Log, yes: bool = False,
+                   progress: Progress | None = None) -> Outcome:
     plan_ = plan(cmp)
     if len(plan_) > cmp.max_runs and not yes:
         raise CompareError(f"this comparison would start {len(plan_)} runs ({len(cmp.expanded)} arms x "
@@ -552,7 +684,8 @@ def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, log: Log, ye
     # Held for the whole comparison: a `compare --resume` of it meanwhile is refused.
     with _create_dir(cmp, out, {COMPARE_YAML: _resolved_yaml(cmp)}) as comp_dir:
         t0 = time.perf_counter()
-        _run_all([(job, "fresh") for job in plan_], comp_dir, jobs, datasets, log)
+        with _saying_what_stopped(comp_dir, plan_):
+            _run_all([(job, "fresh") for job in plan_], comp_dir, jobs, datasets, log, progress)
         notes = _describe(cmp, plan_) + [_timing(len(plan_), time.perf_counter() - t0, jobs)]
         return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
                        cmp.arm_names, notes, _points(cmp))
@@ -571,16 +704,16 @@ def _remove_run(comp_dir: Path, run_dir: Path) -> None:
     shutil.rmtree(target)
 
 
-def resume_comparison(comp_dir: Path, jobs: int, log: Log) -> Outcome:
+def resume_comparison(comp_dir: Path, jobs: int, log: Log, progress: Progress | None = None) -> Outcome:
     if not (comp_dir / COMPARE_YAML).is_file():
         raise CompareError(f"not a comparison directory (no {COMPARE_YAML}): {comp_dir}")
     # One resume at a time (nor while the comparison itself runs): the second is refused, changing nothing.
     with locked(comp_dir, what="comparison"):
         signals.defer()
-        return _resume_locked(comp_dir, jobs, log)
+        return _resume_locked(comp_dir, jobs, log, progress)
 
 
-def _resume_locked(comp_dir: Path, jobs: int, log: Log) -> Outcome:
+def _resume_locked(comp_dir: Path, jobs: int, log: Log, progress: Progress | None) -> Outcome:
     cmp = _validate_compare(read_yaml(comp_dir / COMPARE_YAML))
     plan_ = plan(cmp)
     for job in plan_:  # every run inside the comparison, before anything changes
@@ -612,7 +745,8 @@ def _resume_locked(comp_dir: Path, jobs: int, log: Log) -> Outcome:
     for problem in damaged:
         log(f"skipped, recorded as failed: {problem}")
     t0 = time.perf_counter()
-    _run_all(todo, comp_dir, jobs, datasets, log)
+    with _saying_what_stopped(comp_dir, plan_):
+        _run_all(todo, comp_dir, jobs, datasets, log, progress)
     notes = _describe(cmp, plan_) + [f"resumed: {_timing(len(todo), time.perf_counter() - t0, jobs)}"]
     return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
                    cmp.arm_names, notes, _points(cmp))
@@ -711,20 +845,22 @@ def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None) ->
 
 def main(config: Path | None = None, overrides: list[str] | None = None, out: Path | None = None,
          jobs: int = 1, resume: Path | None = None, run_dirs: list[Path] | None = None,
-         log: Log | None = None, yes: bool = False) -> Outcome:
-    """The `bnexp compare` command's dispatch (cli.compare validates --jobs >= 1). Raises Interrupted
-    (its run_dir the comparison directory) when a signal stopped it, after the running runs checkpointed."""
+         log: Log | None = None, yes: bool = False, progress: Progress | None = None) -> Outcome:
+    """The `bnexp compare` command's dispatch (cli.compare validates --jobs >= 1). Raises
+    ComparisonInterrupted (its run_dir the comparison directory) when a signal stopped it, after the running
+    runs checkpointed. `log` gets a line as each run ends; `progress` a Status every TICK_SECONDS or so
+    while runs train."""
     overrides, run_dirs = overrides or [], run_dirs or []
     log = log or (lambda _line: None)
     if resume is not None:
         if config is not None or overrides or out is not None or run_dirs:
             raise CompareError("--resume takes the comparison's own compare.yaml: do not combine it with "
                                "--config/--set/--out or run directories")
-        return resume_comparison(Path(resume), jobs, log)
+        return resume_comparison(Path(resume), jobs, log, progress)
     if run_dirs:
         if config is not None:
             raise CompareError("give either --config or run directories, not both")
         return report_runs([Path(p) for p in run_dirs], overrides, out)
     if config is None:
         raise CompareError("missing option --config (or --resume COMPARISON_DIR, or run directories to report on)")
-    return run_comparison(load_compare(config, overrides), out, jobs, log, yes)
+    return run_comparison(load_compare(config, overrides), out, jobs, log, yes, progress)
