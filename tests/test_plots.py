@@ -152,3 +152,18 @@ def test_a_sweep_marks_diverged_runs_instead_of_averaging_them():
     crosses = [line for line in fig.axes[0].get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
     assert [(tuple(c.get_xdata()), tuple(c.get_ydata())) for c in crosses] == [((10.0,), (0.3,))]
     plt.close(fig)
+
+
+def test_init_plots_of_a_grid_draw_only_what_the_runs_logged(tmp_path):
+    # configs/compare/norm_lr.yaml: probes every 500 steps, so step 1 (the gradient at initialization) is
+    # not probed while the signal at step 0 is; its report used to fail drawing an all-NaN log axis.
+    from bnexp.experiments.why_plots import write_why_plots
+
+    points = {f"lr{x}": ("", {"optim.lr": x}) for x in (0.1, 1.0)}
+    records = [RunRecord(arm, 0, Path(arm), "completed", {"test_accuracy": 0.9},
+                         [{"step": 0, "signal/h1/var": 0.5 * (i + 1), "signal/h1/sq_mean": 0.1, "rank/h1": 3.0},
+                          {"step": 500, "test/accuracy": 0.9}])
+               for i, arm in enumerate(points)]
+    written = write_why_plots(tmp_path, records, list(points), points, "t")
+    assert [p.name for p in written] == ["signal.png", "rank.png", "init_lr.png"]
+    assert (tmp_path / "init_lr.svg").is_file()

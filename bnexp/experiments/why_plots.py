@@ -153,18 +153,25 @@ def _write_init_plots(records: list[RunRecord], points: Points | None, save, pal
         for rec in done:
             series[series_label(points, rec.arm, axis)][float(points[rec.arm][1][axis])].append(_init_values(rec))
         colors = palette.series(list(series))
-        quantities = sorted({q for by_x in series.values() for vals in by_x.values() for v in vals for q in v})
+        # A quantity no run logged at initialization (the gradient norm when step 1 is not probed) has no
+        # panel: an axis of nothing but NaN cannot be drawn, on a log scale least of all.
+        quantities = sorted({q for by_x in series.values() for vals in by_x.values() for v in vals
+                             for q, value in v.items() if math.isfinite(value)})
+        if not quantities:
+            continue
         fig, axes = plt.subplots(1, len(quantities), figsize=(4.2 * len(quantities), 3.6), squeeze=False)
         for ax, q in zip(axes[0], quantities):
+            drawn = []
             for label, by_x in series.items():
                 xs = sorted(by_x)
                 ys = [[v.get(q, math.nan) for v in by_x[x]] for x in xs]
                 mean = [np.nanmean(y) if np.isfinite(y).any() else math.nan for y in ys]
                 std = [np.nanstd(y, ddof=1) if np.isfinite(y).sum() > 1 else 0.0 for y in ys]
                 ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, color=colors[label], label=label or "all")
+                drawn += [m for m in mean if math.isfinite(m)]
             ax.set(title=f"{q} at initialization", xlabel=axis)
             value_axis(ax, [x for by_x in series.values() for x in by_x])
-            if q != "last block effective rank":
+            if q != "last block effective rank" and min(drawn) > 0:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize="x-small")
