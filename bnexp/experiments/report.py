@@ -46,16 +46,11 @@ _WHEN = ("early", "mid", "average")
 
 # --- statistics -------------------------------------------------------------------------------------------
 
-def _settings(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A run's config as {dotted key: value}, without the keys that are not its experiment's."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_settings(value, name + "."))
-        elif name not in _NOT_SETTINGS:
-            out[name] = value
-    return out
+def _differences(a: Any, b: Any) -> int:
+    """How many settings two configs (or parts of them) differ in."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return sum(_differences(a.get(key), b.get(key)) for key in set(a) | set(b))
+    return int(a != b)
 
 
 def arm_baselines(records: list[RunRecord], arms: list[str], baseline: str | None) -> dict[str, str | None]:
@@ -72,11 +67,10 @@ def arm_baselines(records: list[RunRecord], arms: list[str], baseline: str | Non
     if baseline not in configs:
         return {arm: baseline for arm in arms}
     base = configs[baseline]
-    base_settings = _settings(base.config)
 
     def distance(arm: str) -> int:
-        settings = _settings(configs[arm].config)
-        return sum(settings.get(k) != base_settings.get(k) for k in set(settings) | set(base_settings))
+        return _differences(*({k: v for k, v in c.items() if k not in _NOT_SETTINGS}
+                              for c in (configs[arm].config, base.config)))
 
     out: dict[str, str | None] = {}
     for arm in arms:
