@@ -116,12 +116,11 @@ def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    # The figure grows to hold what lies outside its axes (a long legend).
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    fig.tight_layout()  # legend_outside widened the figure for its legend: the layout holds it
+    fig.savefig(path, dpi=DPI)
     # Text as paths (no font to embed or substitute), ids from a fixed salt and no date: the same runs
     # give the same file.
     with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "bnexp"}):
-        fig.savefig(path.with_suffix(".svg"), bbox_inches="tight", metadata={"Date": None})
+        fig.savefig(path.with_suffix(".svg"), metadata={"Date": None})
     plt.close(fig)
     return path
