@@ -1,94 +1,137 @@
-"""The comparison report's plots (matplotlib, PNG): test accuracy, the input to a nonlinearity (the paper's
-Figure 1b/c), running-statistic errors and the train/inference gap, each arm's mean ± std over seeds."""
+"""The comparison report's plots over training (matplotlib; PNG and SVG, bnexp.experiments.figures):
+
+  accuracy.png       test accuracy (classification)
+  loss.png           training loss (the mean over each log interval, train mode) and test loss (eval mode)
+  activations.png    the input to a nonlinearity (the paper's Figure 1b/c): every run, a panel each
+  running_stats.png  running-statistic errors against the population statistics
+  gap.png            the train/inference gap on the test set
+
+Each arm's curve is the mean over its runs with a band from their minimum to their maximum, over the steps
+every run reached; past the step where one stopped (diverged), the runs still going are drawn one by one,
+thinner, and each diverged run ends in a cross at the step it diverged, at its last value.
+"""
 
 from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from bnexp.experiments.figures import Palette, Points, legend_outside, save_figure
 from bnexp.experiments.records import RunRecord
+from bnexp.experiments.stats import layer_mean_series, series
 
-_STYLES = ["-", "--", "-.", ":"]
 _ACT_TAG = re.compile(r"^activations/(h\d+)/u(\d+)/p(15|50|85)$")
+BAND = "mean over seeds, band min–max"
+_PERCENTILES = (("15", ":"), ("50", "-"), ("85", "--"))
 
 
-def _series(rec: RunRecord, tag: str) -> tuple[np.ndarray, np.ndarray]:
-    pts = [(row["step"], row[tag]) for row in rec.metrics if row.get(tag) is not None]
-    if not pts:
-        return np.empty(0), np.empty(0)
-    a = np.asarray(pts, dtype=float)
-    return a[:, 0], a[:, 1]
+def _mark_divergence(ax, rec: RunRecord, xs: np.ndarray, ys: np.ndarray, color) -> bool:
+    finite = np.isfinite(ys)
+    if rec.diverged_step is None or not finite.any():
+        return False
+    ax.plot([rec.diverged_step], [ys[finite][-1]], marker="x", markersize=7, markeredgewidth=2, color=color,
+            linestyle="none", zorder=5)
+    return True
 
 
-def _layer_mean_series(rec: RunRecord, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """running_stats/<layer>/<kind> averaged over BN layers, step by step."""
-    tag = re.compile(rf"^running_stats/[^/]+/{kind}$")
-    pts = []
-    for row in rec.metrics:
-        vals = [v for k, v in row.items() if tag.match(k) and v is not None]
-        if vals:
-            pts.append((row["step"], float(np.mean(vals))))
-    if not pts:
-        return np.empty(0), np.empty(0)
-    a = np.asarray(pts)
-    return a[:, 0], a[:, 1]
-
-
-def _band(series: list[tuple[np.ndarray, np.ndarray]]):
-    """Mean and std across runs at every step any run logged (a diverged run stops contributing)."""
-    by_step: dict[float, list[float]] = defaultdict(list)
-    for steps, vals in series:
-        for s, v in zip(steps, vals):
-            if math.isfinite(v):
-                by_step[s].append(v)
-    xs = np.array(sorted(by_step))
-    mean = np.array([np.mean(by_step[s]) for s in xs])
-    std = np.array([np.std(by_step[s], ddof=1) if len(by_step[s]) > 1 else 0.0 for s in xs])
-    return xs, mean, std
-
-
-def plot_bands(ax, groups: dict[str, list[RunRecord]], get, colors) -> bool:
-    """Each arm's mean ± std over its runs of the series `get(record)` = (steps, values); True if any."""
-    drew = False
+def plot_bands(ax, groups: dict[str, list[RunRecord]], get, palette: Palette) -> bool:
+    """Each arm's curve of `get(record)` = (steps, values), as the module docstring says; True if any."""
+    drew = marked = False
     for arm, recs in groups.items():
-        series = [get(r) for r in recs]
-        series = [s for s in series if len(s[0])]
-        if not series:
+        curves = [(rec, *get(rec)) for rec in recs]
+        curves = [(rec, xs, ys) for rec, xs, ys in curves if np.isfinite(ys).any()]
+        if not curves:
             continue
-        xs, mean, std = _band(series)
-        # Line styles differ too: two arms that train identically (bnexp vs torch BN) stay visible.
-        ax.plot(xs, mean, color=colors[arm], linestyle=_STYLES[list(colors).index(arm) % len(_STYLES)],
-                label=f"{arm} (n={len(series)})")
-        ax.fill_between(xs, mean - std, mean + std, color=colors[arm], alpha=0.2, linewidth=0)
+        style = palette[arm]
+        common_end = min(xs[np.isfinite(ys)][-1] for _, xs, ys in curves)  # every run has reached it
+        by_step: dict[float, list[float]] = {}
+        for _, xs, ys in curves:
+            for x, y in zip(xs, ys):
+                if x <= common_end and math.isfinite(y):
+                    by_step.setdefault(x, []).append(y)
+        steps = np.array(sorted(by_step))
+        vals = [by_step[s] for s in steps]
+        diverged = sum(rec.diverged_step is not None for rec, _, _ in curves)
+        label = f"{arm} (n={len(curves)}" + (f", {diverged} diverged" if diverged else "") + ")"
+        ax.plot(steps, [np.mean(v) for v in vals], color=style.color, linestyle=style.linestyle, label=label)
+        if len(curves) > 1:
+            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=style.color, alpha=0.18,
+                            linewidth=0)
+        for rec, xs, ys in curves:
+            tail = xs >= common_end
+            if tail.sum() > 1:
+                ax.plot(xs[tail], ys[tail], color=style.color, linestyle=style.linestyle, linewidth=0.8, alpha=0.8)
+            marked |= _mark_divergence(ax, rec, xs, ys, style.color)
         drew = True
+    if marked:
+        ax.plot([], [], marker="x", markeredgewidth=2, color="0.3", linestyle="none", label="diverged (last value)")
     return drew
 
 
-def arm_colors(arms: list[str]) -> dict[str, str]:
-    """One colour per arm, the same in every plot of a report."""
+def _finish(ax, ylabel: str, title: str, log: bool = False, legend: bool = True) -> None:
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if legend:
+        legend_outside(ax)
+
+
+def _activation_panels(groups: dict[str, list[RunRecord]]):
+    """arm -> [(run, layer, unit)]: each run's first tracked unit of its last hidden layer (the units are
+    the ones the run logged)."""
+    out = {}
+    for arm, recs in groups.items():
+        panels = []
+        for rec in sorted(recs, key=lambda r: (r.seed is None, r.seed)):
+            found = {m.groups() for row in rec.metrics for k in row if (m := _ACT_TAG.match(k))}
+            if found:
+                layer = max({g[0] for g in found}, key=lambda h: int(h[1:]))
+                panels.append((rec, layer, min(int(g[1]) for g in found if g[0] == layer)))
+        if panels:
+            out[arm] = panels
+    return out
+
+
+def activations_figure(groups: dict[str, list[RunRecord]], palette: Palette, title: str):
+    """The paper's Figure 1b/c for every run: a column per arm, a row per seed; None without activation tags."""
     import matplotlib.pyplot as plt
 
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return {arm: cycle[i % len(cycle)] for i, arm in enumerate(arms)}
-
-
-def save_figure(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    panels = _activation_panels(groups)
+    if not panels:
+        return None
+    rows = max(len(p) for p in panels.values())
+    fig, axes = plt.subplots(rows, len(panels), figsize=(3.2 * len(panels), 2.5 * rows + 0.6), squeeze=False,
+                             sharex=True, sharey="col")
+    for col, (arm, runs) in enumerate(panels.items()):
+        color = palette[arm].color
+        for row in range(rows):
+            ax = axes[row][col]
+            if row >= len(runs):
+                ax.set_axis_off()
+                continue
+            rec, layer, unit = runs[row]
+            for p, style in _PERCENTILES:
+                xs, ys = series(rec, f"activations/{layer}/u{unit}/p{p}")
+                ax.plot(xs, ys, linestyle=style, color=color)
+                _mark_divergence(ax, rec, xs, ys, color)
+            seed = "" if rec.seed is None else f", seed {rec.seed}"
+            ax.set_title(f"{arm}{seed}\n{layer} unit {unit}", fontsize="medium")
+            ax.grid(alpha=0.3)
+            if row == len(runs) - 1 or row == rows - 1:
+                ax.set_xlabel("step")
+        axes[0][col].set_ylabel("input to the nonlinearity" if col == 0 else "")
+    fig.suptitle(f"{title}: input to the nonlinearity over the test set, every run\n"
+                 f"percentiles 15 (dotted), 50 (solid), 85 (dashed)")
+    return fig
 
 
 def write_plots(plot_dir: Path, records: list[RunRecord], arms: list[str], target: float | None,
-                title: str) -> list[Path]:
-    """Each plot is skipped when no run has its tags (e.g. probes off): returns the files written."""
+                title: str, points: Points | None = None) -> list[Path]:
+    """Each plot is skipped when no run has its tags (e.g. probes off): returns the PNGs written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,78 +139,62 @@ def write_plots(plot_dir: Path, records: list[RunRecord], arms: list[str], targe
 
     groups = {arm: [r for r in records if r.arm == arm and r.metrics] for arm in arms}
     groups = {a: rs for a, rs in groups.items() if rs}
-    colors = arm_colors(arms)
+    palette = Palette(arms, points)
     written: list[Path] = []
 
     def save(fig, name: str) -> None:
         written.append(save_figure(fig, plot_dir / name))
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    if records and all(r.regression for r in records):  # no accuracy: the test loss, on a log axis
-        if plot_bands(ax, groups, lambda r: _series(r, "test/loss"), colors):
-            ax.set(xlabel="step", ylabel="test loss (eval mode)", title=f"{title}: test loss, mean ± std")
-            ax.set_yscale("log")
-            ax.legend(fontsize="small")
-            ax.grid(alpha=0.3)
-            save(fig, "loss.png")
+    regression = bool(records) and all(r.regression for r in records)
+    if not regression:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        if plot_bands(ax, groups, lambda r: series(r, "test/accuracy"), palette):
+            if target is not None:
+                ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+            ax.set_ylim(0, 1)
+            _finish(ax, "test accuracy (eval mode)", f"{title}: test accuracy, {BAND}")
+            save(fig, "accuracy.png")
         else:
             plt.close(fig)
-    elif plot_bands(ax, groups, lambda r: _series(r, "test/accuracy"), colors):
-        if target is not None:
-            ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
-        ax.set(xlabel="step", ylabel="test accuracy (eval mode)", title=f"{title}: test accuracy, mean ± std")
-        ax.set_ylim(0, 1)
-        ax.legend(loc="lower right", fontsize="small")
-        ax.grid(alpha=0.3)
-        save(fig, "accuracy.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2))
+    drew_train = plot_bands(axes[0], groups, lambda r: series(r, "train/loss"), palette)
+    drew_test = plot_bands(axes[1], groups, lambda r: series(r, "test/loss"), palette)
+    if drew_train or drew_test:
+        _finish(axes[0], "training loss (train mode, mean over each log interval)", "training loss", log=True,
+                legend=False)
+        _finish(axes[1], "test loss (eval mode)", "test loss", log=True, legend=False)
+        legend_outside(axes[1], axes[0])
+        fig.suptitle(f"{title}: loss, {BAND}")
+        save(fig, "loss.png")
     else:
         plt.close(fig)
 
-    # Figure 1b/c: the input to the nonlinearity of one fixed unit of the last hidden layer, first seed.
-    panels = []
-    for arm, recs in groups.items():
-        for rec in sorted(recs, key=lambda r: (r.seed is None, r.seed)):
-            found = {m.groups() for row in rec.metrics for k in row if (m := _ACT_TAG.match(k))}
-            if found:
-                layer = max({g[0] for g in found}, key=lambda h: int(h[1:]))
-                unit = min(int(g[1]) for g in found if g[0] == layer)
-                panels.append((arm, rec, layer, unit))
-                break
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
-        for ax, (arm, rec, layer, unit) in zip(axes[0], panels):
-            for p, style in (("15", ":"), ("50", "-"), ("85", "--")):
-                xs, ys = _series(rec, f"activations/{layer}/u{unit}/p{p}")
-                ax.plot(xs, ys, style, color=colors[arm], label=f"p{p}")
-            ax.set(title=f"{arm}: {layer} unit {unit}", xlabel="step")
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("input to the nonlinearity")
-        axes[0][0].legend(fontsize="small")
+    fig = activations_figure(groups, palette, title)
+    if fig is not None:
         save(fig, "activations.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6))
-    drew_mean = plot_bands(axes[0], groups, lambda r: _layer_mean_series(r, "mean_err"), colors)
-    drew_var = plot_bands(axes[1], groups, lambda r: _layer_mean_series(r, "var_err"), colors)
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2))
+    drew_mean = plot_bands(axes[0], groups, lambda r: layer_mean_series(r, "running_stats", "mean_err"), palette)
+    drew_var = plot_bands(axes[1], groups, lambda r: layer_mean_series(r, "running_stats", "var_err"), palette)
     if drew_mean or drew_var:
-        axes[0].set(xlabel="step", ylabel="running_mean error (population std units)",
-                    title="running mean vs population")
-        axes[1].set(xlabel="step", ylabel="|log running_var / population var|", title="running var vs population")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.set_yscale("log")
-                ax.legend(fontsize="small")
+        _finish(axes[0], "|running mean − μ_pop| / σ_pop, mean over BN layers", "running mean vs population",
+                log=True, legend=False)
+        _finish(axes[1], "|log running var / σ²_pop|, mean over BN layers", "running var vs population", log=True,
+                legend=False)
+        legend_outside(axes[1], axes[0])
+        fig.suptitle(f"{title}: running statistics, {BAND}")
         save(fig, "running_stats.png")
     else:
         plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    if plot_bands(ax, groups, lambda r: _series(r, "gap/accuracy"), colors):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    gap = "gap/loss" if regression else "gap/accuracy"
+    if plot_bands(ax, groups, lambda r: series(r, gap), palette):
         ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set(xlabel="step", ylabel="acc(batch stats) − acc(running stats)",
-               title="train/inference gap on the test set")
-        ax.legend(fontsize="small")
-        ax.grid(alpha=0.3)
+        metric = "loss" if regression else "acc"
+        _finish(ax, f"{metric}(batch stats) − {metric}(running stats)",
+                f"{title}: train/inference gap on the test set, {BAND}")
         save(fig, "gap.png")
     else:
         plt.close(fig)

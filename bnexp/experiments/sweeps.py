@@ -3,9 +3,10 @@ metric against that axis, one line per value of the other factors (and per decla
 seeds: Wu & He 2018's error-against-batch-size figure as bnexp draws it.
 
 The metric is test accuracy, or test loss for a regression task. Runs count as in the report's table:
-those that finished (completed or diverged, a diverged run with its final network). The x axis is
-logarithmic when the values are positive and span a factor of 10 or more. Each figure's points are also
-written as a CSV beside it (plots/sweep_<axis>.csv), to re-plot or check.
+the mean ± std is over the completed runs of a point; a diverged run is not averaged in but drawn as a
+cross at its last evaluation before it diverged. The x axis is logarithmic when the values are positive
+and span a factor of 10 or more. A series has its arms' colour (bnexp.experiments.figures). Each figure's
+points are also written as a CSV beside it (plots/sweep_<axis>.csv), to re-plot or check.
 """
 
 from __future__ import annotations
@@ -14,74 +15,58 @@ import csv
 import io
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bnexp.engine.rundir import FINISHED, write_atomic
+from bnexp.engine.rundir import write_atomic
+from bnexp.experiments.figures import Palette, Points, legend_outside, numeric_axes, save_figure, series_label
 from bnexp.experiments.records import RunRecord
-
-Points = dict[str, tuple[str, dict[str, Any]]]  # arm -> (declared arm, grid point)
+from bnexp.experiments.stats import mean_std
 
 
 @dataclass
 class Series:
     label: str  # the declared arm and the other axes' values; "" when there is nothing else
     x: list[float]
-    final: list[tuple[float, float, int]]  # (mean, std, n) at each x
+    final: list[tuple[float, float, int]]  # (mean, std, n) over the completed runs at each x
     best: list[tuple[float, float, int]]
-
-
-def numeric_axes(points: Points) -> list[str]:
-    """The grid keys whose values are all numbers, with at least two of them."""
-    keys: dict[str, set] = defaultdict(set)
-    for _, point in points.values():
-        for key, value in point.items():
-            keys[key].add(value if _is_number(value) else None)
-    return [key for key, values in keys.items() if None not in values and len(values) >= 2]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # at each x, the final and best value of each diverged run (over its evaluations before it diverged)
+    diverged_final: list[list[float]] = field(default_factory=list)
+    diverged_best: list[list[float]] = field(default_factory=list)
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return math.nan, math.nan, 0
-    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
+    mean, std, n = mean_std(values)
+    return mean, (0.0 if n == 1 else std), n
 
 
-def _metric(records: list[RunRecord]) -> tuple[str, str, str]:
-    """(summary key of the final value, of the best value, axis label)."""
+def _metric(records: list[RunRecord]) -> tuple[str, str]:
+    """(the metric RunRecord.final and .best take, axis label)."""
     if records and all(r.regression for r in records):
-        return "test_loss", "best_test_loss", "test loss"
-    return "test_accuracy", "best_test_accuracy", "test accuracy"
+        return "loss", "test loss"
+    return "accuracy", "test accuracy"
 
 
 def sweep_series(records: list[RunRecord], points: Points, axis: str) -> list[Series]:
-    final_key, best_key, _ = _metric(records)
+    metric, _ = _metric(records)
     runs: dict[str, dict[float, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
-        if rec.arm not in points or rec.status not in FINISHED:
+        if rec.arm not in points or rec.status not in ("completed", "diverged"):
             continue
-        family, point = points[rec.arm]
-        others = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in point.items() if key != axis]
-        label = " ".join(part for part in [family, *others] if part)
-        runs[label][float(point[axis])].append(rec)
+        runs[series_label(points, rec.arm, axis)][float(points[rec.arm][1][axis])].append(rec)
     out = []
     for label, by_x in runs.items():
         xs = sorted(by_x)
-        final = [_stats([_num(r.summary.get(final_key)) for r in by_x[x]]) for x in xs]
-        best = [_stats([_num(r.summary.get(best_key)) for r in by_x[x]]) for x in xs]
-        out.append(Series(label, xs, final, best))
+        done = [[r for r in by_x[x] if r.status == "completed"] for x in xs]
+        lost = [[r for r in by_x[x] if r.status == "diverged"] for x in xs]
+        out.append(Series(label, xs, [_stats([r.final(metric) for r in rs]) for rs in done],
+                          [_stats([r.best(metric) for r in rs]) for rs in done],
+                          [[r.final(metric) for r in rs] for rs in lost],
+                          [[r.best(metric) for r in rs] for rs in lost]))
     return out
-
-
-def _num(value: Any) -> float:
-    return float(value) if _is_number(value) else math.nan
 
 
 def log_scale(series: list[Series]) -> bool:
@@ -103,8 +88,8 @@ def value_axis(ax, xs: list[float]) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def sweep_figure(series: list[Series], axis: str, ylabel: str, title: str):
-    """The figure (two panels: final, best) of one axis's series."""
+def sweep_figure(series: list[Series], axis: str, ylabel: str, title: str, colors: dict[str, Any] | None = None):
+    """The figure (two panels: final, best) of one axis's series; `colors`: series label -> colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,18 +97,32 @@ def sweep_figure(series: list[Series], axis: str, ylabel: str, title: str):
 
     fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), sharey=True)
     xs = sorted({x for s in series for x in s.x})
+    colors = colors or Palette([s.label for s in series]).series([s.label for s in series])
     for ax, which in zip(axes, ("final", "best")):
+        crossed = False
         for s in series:
             stats = getattr(s, which)
             mean = np.array([m for m, _, _ in stats])
             std = np.array([d for _, d, _ in stats])
-            n = min(k for _, _, k in stats)
-            ax.errorbar(s.x, mean, yerr=std, marker="o", capsize=3, label=f"{s.label or 'all'} (n≥{n})")
+            counts = sorted({k for _, _, k in stats if k})
+            n = "n=0" if not counts else f"n={counts[0]}" + (f"–{counts[-1]}" if len(counts) > 1 else "")
+            lost = sum(map(len, s.diverged_final))
+            label = f"{s.label or 'all'} ({n}" + (f", {lost} diverged" if lost else "") + ")"
+            ax.errorbar(s.x, mean, yerr=std, marker="o", capsize=3, color=colors[s.label], label=label)
+            for x, values in zip(s.x, getattr(s, f"diverged_{which}") or []):
+                values = [v for v in values if math.isfinite(v)]
+                if values:
+                    ax.plot([x] * len(values), values, marker="x", markersize=7, markeredgewidth=2,
+                            linestyle="none", color=colors[s.label])
+                    crossed = True
+        if crossed:
+            ax.plot([], [], marker="x", markeredgewidth=2, color="0.3", linestyle="none",
+                    label="diverged run (its last evaluation)")
         value_axis(ax, xs)
         ax.set(xlabel=axis, title=f"{which} {ylabel}")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"{ylabel} (mean ± std over seeds)")
-    axes[1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    axes[0].set_ylabel(f"{ylabel} (mean ± std over completed runs)")
+    legend_outside(axes[1], axes[0])
     fig.suptitle(f"{title}: {ylabel} against {axis}")
     fig.tight_layout()
     return fig
@@ -132,30 +131,29 @@ def sweep_figure(series: list[Series], axis: str, ylabel: str, title: str):
 def _csv(series: list[Series]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["series", "x", "final_mean", "final_std", "best_mean", "best_std", "n"])
+    writer.writerow(["series", "x", "final_mean", "final_std", "best_mean", "best_std", "n", "diverged"])
     for s in series:
-        for x, (fm, fs, n), (bm, bs, _) in zip(s.x, s.final, s.best):
-            writer.writerow([s.label, x, fm, fs, bm, bs, n])
+        lost = s.diverged_final or [[] for _ in s.x]
+        for x, (fm, fs, n), (bm, bs, _), d in zip(s.x, s.final, s.best, lost):
+            writer.writerow([s.label, x, *("" if math.isnan(v) else v for v in (fm, fs, bm, bs)), n, len(d)])
     return buf.getvalue()
 
 
-def write_sweep_plots(plot_dir: Path, records: list[RunRecord], points: Points | None, title: str) -> list[Path]:
-    """plots/sweep_<axis>.png and .csv for every numeric grid axis; returns the PNG paths."""
+def write_sweep_plots(plot_dir: Path, records: list[RunRecord], points: Points | None, title: str,
+                      arms: list[str] | None = None) -> list[Path]:
+    """plots/sweep_<axis>.png, .svg and .csv for every numeric grid axis; returns the PNG paths. `arms`: the
+    comparison's, in order, for the colours (bnexp.experiments.figures.Palette)."""
     if not points:
         return []
-    import matplotlib.pyplot as plt
-
-    _, _, ylabel = _metric(records)
+    _, ylabel = _metric(records)
+    palette = Palette(arms if arms is not None else list(points), points)
     written = []
     for axis in numeric_axes(points):
         series = sweep_series(records, points, axis)
         if not series:
             continue
-        plot_dir.mkdir(parents=True, exist_ok=True)
         stem = f"sweep_{axis.rsplit('.', 1)[-1]}"
-        fig = sweep_figure(series, axis, ylabel, title)
-        fig.savefig(plot_dir / f"{stem}.png", dpi=100)
-        plt.close(fig)
+        fig = sweep_figure(series, axis, ylabel, title, palette.series([s.label for s in series]))
+        written.append(save_figure(fig, plot_dir / f"{stem}.png"))
         write_atomic(plot_dir / f"{stem}.csv", _csv(series))
-        written.append(plot_dir / f"{stem}.png")
     return written

@@ -1,7 +1,8 @@
 """The report's plots of the probes that test why BN helps (bnexp.probes: ics, landscape, sharpness,
 signal, rank), drawn when the runs logged them.
 
-Over training, each arm's mean ± std over seeds against the step:
+Over training, each arm's mean over seeds with a min–max band against the step (plots.plot_bands: a diverged
+run ends in a cross):
   ics.png        ‖G − G'‖ and cos(G, G') (Santurkar et al.'s Definition 2.1) of the first and the last layer
                  measured
   landscape.png  loss range, gradient predictiveness, effective β-smoothness along the gradient
@@ -26,9 +27,11 @@ from typing import Callable
 import numpy as np
 
 from bnexp.engine.rundir import FINISHED
-from bnexp.experiments.plots import arm_colors, plot_bands, save_figure
+from bnexp.experiments.figures import Palette, Points, legend_outside, numeric_axes, save_figure, series_label
+from bnexp.experiments.plots import BAND, plot_bands
 from bnexp.experiments.records import RunRecord
-from bnexp.experiments.sweeps import Points, numeric_axes, value_axis
+from bnexp.experiments.stats import series
+from bnexp.experiments.sweeps import value_axis
 
 _BLOCK = re.compile(r"^(?:signal|rank)/(h\d+|stem)(?:/|$)")
 _ICS = re.compile(r"^ics/(.+)/l2$")
@@ -55,6 +58,10 @@ class _Names:
         return self.blocks[-1] if self.blocks else None
 
 
+_FAMILIES = {"ics.png": "internal covariate shift", "landscape.png": "loss landscape along the gradient",
+             "sharpness.png": "sharpness", "signal.png": "signal propagation", "rank.png": "rank collapse"}
+
+
 def _panels() -> dict[str, list[tuple[str, Callable[[_Names], str | None], bool]]]:
     """file -> [(panel title, the tag a run shows there given its names, log y axis)]."""
     def ics(which: int, q: str):
@@ -79,13 +86,11 @@ def _panels() -> dict[str, list[tuple[str, Callable[[_Names], str | None], bool]
 
 
 def _series(rec: RunRecord, tag: str | None) -> tuple[np.ndarray, np.ndarray]:
-    pts = [] if tag is None else [(row["step"], row[tag]) for row in rec.metrics if row.get(tag) is not None]
-    a = np.asarray(pts, dtype=float).reshape(-1, 2)
-    return a[:, 0], a[:, 1]
+    return (np.empty(0), np.empty(0)) if tag is None else series(rec, tag)
 
 
 def write_why_plots(plot_dir: Path, records: list[RunRecord], arms: list[str],
-                    points: Points | None = None) -> list[Path]:
+                    points: Points | None = None, title: str = "") -> list[Path]:
     """Every figure of the module docstring whose tags some run logged; returns the files written."""
     import matplotlib
 
@@ -93,7 +98,7 @@ def write_why_plots(plot_dir: Path, records: list[RunRecord], arms: list[str],
     import matplotlib.pyplot as plt
 
     written: list[Path] = []
-    colors = arm_colors(arms)
+    palette = Palette(arms, points)
 
     def save(fig, name: str) -> None:
         written.append(save_figure(fig, plot_dir / name))
@@ -104,21 +109,22 @@ def write_why_plots(plot_dir: Path, records: list[RunRecord], arms: list[str],
     for name, panels in _panels().items():
         drawn = []
         for title, tag, log in panels:
-            series = {id(r): _series(r, tag(names[id(r)])) for rs in groups.values() for r in rs}
-            if any(len(xs) for xs, _ in series.values()):
-                drawn.append((title, series, log))
+            curves = {id(r): _series(r, tag(names[id(r)])) for rs in groups.values() for r in rs}
+            if any(len(xs) for xs, _ in curves.values()):
+                drawn.append((title, curves, log))
         if not drawn:
             continue
         fig, axes = plt.subplots(1, len(drawn), figsize=(4.2 * len(drawn), 3.6), squeeze=False)
-        for ax, (title, series, log) in zip(axes[0], drawn):
-            plot_bands(ax, groups, lambda r, series=series: series[id(r)], colors)
+        for ax, (title, curves, log) in zip(axes[0], drawn):
+            plot_bands(ax, groups, lambda r, curves=curves: curves[id(r)], palette)
             ax.set(title=title, xlabel="step")
-            if log and all(np.all(ys > 0) for _, ys in series.values()):
+            if log and all(np.all(ys > 0) for _, ys in curves.values()):
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize="x-small")
+        legend_outside(axes[0][-1], *axes[0][:-1])
+        fig.suptitle(f"{title}: {_FAMILIES[name]}, {BAND}" if title else f"{_FAMILIES[name]}, {BAND}")
         save(fig, name)
-    _write_init_plots(records, points, save)
+    _write_init_plots(records, points, save, palette)
     return written
 
 
@@ -133,7 +139,7 @@ def _init_values(rec: RunRecord) -> dict[str, float]:
     return out
 
 
-def _write_init_plots(records: list[RunRecord], points: Points | None, save) -> None:
+def _write_init_plots(records: list[RunRecord], points: Points | None, save, palette: Palette) -> None:
     """At initialization against each numeric grid axis (see the module docstring)."""
     import matplotlib.pyplot as plt
 
@@ -145,21 +151,27 @@ def _write_init_plots(records: list[RunRecord], points: Points | None, save) -> 
     for axis in numeric_axes(points):
         series: dict[str, dict[float, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
         for rec in done:
-            family, point = points[rec.arm]
-            label = " ".join([family, *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items() if k != axis)]).strip()
-            series[label][float(point[axis])].append(_init_values(rec))
-        quantities = sorted({q for by_x in series.values() for vals in by_x.values() for v in vals for q in v})
+            series[series_label(points, rec.arm, axis)][float(points[rec.arm][1][axis])].append(_init_values(rec))
+        colors = palette.series(list(series))
+        # A quantity no run logged at initialization (the gradient norm when step 1 is not probed) has no
+        # panel: an axis of nothing but NaN cannot be drawn, on a log scale least of all.
+        quantities = sorted({q for by_x in series.values() for vals in by_x.values() for v in vals
+                             for q, value in v.items() if math.isfinite(value)})
+        if not quantities:
+            continue
         fig, axes = plt.subplots(1, len(quantities), figsize=(4.2 * len(quantities), 3.6), squeeze=False)
         for ax, q in zip(axes[0], quantities):
+            drawn = []
             for label, by_x in series.items():
                 xs = sorted(by_x)
                 ys = [[v.get(q, math.nan) for v in by_x[x]] for x in xs]
                 mean = [np.nanmean(y) if np.isfinite(y).any() else math.nan for y in ys]
                 std = [np.nanstd(y, ddof=1) if np.isfinite(y).sum() > 1 else 0.0 for y in ys]
-                ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=label or "all")
+                ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, color=colors[label], label=label or "all")
+                drawn += [m for m in mean if math.isfinite(m)]
             ax.set(title=f"{q} at initialization", xlabel=axis)
             value_axis(ax, [x for by_x in series.values() for x in by_x])
-            if q != "last block effective rank":
+            if q != "last block effective rank" and min(drawn) > 0:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize="x-small")
@@ -167,7 +179,7 @@ def _write_init_plots(records: list[RunRecord], points: Points | None, save) -> 
 
         deepest = max(float(point[axis]) for _, point in points.values())
         profiles = {label: [p for rec in done if float(points[rec.arm][1][axis]) == deepest
-                            and _label(points, rec, axis) == label and len(p := _grad_profile(rec))]
+                            and series_label(points, rec.arm, axis) == label and len(p := _grad_profile(rec))]
                     for label in series}
         if not any(profiles.values()):
             continue  # no gradient norms on the first training batch (logged only when step 1 is probed)
@@ -175,18 +187,13 @@ def _write_init_plots(records: list[RunRecord], points: Points | None, save) -> 
         for label, runs in profiles.items():
             if runs:
                 mean = np.nanmean(np.array([p[:min(map(len, runs))] for p in runs]), axis=0)
-                ax.plot(np.arange(1, len(mean) + 1), mean, marker=".", label=label or "all")
+                ax.plot(np.arange(1, len(mean) + 1), mean, marker=".", color=colors[label], label=label or "all")
         ax.set(title=f"gradient norm per layer at initialization ({axis} {deepest:g})", xlabel="layer",
                ylabel="‖∂L/∂W_l‖ (mean over seeds)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
         save(fig, "init_layers.png")
-
-
-def _label(points: Points, rec: RunRecord, axis: str) -> str:
-    family, point = points[rec.arm]
-    return " ".join([family, *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items() if k != axis)]).strip()
 
 
 def _grad_profile(rec: RunRecord) -> list[float]:

@@ -1,0 +1,195 @@
+"""The report's statistics over seeds, defined in docs/design.md ("Comparison reports").
+
+Steps to target is measured only as finely as the evaluations and not at all for a run that never gets
+there, so a run's value is an interval (lo, hi] holding the true one, and what is computed from such values
+carries the interval along: a median, a speed-up, its bootstrap interval over seeds. A value whose
+interval is a point is exact; one that could only be smaller is shown "≤", one that could only be larger
+">" (or "≥" for a speed-up, whose ends are ratios).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from bnexp.experiments.records import RunRecord
+
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # a report is a function of its runs: the same runs give the same interval
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """A value shown as `point`, known to lie between `lo` and `hi` (either may be infinite)."""
+
+    point: float
+    lo: float
+    hi: float
+
+    @staticmethod
+    def exact(value: float) -> "Bounded":
+        return Bounded(value, value, value)
+
+    @property
+    def kind(self) -> str:
+        """"exact", "upper" (the true value is at most point), "lower" (at least point) or "unknown"."""
+        if self.lo == self.hi:
+            return "exact"
+        if self.hi == self.point:
+            return "upper"
+        if self.lo == self.point:
+            return "lower"
+        return "unknown"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (n − 1; nan for one value) and n of the finite values."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return math.nan, math.nan, 0
+    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
+    return float(np.mean(vals)), std, len(vals)
+
+
+# --- steps to target --------------------------------------------------------------------------------------
+
+def first_reached(rec: RunRecord, target: float) -> tuple[int, int | None] | None:
+    """(the first evaluated step whose test accuracy ≥ target, the evaluated step before it or None), over
+    the run's evaluations (a diverged run's before it diverged); None if no evaluation reached it."""
+    previous = None
+    for step, acc in rec.evaluations("test/accuracy"):
+        if acc >= target:
+            return step, previous
+        previous = step
+    return None
+
+
+def steps_to_target(rec: RunRecord, target: float) -> Bounded:
+    """A finished run's steps to target as an interval:
+
+    - reached at evaluated step s after an evaluation below target at step p > 0: s, exact at the
+      evaluations' resolution (the convention: the first evaluated step);
+    - reached at the first evaluation after initialization (p = 0, or no earlier evaluation): (0, s], an
+      upper bound: the evaluations cannot tell how early;
+    - reached at step 0: 0;
+    - never reached, or diverged (reached or not: a diverged run does not keep the target): right-censored
+      at its budget T (train.steps), (T, ∞).
+    """
+    budget = float(rec.budget if rec.budget is not None else rec.summary.get("steps") or 0)
+    hit = None if rec.status == "diverged" else first_reached(rec, target)
+    if hit is None:
+        return Bounded(budget, budget, math.inf)
+    step, previous = hit
+    if step == 0:
+        return Bounded.exact(0.0)
+    if not previous:
+        return Bounded(float(step), 0.0, float(step))
+    return Bounded.exact(float(step))
+
+
+def median(values: Sequence[Bounded]) -> Bounded:
+    """The median of interval values: the median of their points, between the medians of their lower and of
+    their upper ends (the median is monotone in every value)."""
+    return Bounded(float(np.median([v.point for v in values])), float(np.median([v.lo for v in values])),
+                   float(np.median([v.hi for v in values])))
+
+
+def _ratio(num: float | np.ndarray, den: float | np.ndarray):
+    """num / den with x / 0 = ∞ for x > 0 (a target reached at the first evaluation could be any earlier)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.true_divide(num, den)
+
+
+def speedup(baseline: Sequence[Bounded], arm: Sequence[Bounded]) -> Bounded | None:
+    """The baseline's median steps to target over the arm's, with its ends; None when a median is 0 (reached
+    at step 0: no ratio) or when nothing is known about it (both sides censored the same way)."""
+    b, a = median(baseline), median(arm)
+    if b.point == 0 or a.point == 0:
+        return None
+    out = Bounded(b.point / a.point, float(_ratio(b.lo, a.hi)), float(_ratio(b.hi, a.lo)))
+    return None if out.lo == 0 and out.hi == math.inf else out
+
+
+def _bootstrap_ratio(base: np.ndarray, arm: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The ratio of medians over BOOTSTRAP_RESAMPLES resamples, each side resampled with replacement on its
+    own (the runs of two arms are independent)."""
+    b = np.median(base[rng.integers(0, len(base), (BOOTSTRAP_RESAMPLES, len(base)))], axis=1)
+    a = np.median(arm[rng.integers(0, len(arm), (BOOTSTRAP_RESAMPLES, len(arm)))], axis=1)
+    return _ratio(b, a)
+
+
+def speedup_interval(baseline: Sequence[Bounded], arm: Sequence[Bounded]) -> tuple[float, float] | None:
+    """A 95 % percentile bootstrap interval of the speed-up over seeds (None with fewer than 2 runs a side).
+
+    Conservative where values are bounds: the lower end is the 2.5th percentile with every value at the end
+    that makes the ratio smallest (the baseline's lower ends, the arm's upper), the upper end the 97.5th
+    with every value at the other end; with exact values both are the plain percentile interval. Seeded, so
+    the same runs give the same interval."""
+    if len(baseline) < 2 or len(arm) < 2:
+        return None
+    alpha = (1 - CONFIDENCE) / 2
+    low = _bootstrap_ratio(np.array([v.lo for v in baseline]), np.array([v.hi for v in arm]),
+                           np.random.default_rng(BOOTSTRAP_SEED))
+    high = _bootstrap_ratio(np.array([v.hi for v in baseline]), np.array([v.lo for v in arm]),
+                            np.random.default_rng(BOOTSTRAP_SEED))
+    # 0 / 0 (a resample whose median reached the target at step 0) could be anything: the far end. Order
+    # statistics, no interpolation: a resample's ratio may be infinite.
+    low, high = np.where(np.isnan(low), 0.0, low), np.where(np.isnan(high), math.inf, high)
+    return (float(np.quantile(low, alpha, method="inverted_cdf")),
+            float(np.quantile(high, 1 - alpha, method="inverted_cdf")))
+
+
+# --- curves over training ---------------------------------------------------------------------------------
+
+def layer_mean_series(rec: RunRecord, prefix: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """`<prefix>/<layer>/<kind>` averaged over layers at every step that logged it (running_stats/*/mean_err)."""
+    head, tail = f"{prefix}/", f"/{kind}"
+    pts = []
+    for row in rec.metrics:
+        vals = [v for k, v in row.items() if k.startswith(head) and k.endswith(tail) and k.count("/") == 2
+                and v is not None]
+        if vals:
+            pts.append((row["step"], float(np.mean(vals))))
+    a = np.asarray(pts, dtype=float).reshape(-1, 2)
+    return a[:, 0], a[:, 1]
+
+
+def series(rec: RunRecord, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of one logged tag; the row that records a divergence is not a value of any curve."""
+    pts = [(row["step"], row[tag]) for row in rec.metrics
+           if row.get(tag) is not None and "train/diverged" not in row]
+    a = np.asarray(pts, dtype=float).reshape(-1, 2)
+    return a[:, 0], a[:, 1]
+
+
+@dataclass(frozen=True)
+class TimeCourse:
+    """A probe curve of one run summarized: its value at the first probed step after initialization
+    (early), at the probed step nearest half the run (middle), at the last (final), and its time average
+    (the area under the curve over the probed steps by the trapezoid rule, divided by the steps spanned)."""
+
+    early_step: int
+    early: float
+    mid_step: int
+    mid: float
+    final_step: int
+    final: float
+    average: float
+
+
+def time_course(steps: np.ndarray, values: np.ndarray) -> TimeCourse | None:
+    keep = np.isfinite(values)
+    steps, values = steps[keep], values[keep]
+    if len(steps) < 2:
+        return None
+    later = np.flatnonzero(steps > steps[0])
+    early = int(later[0])
+    mid = int(np.argmin(np.abs(steps - (steps[0] + steps[-1]) / 2)))  # the earlier of two equally near
+    area = float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(steps)))  # the trapezoid rule
+    average = area / float(steps[-1] - steps[0])
+    return TimeCourse(int(steps[early]), float(values[early]), int(steps[mid]), float(values[mid]),
+                      int(steps[-1]), float(values[-1]), average)
