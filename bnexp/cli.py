@@ -240,8 +240,8 @@ def compare(
     finally:
         display.close()
     if not quiet:
-        if not console.is_terminal:  # a log file or pipe: no terminal width to respect, keep rows on one line
-            console = stderr_console(width=200)
+        if not console.is_terminal:  # a log file or pipe: the table's own 100 columns
+            console = stderr_console(width=100)
         console.print(report.table(outcome.rows, outcome.title))
         for note in outcome.notes:
             if "wall time" in note:

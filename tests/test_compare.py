@@ -280,7 +280,10 @@ def test_failed_and_diverged_runs_are_recorded_and_the_comparison_goes_on(tmp_pa
     table = read_csv(comp / "summary.csv")
     assert table["boom"]["failed"] == "1" and table["boom"]["final_acc_mean"] == ""
     assert table["div"]["diverged"] == "1"
-    assert json.loads((comp / "div" / "s0" / "summary.json").read_text())["status"] == "diverged"
+    div_summary = json.loads((comp / "div" / "s0" / "summary.json").read_text())
+    assert div_summary["status"] == "diverged"
+    # The log line says where it diverged, not the stopped network's accuracy.
+    assert f"div seed 0: diverged at step {div_summary['diverged_step']}" in err
     assert table["ok"]["completed"] == "1"
     assert "boom | 0 | failed: RuntimeError: simulated crash" in (comp / "report.md").read_text()
 

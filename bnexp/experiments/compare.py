@@ -420,7 +420,7 @@ def run_one(cfg: Config | dict, run_dir: str | Path, action: str, data: Any = No
                 files.unlink(run_dir / ERROR_FILE)
                 summary = session.train(cfg, run_dir, quiet=True, data=data, callbacks=callbacks)
             return {"status": summary["status"], "test_accuracy": summary.get("test_accuracy"),
-                    "wall_time_s": summary.get("wall_time_s")}
+                    "diverged_step": summary.get("diverged_step"), "wall_time_s": summary.get("wall_time_s")}
         except Interrupted as sig:
             return {"status": "interrupted", "signum": sig.signum}
         except RunBusy as err:
@@ -467,7 +467,10 @@ def _status(todo: list[tuple[Job, str]], values, ended: set[int], done: int) -> 
 def _finished_line(done: int, total: int, job: Job, outcome: dict[str, Any]) -> str:
     status = outcome["status"]
     detail = ""
-    if outcome.get("test_accuracy") is not None:
+    if status == "diverged" and outcome.get("diverged_step") is not None:
+        # Not the stopped network's accuracy: the report takes a diverged run's from before it diverged.
+        detail = f" at step {outcome['diverged_step']}"
+    elif outcome.get("test_accuracy") is not None:
         detail = f", test accuracy {outcome['test_accuracy']:.4f}"
     if outcome.get("error"):
         detail = f": {outcome['error']}"
