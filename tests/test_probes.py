@@ -521,6 +521,24 @@ def test_layout_groups_the_lines_that_belong_together(tmp_path):
                    for _, ts in c.values() for t in ts)
 
 
+def test_units_are_the_same_for_every_seed_and_arm(tmp_path):
+    # Figure 1's charts hold every run only if every run tracks the same units.
+    units = [Probes(cfg, model, data).units for cfg, data, model in
+             (setup(tmp_path, **{"seed": seed, "model.norm": norm}) for seed in (0, 1, 7) for norm in NORMS + ["none"])]
+    assert all({k: u.tolist() for k, u in other.items()} == {k: u.tolist() for k, u in units[0].items()}
+               for other in units)
+    cfg, data, model = setup(tmp_path)
+    for name, block in hidden_blocks(model).items():
+        chosen = units[0][name].tolist()
+        # Spread over the layer: one in each of k equal slices of its units.
+        k = cfg.probes.units_per_layer
+        assert len(chosen) == k and [u * k // block.width for u in chosen] == list(range(k))
+    wide_cfg, wide_data, wide_model = setup(tmp_path, **{"probes.units_per_layer": 50})  # wider than any layer
+    wide = Probes(wide_cfg, wide_model, wide_data)
+    assert {k: u.tolist() for k, u in wide.units.items()} == {
+        name: list(range(block.width)) for name, block in hidden_blocks(model).items()}
+
+
 @pytest.mark.slow
 def test_resumed_run_has_bit_identical_probe_values(tmp_path):
     full = _run(tmp_path, "full", **{"model.norm": "bnexp", "train.steps": 20, "train.checkpoint_every": 10})

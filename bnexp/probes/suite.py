@@ -53,11 +53,9 @@ class Probes:
         n_test = len(data.y_test)
         self.test_idx, self.test_keep = (t.to(device) for t in
                                          gap.cover_in_batches(n_test, gap.gap_batch_size(n_test, self.m, ghost)))
-        # The units continue the sampler's stream, so runs keep the probe sets they had before it was used.
-        gen = sampler.generator
         self.blocks = hidden_blocks(model)
-        self.units = {name: torch.randperm(block.width, generator=gen)
-                      [: self.pcfg.units_per_layer].sort().values.to(device)
+        # Not drawn: the same units for every seed (activations.fixed_units).
+        self.units = {name: activations.fixed_units(block.width, self.pcfg.units_per_layer).to(device)
                       for name, block in self.blocks.items()}
         # The batch of the signal, rank, ics, landscape and sharpness probes: drawn after the other sets.
         self.probe_idx = sampler.next()
