@@ -104,5 +104,6 @@ def fixed_units(width: int, k: int) -> torch.Tensor:
 
 
 def layout(units: dict[str, torch.Tensor]) -> dict[str, list]:
-    return {f"{name} unit {unit}": ["Multiline", [f"activations/{name}/u{unit}/{p}" for p in PERCENTILES]]
+    """A chart per unit: the median, with the band from the 15th to the 85th percentile, per run."""
+    return {f"{name} unit {unit}": ["Margin", [f"activations/{name}/u{unit}/{p}" for p in ("p50", "p15", "p85")]]
             for name, chosen in units.items() for unit in chosen.tolist()}
