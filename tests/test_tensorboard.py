@@ -1,6 +1,6 @@
 """What a researcher sees in TensorBoard, read back with tensorboard's own reader and server: metrics.jsonl's
-rows under the sections that order the dashboards, the custom-scalar layout, and every run as an hparams
-session with every config key."""
+rows under the sections that order the dashboards, the custom-scalar layout, every run as an hparams
+session with every config key, and a comparison's hparams summary that keeps every run in the view."""
 
 from __future__ import annotations
 
@@ -192,44 +192,123 @@ def test_integers_read_as_integers_and_sort_as_numbers():
     assert [int(t) for t in text] == numbers
 
 
+def test_comparison_metrics_keep_every_run_in_the_view():
+    from bnexp.config import Config
+
+    configs = [Config(seed=s, name=arm) for arm in ("a", "b") for s in (0, 1)]
+    training = ["test/accuracy", "test/loss", "train/accuracy", "train/loss"]
+    bn = ["gap/accuracy", "running_stats/h1/mean_err"]
+
+    def declared(run_keys):
+        return [m.display_name for m in dashboard.comparison_hparams(configs, run_keys).metric_infos]
+
+    # Fewer metrics than TensorBoard shows are common to every run: one a run lacks would be shown, and
+    # that run left out of the parallel coordinates: it is not declared.
+    assert declared([training + bn, training + bn, training, training]) == training
+    assert declared([training + bn] * 4) == training + bn
+    # Enough common ones: the others follow them, shown only when the user ticks them.
+    common = training + ["gap/kl"]
+    assert declared([common + bn, common + bn, common, common]) == ["test/accuracy", "test/loss", "train/accuracy",
+                                                                    "train/loss", "gap/kl"] + bn
+    assert len(common) >= dashboard.SHOWN
+
+
+def _write_compare(write_config, tmp_path: Path) -> Path:
+    base = {k: v for k, v in yaml.safe_load((tmp_path / "config.yaml").read_text()).items() if k != "name"} | PROBED
+    return write_config({"name": "tb", "base": {**base, "train": {**base["train"], "steps": 20}},
+                         "arms": {"bn": {"model.norm": "bnexp"},
+                                  "bn_m05": {"model.norm": "bnexp", "model.bn.momentum": 0.5},
+                                  "no_bn": {"model.norm": "none"}},
+                         "seeds": [0, 1], "target_accuracy": None, "baseline": "bn"}, "compare.yaml")
+
+
+@pytest.fixture
+def comparison(cli, tiny_config, write_config, tmp_path):
+    r = cli("compare", "--config", _write_compare(write_config, tmp_path), "--out", "comparison", "--quiet")
+    assert r.code == 0, r.err
+    return tmp_path / "comparison"
+
+
+@pytest.mark.slow
+def test_comparison_declares_what_differs_and_metrics_every_run_has(comparison):
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    content = _hparams_data(_accumulator(comparison))  # the event file at its root (the run ".")
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    infos = {h.name: h for h in experiment.hparam_infos}
+    differs = {name for name, h in infos.items() if h.differs}
+    assert differs == {"arm", "seed", "model.norm", "model.bn.momentum"}
+    assert set(dashboard.CONTEXT_KEYS) <= set(infos)
+    seed = infos["seed"]
+    assert seed.type == api_pb2.DATA_TYPE_STRING and [int(v.string_value) for v in seed.domain_discrete.values] == [0, 1]
+    momentum = infos["model.bn.momentum"]
+    assert momentum.type == api_pb2.DATA_TYPE_FLOAT64
+    assert (momentum.domain_interval.min_value, momentum.domain_interval.max_value) == (0.1, 0.5)
+    assert [v.string_value for v in infos["arm"].domain_discrete.values] == ["bn", "bn_m05", "no_bn"]
+    # Every run has every declared metric, as the last value of a tag it logged.
+    metrics = [m.name.tag for m in experiment.metric_infos]
+    assert dashboard.tag("test/accuracy") in metrics
+    runs = sorted(p.parent for p in comparison.rglob("summary.json"))
+    assert len(runs) == 6
+    for run in runs:
+        assert set(metrics) <= set(_accumulator(run).Tags()["scalars"]), run
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _get_json(url: str):
+def _request(url: str, body: dict | None = None):
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
-    with opener.open(url, timeout=5) as resp:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with opener.open(req, timeout=10) as resp:
         return json.loads(resp.read().decode())
 
 
 @pytest.mark.slow
-def test_tensorboard_server_serves_the_run(finished_run, tmp_path):
+def test_tensorboard_server_serves_the_comparison(comparison, tmp_path):
     exe = shutil.which("tensorboard")
     cmd = [exe] if exe else [sys.executable, "-m", "tensorboard.main"]
     port = _free_port()
     log = open(tmp_path / "tensorboard.log", "w")
-    proc = subprocess.Popen([*cmd, "--logdir", str(finished_run), "--host", "127.0.0.1", "--port", str(port)],
+    proc = subprocess.Popen([*cmd, "--logdir", str(comparison), "--host", "127.0.0.1", "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     base = f"http://127.0.0.1:{port}"
+    runs = [f"{arm}/s{seed}" for arm in ("bn", "bn_m05", "no_bn") for seed in (0, 1)]
     try:
         tags, deadline = {}, time.monotonic() + 90
         while time.monotonic() < deadline:
             assert proc.poll() is None, (tmp_path / "tensorboard.log").read_text()
             try:
-                tags = _get_json(f"{base}/data/plugin/scalars/tags")
-                if dashboard.tag("test/accuracy") in tags.get(".", {}):
+                tags = _request(f"{base}/data/plugin/scalars/tags")
+                if all(dashboard.tag("test/accuracy") in tags.get(run, {}) for run in runs):
                     break
             except OSError:
                 pass  # not listening yet
             time.sleep(0.5)
-        assert {dashboard.tag(k) for k in TRAINING} <= set(tags.get(".", {})), (
-            tags, (tmp_path / "tensorboard.log").read_text())
-        for key in TRAINING:
-            query = urllib.parse.urlencode({"run": ".", "tag": dashboard.tag(key)})
-            points = _get_json(f"{base}/data/plugin/scalars/scalars?{query}")  # [wall_time, step, value]
-            assert _close([(step, value) for _, step, value in points], _series(finished_run, key)), key
+        # Runs are named <arm>/s<seed> when TensorBoard is pointed at the comparison.
+        assert set(runs) <= set(tags), (tags.keys(), (tmp_path / "tensorboard.log").read_text())
+        for run in runs:
+            for key in TRAINING:
+                query = urllib.parse.urlencode({"run": run, "tag": dashboard.tag(key)})
+                points = _request(f"{base}/data/plugin/scalars/scalars?{query}")  # [wall_time, step, value]
+                assert _close([(step, value) for _, step, value in points], _series(comparison / run, key)), key
+        # The hparams view: the comparison's summary, and every run in it with a value for every metric
+        # (the parallel-coordinates view leaves out a run that lacks one it shows).
+        experiment = _request(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
+        assert [h["name"] for h in experiment["hparamInfos"]][:4] == ["arm", "model.bn.momentum", "model.norm", "seed"]
+        metrics = [m["name"] for m in experiment["metricInfos"]]
+        groups = _request(f"{base}/data/plugin/hparams/session_groups", {
+            "experimentName": "", "startIndex": 0, "sliceSize": 100,
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+            "colParams": [{"hparam": "seed", "includeInResult": True}]
+                         + [{"metric": m, "includeInResult": True} for m in metrics]})["sessionGroups"]
+        assert sorted(g["name"] for g in groups) == runs
+        assert all(len(g["metricValues"]) == len(metrics) for g in groups)
+        assert all(g["hparams"]["seed"].strip() in ("0", "1") for g in groups)
     finally:
         proc.terminate()
         try:

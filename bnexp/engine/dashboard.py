@@ -1,5 +1,5 @@
-"""What TensorBoard shows of a run (docs/design.md section 3): the sections its tags go under, its hparams
-and the custom-scalar layout.
+"""What TensorBoard shows of a run and of a comparison (docs/design.md section 3): the sections its tags go
+under, the hparams of a run and of a comparison, and the custom-scalar layout.
 
 Sections. TensorBoard's Scalars and Time Series dashboards group tags by their first path segment, order the
 groups by name (digits before letters) and Time Series opens only the first two. A metrics.jsonl key is
@@ -10,7 +10,9 @@ read.
 
 Hparams. Every run records all its config keys (a session, written at step 0, so a run in progress is in
 the hparams view too) and how it ended. Its metrics are no values of their own but the last value of
-tags it logs (test/accuracy, gap/accuracy, ...), as TensorBoard's hparams plugin reads them. Integers are recorded as text right-aligned with spaces: as numbers TensorBoard
+tags it logs (test/accuracy, gap/accuracy, ...), as TensorBoard's hparams plugin reads them. A comparison
+declares, at its root, the keys that differ between its runs and the metrics its runs logged
+(`comparison_hparams`). Integers are recorded as text right-aligned with spaces: as numbers TensorBoard
 prints them as "60.000", and as plain text its parallel-coordinates axis, which sorts text, would put 10
 before 5; HTML and SVG do not show the spaces.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from bnexp.config import Config
@@ -118,6 +121,63 @@ def session_end(status: str):
     return _hparams_summary(metadata.SESSION_END_INFO_TAG, session_end_info=info)
 
 
+# Config keys that describe any experiment: declared by a comparison beside those that differ.
+CONTEXT_KEYS = ("data.dataset", "data.batch_size", "model.kind", "model.norm", "model.activation", "optim.name",
+                "optim.lr", "train.steps")
+# Final values a comparison's hparams view shows, in this order (the running-statistic errors of every layer
+# follow gap/kl): the last value each run logged of these keys.
+METRIC_KEYS = ("test/accuracy", "test/loss", "train/accuracy", "train/loss", "gap/accuracy", "gap/loss",
+               "gap/logits", "gap/kl")
+SHOWN = 5  # the hparams and metrics the hparams view shows before the user ticks more (its frontend's choice)
+
+
+def comparison_hparams(configs: list[Config], run_keys: list[list[str]]):
+    """The hparams plugin's experiment for the runs of a comparison (`configs`, and the metrics.jsonl keys
+    each logged, `run_keys`, in their order).
+
+    Hparams: the keys that differ between the runs (arm and seed among them), then CONTEXT_KEYS, each with
+    its type and the values the runs have (TensorBoard shows them sorted by name, those that differ first:
+    arm first of all). Metrics: METRIC_KEYS and the running-statistic errors that some run logged; those every
+    run logged come first, and the others only when at least SHOWN do: the view drops from its plot a run
+    that lacks a metric it shows, and TensorBoard shows the first SHOWN.
+    """
+    from google.protobuf import struct_pb2
+    from tensorboard.plugins.hparams import api_pb2
+
+    items = [config_items(cfg) for cfg in configs]
+    values = {key: [hparam_value(it[key]) for it in items] for key in items[0]}
+    differs = [key for key, vs in values.items() if len({v.SerializeToString() for v in vs}) > 1]
+    hparams = []
+    for key in dict.fromkeys(differs + list(CONTEXT_KEYS)):
+        vs = values[key]
+        kinds = {v.WhichOneof("kind") for v in vs}
+        info = api_pb2.HParamInfo(name=key, differs=key in differs)
+        if kinds == {"number_value"}:
+            info.type = api_pb2.DATA_TYPE_FLOAT64
+            info.domain_interval.min_value = min(v.number_value for v in vs)
+            info.domain_interval.max_value = max(v.number_value for v in vs)
+        else:
+            info.type = api_pb2.DATA_TYPE_BOOL if kinds == {"bool_value"} else api_pb2.DATA_TYPE_STRING
+            distinct = {v.SerializeToString(): v for v in vs}.values()
+            info.domain_discrete.CopyFrom(struct_pb2.ListValue(values=sorted(
+                distinct, key=lambda v: (v.WhichOneof("kind"), str(getattr(v, v.WhichOneof("kind")))))))
+        hparams.append(info)
+
+    logged = list(dict.fromkeys(k for keys in run_keys for k in keys))
+    errors = [k for k in logged if k.startswith("running_stats/") and k.rpartition("/")[2] in RUNNING_ERRORS]
+    candidates = [k for k in METRIC_KEYS if k in logged] + errors
+    everywhere = [k for k in candidates if all(k in keys for keys in run_keys)]
+    metrics = everywhere + ([k for k in candidates if k not in everywhere] if len(everywhere) >= SHOWN else [])
+    return api_pb2.Experiment(hparam_infos=hparams, metric_infos=[
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag(k)), display_name=k) for k in metrics])
+
+
+def experiment_summary(experiment):
+    from tensorboard.plugins.hparams import metadata
+
+    return _hparams_summary(metadata.EXPERIMENT_TAG, experiment=experiment)
+
+
 # --- custom scalars -----------------------------------------------------------------------------------
 
 def layout_summary(categories: list[tuple[str, dict[str, list], bool]]):
@@ -150,3 +210,31 @@ def layout_summary(categories: list[tuple[str, dict[str, list], bool]]):
     tensor = TensorProto(dtype="DT_STRING", string_val=[layout.SerializeToString()], tensor_shape=TensorShapeProto())
     return Summary(value=[Summary.Value(tag=metadata.CONFIG_SUMMARY_TAG, tensor=tensor,
                                         metadata=metadata.create_summary_metadata())])
+
+
+# --- a comparison ---------------------------------------------------------------------------------------
+
+def write_comparison(comp_dir: Path, runs: list[tuple[Path, Config]]) -> None:
+    """The comparison's hparams summary, in an event file at its root (the run "." when TensorBoard is
+    pointed at the comparison), replacing one written before (a resumed comparison has more to declare).
+    Runs that logged nothing (failed at start) still count for the hparams, not for the metrics."""
+    from bnexp.engine import files
+    from bnexp.engine.events import EventWriter
+    from bnexp.engine.rundir import RunDirError, read_metrics
+
+    run_keys = []
+    for run_dir, _ in runs:
+        try:
+            rows = read_metrics(run_dir)
+        except (RunDirError, OSError):
+            continue  # the report names a damaged run; its metrics are simply not declared
+        if rows:
+            run_keys.append([k for k in dict.fromkeys(k for row in rows for k in row) if k != "step"])
+    experiment = comparison_hparams([cfg for _, cfg in runs], run_keys)
+    for old in comp_dir.glob("events.out.tfevents.*"):
+        files.unlink(old)
+    writer = EventWriter(comp_dir)
+    try:
+        writer.add_summary(experiment_summary(experiment))
+    finally:
+        writer.close()
