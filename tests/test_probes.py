@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnexp.engine import checkpoint
+from bnexp.engine import checkpoint, dashboard
 from bnexp.probes import suite as probes_suite
 from bnexp.config import apply_overrides, validate
 from bnexp.data import BatchSampler, load_dataset
@@ -492,33 +492,65 @@ def test_run_with_bn_logs_everything_and_summarizes_the_last_step(tmp_path):
     acc = EventAccumulator(str(run_dir), size_guidance={"histograms": 0, "scalars": 0})
     acc.Reload()
     hist_tags = acc.Tags()["histograms"]
-    assert len(hist_tags) == 2 * 3 and all(t.startswith("activations/h") for t in hist_tags)
+    assert sorted(hist_tags) == sorted(dashboard.tag(k.rpartition("/")[0]) for k in last
+                                       if k.startswith("activations/") and k.endswith("/p50"))
     # histogram_every=10 with every=5: steps 0, 10, 20 and the last.
     assert [e.step for e in acc.Histograms(hist_tags[0])] == [0, 10, 20, 23]
-    assert [e.step for e in acc.Scalars("gap/eval_mode_accuracy")] == probe_steps
+    assert [e.step for e in acc.Scalars(dashboard.tag("gap/eval_mode_accuracy"))] == probe_steps
 
 
-def test_layout_groups_the_lines_that_belong_together(tmp_path):
-    cfg, data, model = setup(tmp_path, **{"model.norm": "bnexp"})
+@pytest.mark.parametrize("kind", ["mlp", "resnet"])
+def test_layout_charts_what_the_probes_log(tmp_path, kind):
+    arch = {"model.kind": "resnet", "model.depth": 8, "model.width_factor": 0.25, **{
+        k: v for k, v in DIGITS_CNN.items() if k.startswith("data.")}} if kind == "resnet" else {}
+    cfg, data, model = setup(tmp_path, **{"model.norm": "bnexp", "probes.ics": True, "probes.landscape": True,
+                                          "probes.sharpness": True, "probes.sharpness_iters": 2, **arch})
     probes = Probes(cfg, model, data)
     layout = probes.layout()
-    charts = {title: tags for category in layout.values() for title, (kind, tags) in category.items()}
+    charts = {title: (kind_, keys) for _, category, _ in layout for title, (kind_, keys) in category.items()}
+    model.train()
     F.cross_entropy(model(data.x_train[:16]), data.y_train[:16]).backward()
     probes.after_backward(0, model)  # gradient norms are logged for a training step's gradient
-    tags = set(probes.measure(0, model))
-    # Every literal tag of a chart is one the probes log; every regular expression matches one.
-    literal = [t for ts in charts.values() for t in ts if "*" not in t]
-    assert set(literal) <= tags
-    patterns = [t for ts in charts.values() for t in ts if "*" in t]
-    assert patterns and all(any(re.fullmatch(p, tag) for tag in tags) for p in patterns), patterns
-    assert ["gap/train_mode_accuracy", "gap/eval_mode_accuracy"] in charts.values()
-    assert ["running_stats/h2/mean_err", "running_stats/h2/var_err"] in charts.values()
-    unit = probes.units["h1"][0].item()
-    assert [f"activations/h1/u{unit}/{p}" for p in ("p15", "p50", "p85")] in charts.values()
+    logged = dashboard.scalars(probes.measure(0, model, lr=0.1))  # TensorBoard's view: log10 errors too
+    keys = {tag.split("/", 1)[1] for tag in logged}
+    # Every key of a chart is one the run logs, and every logged probe key is on a chart.
+    shown = {k for _, ks in charts.values() for k in ks}
+    assert shown <= keys, sorted(shown - keys)
+    linear_errors = {k for k in keys if re.fullmatch(r"running_stats/.*/(mean|var)_err", k)}
+    assert keys - shown == linear_errors, sorted(keys - shown)  # their log10 is charted: falls by decades
+    # A chart holds one quantity, or two that belong together (train-mode vs eval-mode accuracy); a band is
+    # a unit's median with its 15th and 85th percentiles.
+    assert all(len(ks) <= 2 for kind_, ks in charts.values() if kind_ == "Multiline")
+    assert ("Multiline", ["gap/train_mode_accuracy", "gap/eval_mode_accuracy"]) in charts.values()
+    bands = [ks for kind_, ks in charts.values() if kind_ == "Margin"]
+    assert sorted(bands) == sorted([f"activations/{name}/u{unit}/{p}" for p in ("p50", "p15", "p85")]
+                                   for name, units in probes.units.items() for unit in units.tolist())
+    # Open categories first; the families charted per layer or block after them, closed.
+    closed = [c for _, _, c in layout]
+    assert closed == sorted(closed) and True in closed and False in closed
+
     plain_cfg, plain_data, plain = setup(tmp_path, **{"model.norm": "none"})
     plain_layout = Probes(plain_cfg, plain, plain_data).layout()
-    assert not any("gap" in t or "running_stats" in t for c in plain_layout.values()
-                   for _, ts in c.values() for t in ts)
+    assert not any(k.startswith(("gap/", "running_stats/")) for _, c, _ in plain_layout
+                   for _, ks in c.values() for k in ks)
+
+
+def test_units_are_the_same_for_every_seed_and_arm(tmp_path):
+    # Figure 1's charts hold every run only if every run tracks the same units.
+    units = [Probes(cfg, model, data).units for cfg, data, model in
+             (setup(tmp_path, **{"seed": seed, "model.norm": norm}) for seed in (0, 1, 7) for norm in NORMS + ["none"])]
+    assert all({k: u.tolist() for k, u in other.items()} == {k: u.tolist() for k, u in units[0].items()}
+               for other in units)
+    cfg, data, model = setup(tmp_path)
+    for name, block in hidden_blocks(model).items():
+        chosen = units[0][name].tolist()
+        # Spread over the layer: one in each of k equal slices of its units.
+        k = cfg.probes.units_per_layer
+        assert len(chosen) == k and [u * k // block.width for u in chosen] == list(range(k))
+    wide_cfg, wide_data, wide_model = setup(tmp_path, **{"probes.units_per_layer": 50})  # wider than any layer
+    wide = Probes(wide_cfg, wide_model, wide_data)
+    assert {k: u.tolist() for k, u in wide.units.items()} == {
+        name: list(range(block.width)) for name, block in hidden_blocks(model).items()}
 
 
 @pytest.mark.slow

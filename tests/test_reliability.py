@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from bnexp.cli import main
-from bnexp.engine import checkpoint, schedule, session
+from bnexp.engine import checkpoint, dashboard, schedule, session
 from bnexp.engine import rundir as runs
 
 # A quick run with our BN layer and every probe on; log_every (7) does not divide checkpoint_every (150),
@@ -590,7 +590,7 @@ def test_high_lr_without_bn_diverges_at_the_recorded_step_and_bn_trains(tmp_path
     first = next(s for s in range(window, len(losses) + 1) if sum(losses[s - window:s]) / window > limit)
     assert summary["diverged_step"] == summary["steps"] == first
     tb = scalars(tmp_path / "none")
-    assert tb["train/diverged"] == [(first, 1.0)]
+    assert tb[dashboard.tag("train/diverged")] == [(first, 1.0)]
     assert runs.read_metrics(tmp_path / "none")[-1]["step"] == first
 
     bn_cfg = {**HIGH_LR, "model": {**HIGH_LR["model"], "norm": "bnexp"}}
@@ -600,7 +600,7 @@ def test_high_lr_without_bn_diverges_at_the_recorded_step_and_bn_trains(tmp_path
     bn = runs.read_summary(tmp_path / "bn")
     assert bn["status"] == "completed" and bn["steps"] == 400
     assert bn["test_accuracy"] > 0.85
-    assert "train/diverged" not in scalars(tmp_path / "bn")
+    assert dashboard.tag("train/diverged") not in scalars(tmp_path / "bn")
 
 
 def test_non_finite_loss_ends_the_run_at_its_first_step(tmp_path, capsys):
@@ -617,7 +617,7 @@ def test_non_finite_loss_ends_the_run_at_its_first_step(tmp_path, capsys):
     first = next(i + 1 for i, v in enumerate(losses) if not math.isfinite(v))
     assert summary["status"] == "diverged"
     assert summary["diverged_step"] == summary["steps"] == first
-    assert scalars(tmp_path / "nan")["train/diverged"] == [(first, 1.0)]
+    assert scalars(tmp_path / "nan")[dashboard.tag("train/diverged")] == [(first, 1.0)]
     last = runs.read_metrics(tmp_path / "nan")[-1]
     assert last["step"] == first and last["train/diverged"] == 1.0 and last["train/loss"] is None
     assert json.loads((tmp_path / "nan" / "summary.json").read_text())  # valid JSON despite the nan
@@ -820,7 +820,7 @@ def test_rows_logged_before_a_crash_are_on_disk(tmp_path, monkeypatch):
     logged = list(range(7, 64, 7))
     assert [r["step"] for r in rows] == [0, *logged]
     assert rows[1:] == [whole[s] for s in logged]
-    assert [s for s, _ in scalars(run_dir)["train/accuracy"]] == logged
+    assert [s for s, _ in scalars(run_dir)[dashboard.tag("train/accuracy")]] == logged
 
 
 # --- checkpoints written off the training thread --------------------------------------------------------

@@ -1,22 +1,22 @@
 """Where a run's logged rows go: metrics.jsonl and TensorBoard, written together, in step order.
 
-A row is {tag: value} at a step. Rows of log steps wait for their train/loss and train/accuracy until
-their steps are read back from the device (bnexp.engine.step_metrics); rows reach the files in batches, up
-to the first row still waiting, and always before a checkpoint, so that a run resumed from one rewrites
-only the steps after it: TensorBoard purges them and metrics.jsonl drops their rows.
+A row is {key: value} at a step; TensorBoard gets it under the tags bnexp.engine.dashboard names. Rows of
+log steps wait for their train/loss and train/accuracy until their steps are read back from the device
+(bnexp.engine.step_metrics); rows reach the files in batches, up to the first row still waiting, and always
+before a checkpoint, so that a run resumed from one rewrites only the steps after it: TensorBoard purges
+them and metrics.jsonl drops their rows.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from bnexp.config import Config
+from bnexp.engine import dashboard, files
 from bnexp.engine.events import EventWriter
-from bnexp.engine import files
 from bnexp.engine.rundir import METRICS, json_safe, read_metrics, write_atomic
 
 TRAIN_METRICS = ("train/loss", "train/accuracy")
@@ -88,7 +88,7 @@ class RunLogs:
             return
         rows, self.rows = self.rows[:ready], self.rows[ready:]
         for step, row in rows:
-            self.events.add_scalars(row, step)
+            self.events.add_scalars(dashboard.scalars(row), step)
         self.metrics.write_many([{"step": step, **row} for step, row in rows])
 
     def flush(self) -> None:
@@ -100,28 +100,23 @@ class RunLogs:
             if log is not None:
                 log.close()
 
-    def write_layout(self, probe_layout: dict | None) -> None:
-        """Custom-scalar charts: several lines that belong together on one chart."""
-        layout = {"train vs test": {"loss": ["Multiline", ["train/loss", "test/loss"]],
-                                    "accuracy": ["Multiline", ["train/accuracy", "test/accuracy"]]}}
-        for category, charts in (probe_layout or {}).items():
-            layout.setdefault(category, {}).update(charts)
-        self.events.add_custom_scalars(layout)
+    def add_histogram(self, key: str, values, step: int) -> None:
+        """A histogram, under the TensorBoard tag of `key` (the probes' writer)."""
+        self.events.add_histogram(dashboard.tag(key), values, step)
 
-    def write_hparams(self, cfg: Config, summary: dict[str, Any]) -> None:
-        from torch.utils.tensorboard.summary import hparams
+    def start(self, cfg: Config, regression: bool, probe_layout: list | None) -> None:
+        """What a run writes once, at step 0 (a resumed run keeps it): the custom-scalar charts that put
+        lines that belong together on one chart, and the run as an hparams session (every config key)."""
+        train = [("loss (train, test)", ["train/loss", "test/loss"])]
+        if not regression:
+            train.append(("accuracy (train, test)", ["train/accuracy", "test/accuracy"]))
+        categories = [("loss and accuracy", {title: ["Multiline", keys] for title, keys in train}, False)]
+        self.events.add_summary(dashboard.layout_summary(categories + list(probe_layout or [])))
+        self.events.add_summary(dashboard.session_start(cfg), 0)
 
-        hp = {"model.kind": cfg.model.kind, "model.norm": cfg.model.norm, "model.activation": cfg.model.activation,
-              "data.dataset": cfg.data.dataset, "data.batch_size": cfg.data.batch_size, "optim.name": cfg.optim.name,
-              "optim.lr": cfg.optim.lr, "seed": cfg.seed, "train.steps": cfg.train.steps}
-        keys = ("test_accuracy", "best_test_accuracy", "gap_accuracy", "running_mean_err", "running_var_err")
-        metrics = {f"hparam/{k}": float(summary[k]) for k in keys
-                   if isinstance(summary.get(k), (int, float)) and math.isfinite(summary[k])}
-        # Written into this run's own event file (SummaryWriter.add_hparams would start a sub-run per call).
-        for s in hparams(hp, metrics):
-            self.events.add_summary(s)
-        for k, v in metrics.items():
-            self.events.add_scalar(k, v, summary["steps"])
+    def end(self, status: str, step: int) -> None:
+        """How the run ended, for the hparams view (whose metrics are the last values of logged tags)."""
+        self.events.add_summary(dashboard.session_end(status), step)
 
 
 def _wait_for_a_later_event_file_name(run_dir: Path) -> None:

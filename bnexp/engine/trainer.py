@@ -203,8 +203,8 @@ class Trainer:
             progress = RunProgress(self.cfg.train.steps, start, self.quiet)
             try:
                 if start == 0:
-                    # Once per run: a resumed run keeps the layout written at its step 0.
-                    self.logs.write_layout(None if self.probes is None else self.probes.layout())
+                    # Once per run: a resumed run keeps the layout and hparams session written at its step 0.
+                    self.logs.start(self.cfg, self.regression, None if self.probes is None else self.probes.layout())
                     row: dict[str, Any] = {}
                     self.logs.log(0, row)
                     self._measure(0, row, evaluating=True, probing=True)
@@ -324,7 +324,7 @@ class Trainer:
             probed, f_eval = {}, None
             if probing and self.probes is not None:
                 # First: its eval-mode pass over the test set is the evaluation's forward too.
-                probed = self.probes.measure(step, self.model, self.logs.events, lr=self.optimizer.param_groups[0]["lr"])
+                probed = self.probes.measure(step, self.model, self.logs, lr=self.optimizer.param_groups[0]["lr"])
                 f_eval, self.probes.f_eval = self.probes.f_eval, None
             if evaluating:
                 test_loss, test_acc = evaluate(self.model, self.data.x_test, self.data.y_test, logits=f_eval)
@@ -376,7 +376,7 @@ class Trainer:
         if self.probes is not None:
             summary.update(self.probes.summary())
         if status != "interrupted":
-            self.logs.write_hparams(cfg, summary)
+            self.logs.end(status, summary["steps"])
         # The summary last: a run whose summary says it ended has every other file complete (a failed
         # write before it leaves a run that --resume finishes).
         self.logs.close()

@@ -5,6 +5,7 @@ A BN claim is a comparison over seeds, so the unit of a result here is a compari
     <out_dir>/compare/<name>/<timestamp>/compare.yaml        the resolved comparison (base inlined)
                                         /<arm>/s<seed>/       ordinary run directories (bnexp.engine.session.train)
                                         /report.md, summary.csv, plots/
+                                        /events.out.tfevents.*  TensorBoard's hparams view of the runs
 
 Everything that can fail on user input (the comparison config, every arm x seed run config, the datasets)
 is checked before the directory exists, so a user error leaves nothing behind. A run that fails or diverges
@@ -31,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from bnexp.config import (COMPARISON_KEYS, NAME_PATTERN, Config, ConfigError, Float, Int, apply_override,
                           format_validation_error, parse_override, read_yaml, validate)
 from bnexp.errors import RunFailed, UserError
-from bnexp.engine import files, session, signals
+from bnexp.engine import dashboard, files, session, signals
 from bnexp.engine.rundir import (ERROR_FILE, FINISHED, RunBusy, RunDirError, create_run_dir, find_runs, is_run_dir,
                                  locked, new_run_dir, read_status, read_summary, refuse_existing, write_atomic)
 from bnexp.engine.signals import Interrupted
@@ -689,9 +690,16 @@ def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, log: Log, ye
         t0 = time.perf_counter()
         with _saying_what_stopped(comp_dir, plan_):
             _run_all([(job, "fresh") for job in plan_], comp_dir, jobs, datasets, log, progress)
+        _write_dashboard(comp_dir, plan_)
         notes = _describe(cmp, plan_) + [_timing(len(plan_), time.perf_counter() - t0, jobs)]
         return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
                        cmp.arm_names, notes, _points(cmp))
+
+
+def _write_dashboard(comp_dir: Path, plan_: list[Job]) -> None:
+    """TensorBoard's hparams view of the comparison (bnexp.engine.dashboard.write_comparison)."""
+    with files.reporting(comp_dir):
+        dashboard.write_comparison(comp_dir, [(comp_dir / job.rel, job.cfg) for job in plan_])
 
 
 def _timing(n: int, seconds: float, jobs: int) -> str:
@@ -750,6 +758,7 @@ def _resume_locked(comp_dir: Path, jobs: int, log: Log, progress: Progress | Non
     t0 = time.perf_counter()
     with _saying_what_stopped(comp_dir, plan_):
         _run_all(todo, comp_dir, jobs, datasets, log, progress)
+    _write_dashboard(comp_dir, plan_)
     notes = _describe(cmp, plan_) + [f"resumed: {_timing(len(todo), time.perf_counter() - t0, jobs)}"]
     return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
                    cmp.arm_names, notes, _points(cmp))

@@ -1,7 +1,7 @@
 """The input to each hidden layer's nonlinearity (the paper's Figure 1b/c; docs/design.md section 2): for a
-few fixed units of every hidden layer, its 15th, 50th and 85th percentiles over the test set in eval mode
-(`activations/<l>/u<unit>/p15|p50|p85`), and histograms less often. A unit of a conv layer is a channel,
-all positions pooled.
+few fixed units of every hidden layer, the same in every run (`fixed_units`), its 15th, 50th and 85th
+percentiles over the test set in eval mode (`activations/<l>/u<unit>/p15|p50|p85`), and histograms less
+often. A unit of a conv layer is a channel, all positions pooled.
 """
 
 from __future__ import annotations
@@ -95,6 +95,15 @@ def activation_values(acts: dict[str, torch.Tensor], units: dict[str, torch.Tens
     return out
 
 
+def fixed_units(width: int, k: int) -> torch.Tensor:
+    """k units of a layer of `width`, spread evenly: the middle of each of k equal slices. The same for every
+    seed and arm of an architecture, so runs can be laid side by side (the units of a layer are exchangeable
+    at initialization: a fixed choice is as good a sample as a random one)."""
+    k = min(k, width)
+    return torch.tensor([(2 * i + 1) * width // (2 * k) for i in range(k)])
+
+
 def layout(units: dict[str, torch.Tensor]) -> dict[str, list]:
-    return {f"{name} unit {unit}": ["Multiline", [f"activations/{name}/u{unit}/{p}" for p in PERCENTILES]]
+    """A chart per unit: the median, with the band from the 15th to the 85th percentile, per run."""
+    return {f"{name} unit {unit}": ["Margin", [f"activations/{name}/u{unit}/{p}" for p in ("p50", "p15", "p85")]]
             for name, chosen in units.items() for unit in chosen.tolist()}

@@ -72,12 +72,19 @@ def gap_values(test_logits: torch.Tensor, f_eval: torch.Tensor, y: torch.Tensor,
     return TAGS, torch.stack([acc_train - acc_eval, ratio.mean(), kl, acc_train, acc_eval])
 
 
-def layout(bn_names: list[str], regression: bool = False) -> dict[str, list]:
+def layout(regression: bool = False) -> dict[str, list]:
+    """The network's gap: train mode against eval mode on one chart, and each measure of the gap on its own
+    (their units differ)."""
     if regression:
-        charts = {"loss: train mode vs eval mode": ["Multiline", ["gap/train_mode_loss", "gap/eval_mode_loss"]]}
-    else:
-        charts = {"accuracy: train mode vs eval mode": ["Multiline", ["gap/train_mode_accuracy",
-                                                                      "gap/eval_mode_accuracy"]],
-                  "gap (logits, KL)": ["Multiline", ["gap/logits", "gap/kl"]]}
-    charts.update({f"{name} d and r": ["Multiline", [f"gap/{name}/d", f"gap/{name}/r"]] for name in bn_names})
-    return charts
+        return {"loss: train mode vs eval mode": ["Multiline", ["gap/train_mode_loss", "gap/eval_mode_loss"]],
+                "gap/loss (train - eval)": ["Multiline", ["gap/loss"]],
+                "gap/logits (relative)": ["Multiline", ["gap/logits"]]}
+    return {"accuracy: train mode vs eval mode": ["Multiline", ["gap/train_mode_accuracy", "gap/eval_mode_accuracy"]],
+            "gap/accuracy (train - eval)": ["Multiline", ["gap/accuracy"]],
+            "gap/logits (relative)": ["Multiline", ["gap/logits"]],
+            "gap/kl (train ‖ eval)": ["Multiline", ["gap/kl"]]}
+
+
+def layer_layout(bn_names: list[str]) -> dict[str, list]:
+    """Batch Renorm's d and r of each layer, a chart each (r is about 1, d about 0)."""
+    return {f"{name} {q}": ["Multiline", [f"gap/{name}/{q}"]] for name in bn_names for q in ("d", "r")}

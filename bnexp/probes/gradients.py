@@ -16,5 +16,6 @@ def grad_norms(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     return {name: named[name].grad.norm() for name in names if named[name].grad is not None}
 
 
-def layout() -> dict[str, list]:
-    return {"weight gradient norm": ["Multiline", [r"grad_norm/.*"]]}
+def layout(names: list[str]) -> dict[str, list]:
+    """A chart per layer (one line per run)."""
+    return {name: ["Multiline", [f"grad_norm/{name}"]] for name in names}

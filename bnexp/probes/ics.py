@@ -40,5 +40,6 @@ def ics_values(loss: ProbeLoss, weights: dict[str, str], lr: float) -> tuple[lis
 
 
 def layout(layers: list[str]) -> dict[str, list]:
-    return {"ics: ‖G − G'‖ per layer": ["Multiline", [rf"ics/.*/l2"]],
-            "ics: cos(G, G') per layer": ["Multiline", [rf"ics/.*/cos"]]}
+    """`layers`: those measured (every weight layer but the first), a chart per layer and measure."""
+    return {f"{layer} {title}": ["Multiline", [f"ics/{layer}/{q}"]]
+            for layer in layers for q, title in (("l2", "‖G − G'‖"), ("cos", "cos(G, G')"))}

@@ -41,5 +41,5 @@ def landscape_values(loss: ProbeLoss, lr: float, steps: list[float]) -> tuple[li
 
 def layout() -> dict[str, list]:
     return {"loss range along the gradient": ["Multiline", ["landscape/loss_range"]],
-            "gradient predictiveness and β-smoothness": ["Multiline", ["landscape/grad_pred",
-                                                                       "landscape/beta_smooth"]]}
+            "gradient predictiveness": ["Multiline", ["landscape/grad_pred"]],
+            "β-smoothness": ["Multiline", ["landscape/beta_smooth"]]}

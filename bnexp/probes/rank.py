@@ -27,5 +27,5 @@ def rank_values(outputs: dict[str, Tensor]) -> tuple[list[str], Tensor]:
     return tags, torch.stack([effective_rank(x) for x in outputs.values()]) if tags else torch.zeros(0)
 
 
-def layout() -> dict[str, list]:
-    return {"effective rank per block": ["Multiline", [r"rank/.*"]]}
+def layout(blocks: list[str]) -> dict[str, list]:
+    return {f"{name} effective rank": ["Multiline", [f"rank/{name}"]] for name in blocks}

@@ -57,5 +57,7 @@ def layer_values(model: nn.Module, stats: dict, errors: bool, renorm: bool) -> l
 
 
 def layout(bn_names: list[str]) -> dict[str, list]:
-    return {f"{name} error": ["Multiline", [f"running_stats/{name}/mean_err", f"running_stats/{name}/var_err"]]
-            for name in bn_names}
+    """A chart per layer and error, of its log10 (the TensorBoard tags bnexp.engine.dashboard adds): the errors
+    fall by orders of magnitude early in training, which a linear axis flattens."""
+    return {f"{name} {error}, log10": ["Multiline", [f"running_stats/{name}/log10_{error}"]]
+            for name in bn_names for error in ("mean_err", "var_err")}

@@ -61,7 +61,13 @@ def capture(model: nn.Module, run, with_branches: bool) -> tuple[dict[str, Tenso
     return outputs, branches
 
 
-def layout(residual: bool) -> dict[str, list]:
-    variances = [r"signal/.*/var"] + ([r"signal/.*/branch_var"] if residual else [])
-    return {"signal: (channel mean)² per block": ["Multiline", [r"signal/.*/sq_mean"]],
-            "signal: channel variance per block": ["Multiline", variances]}
+def layout(blocks: dict[str, nn.Module]) -> dict[str, list]:
+    """Charts per top-level block (`top_blocks`): its (channel mean)², its channel variance and, for a
+    residual block, its branch's variance."""
+    charts = {}
+    for name, block in blocks.items():
+        charts[f"{name} (channel mean)²"] = ["Multiline", [f"signal/{name}/sq_mean"]]
+        charts[f"{name} channel variance"] = ["Multiline", [f"signal/{name}/var"]]
+        if isinstance(block, ResidualBlock):
+            charts[f"{name} branch variance"] = ["Multiline", [f"signal/{name}/branch_var"]]
+    return charts

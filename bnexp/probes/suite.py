@@ -22,7 +22,7 @@ from torch import nn
 
 from bnexp.config import Config
 from bnexp.data import BatchSampler, Dataset
-from bnexp.models import ResidualBlock, bn_layers, hidden_blocks, weight_layers
+from bnexp.models import bn_layers, hidden_blocks, weight_layers
 from bnexp.nn.noisy import paused_noise
 from bnexp.probes import activations, gap, gradients, ics, landscape, rank, running_stats, sharpness, signal
 from bnexp.probes.functional import ProbeLoss
@@ -53,11 +53,10 @@ class Probes:
         n_test = len(data.y_test)
         self.test_idx, self.test_keep = (t.to(device) for t in
                                          gap.cover_in_batches(n_test, gap.gap_batch_size(n_test, self.m, ghost)))
-        # The units continue the sampler's stream, so runs keep the probe sets they had before it was used.
-        gen = sampler.generator
         self.blocks = hidden_blocks(model)
-        self.units = {name: torch.randperm(block.width, generator=gen)
-                      [: self.pcfg.units_per_layer].sort().values.to(device)
+        self.top_blocks = signal.top_blocks(model)  # those whose output the signal and rank probes measure
+        # Not drawn: the same units for every seed (activations.fixed_units).
+        self.units = {name: activations.fixed_units(block.width, self.pcfg.units_per_layer).to(device)
                       for name, block in self.blocks.items()}
         # The batch of the signal, rank, ics, landscape and sharpness probes: drawn after the other sets.
         self.probe_idx = sampler.next()
@@ -211,29 +210,35 @@ class Probes:
         return population_statistics(model, self.data.x_train, self.population_idx)
 
     # --- outputs ------------------------------------------------------------------------------------
-    def layout(self) -> dict:
-        """Custom-scalar charts: several lines that belong together on one chart."""
-        layout: dict[str, dict[str, list]] = {}
-        if self.pcfg.activations:
-            layout["probes: input to the nonlinearity"] = activations.layout(self.units)
-        if self.has_bn and self.pcfg.gap:
-            layout["probes: train/inference gap"] = gap.layout(self.bn_names, self.data.regression)
-        if self.has_bn and self.pcfg.running_stats:
-            layout["probes: running statistics"] = running_stats.layout(self.bn_names)
-        if self.pcfg.grad_norms:
-            layout["probes: gradients"] = gradients.layout()
-        if self.pcfg.signal:
-            residual = any(isinstance(m, ResidualBlock) for m in self.blocks.values())
-            layout["why BN helps: signal propagation"] = signal.layout(residual)
-        if self.pcfg.rank:
-            layout["why BN helps: effective rank"] = rank.layout()
-        if self.pcfg.ics:
-            layout["why BN helps: internal covariate shift (Santurkar)"] = ics.layout(list(self.weight_params))
-        if self.pcfg.landscape:
-            layout["why BN helps: loss landscape (Santurkar)"] = landscape.layout()
-        if self.pcfg.sharpness:
-            layout["why BN helps: sharpness"] = sharpness.layout()
-        return layout
+    def layout(self) -> list[tuple[str, dict[str, list], bool]]:
+        """Custom-scalar charts by category, in the order the dashboard shows them, each with whether it
+        starts closed: what BN does, then the paper's Figure 1 (open), then the families with a chart per
+        layer or block (closed until wanted). A chart holds one quantity, or two that belong together."""
+        p, bn, out = self.pcfg, self.has_bn, []
+        if bn and p.running_stats:
+            out.append(("BN: running statistics, error against the population", running_stats.layout(self.bn_names),
+                        False))
+        if bn and p.gap:
+            out.append(("BN: train/inference gap", gap.layout(self.data.regression), False))
+        if p.activations:
+            out.append(("input to the nonlinearity: median, 15th-85th percentile (Figure 1)",
+                        activations.layout(self.units), False))
+        if bn and p.gap:
+            out.append(("BN: Batch Renorm's d and r per layer", gap.layer_layout(self.bn_names), True))
+        if p.grad_norms:
+            out.append(("weight gradient norm per layer", gradients.layout(self.weight_layers), True))
+        if p.signal:
+            out.append(("why BN helps: signal propagation per block", signal.layout(self.top_blocks), True))
+        if p.rank:
+            out.append(("why BN helps: effective rank per block", rank.layout(list(self.top_blocks)), True))
+        if p.ics:
+            out.append(("why BN helps: internal covariate shift (Santurkar)", ics.layout(list(self.weight_params)[1:]),
+                        True))
+        if p.landscape:
+            out.append(("why BN helps: loss landscape (Santurkar)", landscape.layout(), True))
+        if p.sharpness:
+            out.append(("why BN helps: sharpness", sharpness.layout(), True))
+        return out
 
     def summary(self) -> dict[str, float]:
         return summary_of(self._last)
