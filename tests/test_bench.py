@@ -63,7 +63,7 @@ def test_quick_memory_prints_rss_table(cli, bench_tmp):
 def test_quick_layer_prints_the_layer_table(cli):
     r = cli("bench", "--quick", "--only", "layer")
     assert r.code == 0, r.err
-    assert "ours/torch" in r.out and "60×100" in r.out and "train fwd+bwd" in r.out
+    assert "ratio: ours ÷ torch" in r.out and "60×100" in r.out and "train fwd+bwd" in r.out
     assert "loop:" not in r.out and "memory:" not in r.out
 
 
@@ -158,3 +158,47 @@ def test_quick_probes_section_reports_every_family(cli, bench_tmp):
         if "Error" not in row and "double backward" not in row:
             assert "%" in row, row
     assert "< 25%" in _row(r.out, "default families")
+
+
+def _bench_tables() -> list:
+    """Every section's table, from rows shaped as its measure function returns them, with figures that
+    must show whole."""
+    from bnexp.bench.layer import render_table
+    from bnexp.bench.probes import probes_table
+    from bnexp.bench.resnet import resnet_table
+
+    layer_rows = [{"threads": 1, "clock": "wall", "path": "kernel", "device": "cpu", "shape": shape,
+                   "dtype": dtype, "mode": mode, "ours_ms": 133.078, "torch_ms": 154.964, "ratio": 0.86,
+                   "ratio_min": 0.84, "bound_ms": 120.508, "ours_over_bound": 1.61, "bandwidth_gbs": 13.1}
+                  for shape in [(60, 100), (128, 64, 32, 32), (8, 16, 8, 8, 8)] for dtype in ("float32", "float64")
+                  for mode in ("train fwd+bwd", "eval fwd")]
+    resnet_rows = [{"threads": 2, "clock": "wall", "batch": 128, "steps": 30, "ours_ms": 237.6, "torch_ms": 236.3,
+                    "ratio": 1.005, "pair_ratio_min": 0.90, "pair_ratio_max": 1.18}]
+    loop_results = [loop.LoopResult(c, 1.186, 1.125, 0.947, [0.936, 0.962], 0.95) for c in ("probes off", "probes on")]
+    loop_info = {"norm": "bnexp", "chunks": 9, "chunk": 500, "probes_every": 100, "eval_every": 100,
+                 "log_every": 10, "checkpoint_every": 500, "warmup": 300, "threads": 1}
+    memory_results = [memory.MemoryResult(c, 321.5, 322.4, 330.2) for c in ("bare loop", "probes off", "probes on")]
+    memory_info = {"steps": 12000, "warmup": 2000, "norm": "bnexp", "probes_every": 100, "sample_every": 500}
+    probe_rows = [{"contender": "probes off", "seconds": 1.76, "overhead": 0.0, "wall_overhead": 0.0,
+                   "default": False},
+                  {"contender": "default families", "seconds": 1.87, "overhead": 0.062, "wall_overhead": 0.05,
+                   "default": True}]
+    return [(render_table(layer_rows), ["128×64×32×32", "8×16×8×8×8", "train fwd+bwd", "133.078", "154.964",
+                                        "120.508", "13.1"]),
+            (resnet_table(resnet_rows), ["237.6", "236.3", "1.005", "0.90–1.18", "≤ 1.0"]),
+            (loop.loop_table(loop_results, loop_info), ["1.186", "1.125", "0.947", "0.936–0.962", "misses"]),
+            (memory.memory_table(memory_results, memory_info), ["321.5", "322.4", "330.2", "1.003"]),
+            (probes_table(probe_rows, {"every": 100, "steps": 2000, "repeats": 5}), ["+6.2 %", "1.87", "< 25%"])]
+
+
+def test_bench_tables_fit_100_columns_without_cutting_a_figure():
+    from rich.console import Console
+
+    for table, figures in _bench_tables():
+        console = Console(width=100, record=True, color_system=None)
+        assert console.measure(table).maximum <= 100  # rich would otherwise squeeze or crop the columns
+        console.print(table)
+        text = console.export_text()
+        assert "…" not in text, text
+        for figure in figures:
+            assert figure in text, (figure, text)

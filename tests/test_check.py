@@ -108,7 +108,7 @@ def test_bench_layer_quick_rows_and_table(path, title):
     buf = io.StringIO()
     Console(file=buf, width=250, color_system=None).print(render_table(rows))
     out = buf.getvalue()
-    assert "ours/torch" in out and title in out and summary_lines(rows)
+    assert "ratio: ours ÷ torch" in out and title in out and summary_lines(rows)
 
 
 @pytest.mark.parametrize("width", [80, 100])
