@@ -829,3 +829,53 @@ def test_a_run_config_given_to_compare_says_to_use_train(tmp_path, monkeypatch):
     # Arms given with --set make it a comparison whose keys are misplaced: the error says where they go.
     err = _bad(tmp_path, monkeypatch, ["compare", "-c", str(run_cfg), "--set", "arms={a: {}}"])
     assert err == "error: invalid comparison config: device: unknown key (did you mean base.device?)\n"
+
+
+# Loaded at start-up by every Python process of the test below (PYTHONPATH): in compare's workers only, it
+# holds session.prepare (the worker's dataset load, before a run's directory exists) until the test says go.
+_HOLD_PREPARE = '''
+import os, pathlib, time
+if "spawn_main" in open("/proc/self/cmdline").read():
+    import bnexp.engine.session as session
+    hold, prepare = pathlib.Path(os.environ["BNEXP_TEST_HOLD"]), session.prepare
+
+    def held(cfg):
+        (hold / f"entered-{os.getpid()}").touch()
+        while not (hold / "go").exists():
+            time.sleep(0.02)
+        return prepare(cfg)
+
+    session.prepare = held
+'''
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_worker_before_its_run_starts_interrupts_the_comparison(tmp_path):
+    """SIGINT to one worker of `compare --jobs 2` alone, while it loads its data (before its run's directory
+    exists): its run is cancelled and the others stop; the comparison says it was interrupted (it once
+    cancelled every run and exited 0 with a report of no runs)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_HOLD_PREPARE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BNEXP_TEST_HOLD": str(hold),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    cfg, comp = write_cfg(tmp_path / "c.yaml", LONG), tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "bnexp.cli", "compare", "-c", str(cfg), "--out", str(comp),
+                             "--jobs", "2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    _wait_for(proc, lambda: any(hold.glob("entered-*")))
+    worker = int(next(hold.glob("entered-*")).name.split("-")[1])
+    workers = [p for p in _children(proc.pid) if "resource_tracker" not in open(f"/proc/{p}/cmdline").read()]
+    os.kill(worker, signal.SIGINT)
+    (hold / "go").touch()
+    out, err = _stopped(proc, workers)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    # No run had started: as for a signal to the comparison itself then, it keeps no comparison directory.
+    assert "interrupted by SIGINT during start-up; no comparison directory was created" in err
+    assert not comp.exists()
