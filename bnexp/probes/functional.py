@@ -39,8 +39,8 @@ class ProbeLoss:
     def outputs_now(self) -> Tensor:
         """outputs(params()) by a plain training-mode forward of the model, its buffers put back afterwards:
         the same arithmetic on the same tensors, without functional_call swapping every parameter and
-        buffer in and out, which on a small network costs more than the forward (see benchmarks/README.md).
-        For the probes that evaluate the network at its own parameters (signal, rank)."""
+        buffer in and out, which is pure overhead at the model's own parameters (benchmarks/README.md says
+        what it saves). For the probes that evaluate the network there (signal, rank)."""
         saved = [b.clone() for b in self.model.buffers()]
         was_training = self.model.training
         self.model.train()
