@@ -8,7 +8,7 @@ import math
 import pytest
 import yaml
 
-from bnexp.config import Config, load
+from bnexp.config import Config, load, validate
 from bnexp.engine.rundir import read_metrics, read_summary
 from conftest import DEFAULT_CONFIG, TINY
 
@@ -115,3 +115,22 @@ def test_progress_shows_step_loss_and_test_accuracy(cli, tiny_config, monkeypatc
     assert max(len(f) for f in frames) <= 80
     quiet = cli("train", "--config", tiny_config, "--quiet").err
     assert quiet == "completed after 40 steps, test accuracy " + quiet.split()[-1] + "\n"  # no progress
+
+
+@pytest.mark.parametrize("intervals", [(10, 100, 500, 100), (7, 21, 35, 5), (4, 6, 9, None), (3, 5, 7, 11)])
+def test_schedule_is_due_by_the_definition_at_every_step(intervals):
+    """Schedule.due answers steps that fall between all intervals without working them out: at every step
+    of a run, with intervals that do and do not divide each other, it must say what the definition says."""
+    from bnexp.engine.schedule import READ_ROWS, Schedule
+
+    log_every, eval_every, checkpoint_every, probe_every = intervals
+    steps = 397
+    cfg = validate({"train": {"steps": steps, "log_every": log_every, "eval_every": eval_every,
+                              "checkpoint_every": checkpoint_every}}).train
+    sched = Schedule(cfg, probe_every)
+    for step in range(1, steps + 1):
+        last = step == steps
+        evaluate, checkpoint = step % eval_every == 0 or last, step % checkpoint_every == 0 or last
+        probe = probe_every is not None and (step % probe_every == 0 or last)
+        assert tuple(sched.due(step)) == (step % log_every == 0 or last, evaluate, probe, checkpoint,
+                                          evaluate or probe or checkpoint or step % (READ_ROWS * log_every) == 0)

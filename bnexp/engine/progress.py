@@ -94,6 +94,7 @@ class RunProgress:
 
     def __init__(self, total: int, start: int, quiet: bool):
         self.bar = self.lines = None
+        self.shown = not quiet  # a quiet run's loop need not format what update() would drop
         if quiet:
             return
         console = stderr_console()

@@ -9,7 +9,8 @@ or checkpoint ever sees a network that has already diverged.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import math
+from typing import NamedTuple
 
 from bnexp.config import TrainConfig
 
@@ -25,16 +26,24 @@ class Due(NamedTuple):
     read: bool
 
 
+NOTHING = Due(log=False, evaluate=False, probe=False, checkpoint=False, read=False)
+
+
 class Schedule:
-    def __init__(self, cfg: TrainConfig, probes_due: Callable[[int], bool] | None = None):
+    def __init__(self, cfg: TrainConfig, probe_every: int | None = None):
         self.cfg = cfg
         self.read_every = READ_ROWS * cfg.log_every
-        self.probes_due = probes_due  # Probes.due, or None without probes
+        self.probe_every = probe_every  # probes.every, or None without probes
+        # Every interval is a multiple of this: a step that is not (most steps) is due for nothing, and the
+        # loop learns so without building a Due of its own.
+        self.quantum = math.gcd(cfg.log_every, cfg.eval_every, cfg.checkpoint_every, probe_every or 0)
 
     def due(self, step: int) -> Due:
         cfg, last = self.cfg, step == self.cfg.steps
+        if step % self.quantum and not last:
+            return NOTHING
         evaluate = step % cfg.eval_every == 0 or last
-        probe = self.probes_due is not None and self.probes_due(step)
+        probe = self.probe_every is not None and (step % self.probe_every == 0 or last)
         checkpoint = step % cfg.checkpoint_every == 0 or last
         return Due(log=step % cfg.log_every == 0 or last, evaluate=evaluate, probe=probe, checkpoint=checkpoint,
                    read=evaluate or probe or checkpoint or step % self.read_every == 0)

@@ -121,7 +121,7 @@ class Trainer:
             from bnexp.engine.precise import PreciseStats
 
             self.precise = PreciseStats(cfg, self.data)
-        self.schedule = Schedule(cfg.train, None if self.probes is None else self.probes.due)
+        self.schedule = Schedule(cfg.train, None if self.probes is None else cfg.probes.every)
         self.regression = data.regression
         self.loss_fn = data.loss_function
         # The loss of predicting without learning: a uniform guess's, or the targets' mean for regression.
@@ -270,7 +270,7 @@ class Trainer:
                 self._measure(step, row, evaluating=due.evaluate, probing=due.probe)
             if due.read:  # rows are complete only once their steps are read
                 self.logs.write()
-            if due.log or step % 50 == 0:
+            if progress.shown and (due.log or step % 50 == 0):
                 progress.update(step, self._progress_info())
             for callback in self.callbacks:
                 callback.after_step(self, step)

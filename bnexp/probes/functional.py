@@ -3,7 +3,8 @@
 
 Training mode (batch statistics, the normalization training uses), through torch.func.functional_call
 with every buffer copied for each call: BN's running statistics and `num_batches_tracked` update the
-copies, never the model, and no parameter of the model is touched. Noisy BN is paused by the caller
+copies, never the model, and no parameter of the model is touched (the forward-only probes run the model
+itself and put its buffers back: `outputs_now`). Noisy BN is paused by the caller
 (bnexp.nn.noisy.paused_noise), so no random stream is drawn from either.
 """
 
@@ -33,6 +34,21 @@ class ProbeLoss:
         try:
             return functional_call(self.model, (params, buffers), (self.x,))
         finally:
+            self.model.train(was_training)
+
+    def outputs_now(self) -> Tensor:
+        """outputs(params()) by a plain training-mode forward of the model, its buffers put back afterwards:
+        the same arithmetic on the same tensors, without functional_call swapping every parameter and
+        buffer in and out, which is pure overhead at the model's own parameters (benchmarks/README.md says
+        what it saves). For the probes that evaluate the network there (signal, rank)."""
+        saved = [b.clone() for b in self.model.buffers()]
+        was_training = self.model.training
+        self.model.train()
+        try:
+            return self.model(self.x)
+        finally:
+            for b, value in zip(self.model.buffers(), saved):
+                b.copy_(value)
             self.model.train(was_training)
 
     def __call__(self, params: Params) -> Tensor:

@@ -155,7 +155,7 @@ class Probes:
             return out
         loss = self.probe_loss(model)
         if p.signal or p.rank:
-            outputs, branches = signal.capture(model, lambda: loss.outputs(loss.params()), with_branches=p.signal)
+            outputs, branches = signal.capture(model, loss.outputs_now, with_branches=p.signal)
             if p.signal:
                 out.append(signal.signal_values(outputs, branches))
             if p.rank:
