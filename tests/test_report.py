@@ -278,7 +278,8 @@ def test_time_course_of_the_running_statistics_errors():
     assert (row["running_mean_err_early_step"], row["running_mean_err_mid_step"]) == (50, 500)
     assert row["running_mean_err_early_mean"] == pytest.approx(np.mean([layer_mean[1.0][1], layer_mean[3.0][1]]))
     assert row["running_mean_err_mid_mean"] == pytest.approx(np.mean([layer_mean[1.0][10], layer_mean[3.0][10]]))
-    averages = [trapezoid(layer_mean[s], steps) / 1000 for s in (1.0, 3.0)]
+    # Over training after initialization: the trapezoid over the probed steps from 50 (step 0 left out).
+    averages = [trapezoid(layer_mean[s][1:], steps[1:]) / 950 for s in (1.0, 3.0)]
     assert row["running_mean_err_average_mean"] == pytest.approx(np.mean(averages))
     assert row["running_mean_err_average_std"] == pytest.approx(np.std(averages, ddof=1))
     assert row["running_var_err_average_mean"] == pytest.approx(0.5)
@@ -286,6 +287,40 @@ def test_time_course_of_the_running_statistics_errors():
     table = report.time_course_table([row])
     assert "| arm | step 50 | step 500 | final | average over training |" in table
     assert f"{row['running_mean_err_early_mean']:.3f} ± {row['running_mean_err_early_std']:.3f}" in table
+
+
+def test_time_course_average_leaves_out_step_0():
+    # The value at initialization, however large, is not part of the average over training: joined by a
+    # line to the first probe, it would weigh by the probe interval (0.104 with probes every 10 against
+    # 0.246 every 50 on one run before this was fixed).
+    steps = np.arange(0, 201, 10, dtype=float)
+    values = 0.2 + 0.1 * np.sin(steps / 40)
+    averages = []
+    for at_init in (values[0], 50.0):
+        course = stats.time_course(steps, np.concatenate([[at_init], values[1:]]))
+        averages.append(course.average)
+    assert averages[0] == averages[1]
+    assert averages[0] == pytest.approx(np.trapezoid(values[1:], steps[1:]) / 190)
+    assert (course.early_step, course.early, course.final_step) == (10, values[1], 200)
+
+
+@pytest.mark.parametrize("steps, early, mid", [
+    ([0, 50, 100], 50, None),  # the only step between 0 and the last is the early one: no mid
+    ([0, 100], None, None),  # the first probed step after 0 is the last: neither (not step 0)
+    ([0, 40, 60, 100], 40, None),  # 40 and 60 equally near 50: the earlier, which is the early one
+    ([0, 25, 50, 75, 100], 25, 50),
+])
+def test_time_course_mid_is_after_0_before_the_last_and_never_repeats(steps, early, mid):
+    steps = np.array(steps, dtype=float)
+    course = stats.time_course(steps, 1 / (1 + steps))
+    assert (course.early_step, course.mid_step, course.final_step) == (early, mid, 100)
+    assert course.mid is None if mid is None else course.mid == pytest.approx(1 / (1 + mid))
+    # report.md's table leaves out a column that would repeat another.
+    rows = {int(t): {"gap/accuracy": 1 / (1 + t)} for t in steps}
+    (row,) = report.aggregate([run("a", 0, None, budget=100, rows=rows)], ["a"], None, None)
+    header = report.time_course_table([row]).splitlines()[2]
+    assert header == "| arm | " + "".join(f"step {s} | " for s in (early, mid) if s is not None) + \
+        "final | average over training |"
 
 
 # --- the terminal table ---------------------------------------------------------------------------------------

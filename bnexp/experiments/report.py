@@ -14,7 +14,7 @@ into report.md):
 - speed-up: the baseline's median steps to target over the arm's, against the baseline of the arm's own
   architecture (`arm_baselines`), "≥"/"≤" when it is a bound, with a 95 % bootstrap interval over seeds.
 - time course of each probe curve (running-statistic errors, the train/inference gap) over the completed
-  runs: its value early, midway and at the end, and its time average.
+  runs: its value early, midway and at the end, and its mean over training after initialization.
 - runs are counted as completed, diverged, failed (raised, or a damaged run directory) and unfinished
   (interrupted, still running, or never started).
 """
@@ -121,8 +121,9 @@ def aggregate(records: list[RunRecord], arms: list[str], target: float | None,
         for prefix, curve in _CURVES.items():
             courses = [c for r in done if (c := stats.time_course(*_curve(r, curve))) is not None]
             for when in _WHEN:
-                if when != "average":
-                    row[f"{prefix}_{when}_step"] = _common([getattr(c, f"{when}_step") for c in courses])
+                if when != "average":  # None where it would repeat another column of that run
+                    row[f"{prefix}_{when}_step"] = _common([getattr(c, f"{when}_step") for c in courses
+                                                            if getattr(c, when) is not None])
                 _put(row, f"{prefix}_{when}", [getattr(c, when) for c in courses])
         row["target_accuracy"] = target if target is not None else math.nan
         row["reached"] = row["reached_then_diverged"] = 0
@@ -377,14 +378,16 @@ def time_course_table(rows: list[dict[str, Any]]) -> str:
         if not any(r[f"{prefix}_average_n"] for r in rows):
             continue
         digits = None if prefix == "gap_loss" else 3
-        header = ["arm"]
-        for when in ("early", "mid"):
+        header, keys = ["arm"], []
+        for when in ("early", "mid"):  # a column no run has (it would repeat another) is left out
             steps = {r[f"{prefix}_{when}_step"] for r in rows if r[f"{prefix}_{when}_n"]}
+            if not steps:
+                continue
             shared = steps.pop() if len(steps) == 1 else math.nan
             header.append(f"step {shared:.0f}" if math.isfinite(shared) else when)
+            keys.append(f"{prefix}_{when}")
         header += ["final", "average over training"]
-        body = [[r["arm"], *(_pm(r, key, digits) for key in
-                             (f"{prefix}_early", f"{prefix}_mid", prefix, f"{prefix}_average"))]
+        body = [[r["arm"], *(_pm(r, key, digits) for key in (*keys, prefix, f"{prefix}_average"))]
                 for r in rows if r[f"{prefix}_average_n"]]
         parts += [f"**{name}**", "", _md_table(header, body), ""]
     return "\n".join(parts)
@@ -430,9 +433,11 @@ def to_markdown(rows: list[dict[str, Any]], records: list[RunRecord], title: str
     if course:
         parts += ["## Over training", "",
                   "Probe curves of the completed runs (mean ± std over seeds): at the first probed step after "
-                  "initialization, at the probed step nearest half the run, at the end, and their average over "
-                  "training (area under the curve by the trapezoid rule / steps spanned). What a final value "
-                  "hides shows here: a slow running average lags early and catches up by the end.", "", course]
+                  "initialization, at the probed step nearest half the run (before the last; left out where it "
+                  "would repeat another column), at the end, and their mean over training after initialization "
+                  "(area under the curve by the trapezoid rule over the probed steps after step 0 / steps "
+                  "spanned). What a final value hides shows here: a slow running average lags early and catches "
+                  "up by the end.", "", course]
     parts += ["## Runs", ""]
     body = [_run_cells(r, target) + [str(_rel(r.run_dir, root))] for r in records]
     metric = "loss" if records and all(r.regression for r in records) else "acc"
