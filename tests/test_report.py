@@ -88,7 +88,7 @@ def test_speedup_is_marked_as_a_bound_when_it_comes_from_one():
     assert rows["slow"]["speedup"] == pytest.approx(850 / 1000) and rows["slow"]["speedup_bound"] == "<="
     assert report.steps_cell(rows["slow"]) == "> 1000 (0/3)"
     assert rows["mid"]["speedup"] == pytest.approx(850 / 300) and rows["mid"]["speedup_bound"] == ""
-    assert rows["base"]["speedup"] == 1.0 and math.isnan(rows["base"]["speedup_ci_low"])
+    assert rows["base"]["speedup"] == 1.0 and math.isnan(rows["base"]["speedup_interval_low"])
 
     # Against a baseline that never reaches the target: ≥ for an arm that does, nothing for one that doesn't.
     rows = rows_by_arm(recs, ["slow", "mid", "first"], "slow")
@@ -138,36 +138,74 @@ def test_bootstrap_interval_of_the_speedup_matches_the_exact_bootstrap_and_scipy
     assert row["speedup"] == pytest.approx(500 / 150)
     low, high, margin = _exact_interval(base_steps, arm_steps)
     assert margin > 0.006  # ~4 Monte Carlo standard errors at 10,000 resamples
-    assert (row["speedup_ci_low"], row["speedup_ci_high"]) == pytest.approx((low, high))
+    assert (row["speedup_interval_low"], row["speedup_interval_high"]) == pytest.approx((low, high))
     ref = bootstrap((np.array(base_steps, float), np.array(arm_steps, float)),
                     lambda b, a, axis: np.median(b, axis=axis) / np.median(a, axis=axis), vectorized=True,
                     paired=False, method="percentile", n_resamples=10_000, rng=np.random.default_rng(1))
-    assert (row["speedup_ci_low"], row["speedup_ci_high"]) == pytest.approx(
+    assert (row["speedup_interval_low"], row["speedup_interval_high"]) == pytest.approx(
         (ref.confidence_interval.low, ref.confidence_interval.high))
     # Deterministic: the same runs give the same interval.
     again = rows_by_arm(recs, ["base", "bn"], "base")["bn"]
-    assert (again["speedup_ci_low"], again["speedup_ci_high"]) == (row["speedup_ci_low"], row["speedup_ci_high"])
+    assert (again["speedup_interval_low"], again["speedup_interval_high"]) == (row["speedup_interval_low"], row["speedup_interval_high"])
     assert report.speedup_cell(row) == f"{500 / 150:.1f}× [{low:.1f}–{high:.1f}]"
 
 
 def test_bootstrap_interval_is_open_where_a_resample_could_be_a_bound():
     # One run passed the target at its first evaluation (≤ 50): the median is exact (100), but a resample
-    # of it twice has a median anywhere in (0, 50], so the interval has no upper end; its lower end is the
-    # exact bootstrap's with that run at 50.
-    recs = [*(run("base", s, r) for s, r in enumerate((600, 700, 800))),
-            *(run("bn", s, r) for s, r in enumerate((50, 100, 150)))]
+    # of it three times has a median anywhere in (0, 50], so the interval has no upper end; its lower end is
+    # the exact bootstrap's with that run at 50.
+    base_steps, arm_steps = [500, 600, 700, 800, 900], [50, 100, 150, 200, 250]
+    recs = [*(run("base", s, r) for s, r in enumerate(base_steps)),
+            *(run("bn", s, r) for s, r in enumerate(arm_steps))]
     row = rows_by_arm(recs, ["base", "bn"], "base")["bn"]
-    assert row["speedup"] == pytest.approx(7.0) and row["speedup_bound"] == ""
-    low, _, margin = _exact_interval([600, 700, 800], [50, 100, 150])
+    assert row["speedup"] == pytest.approx(700 / 150) and row["speedup_bound"] == ""
+    low, _, margin = _exact_interval(base_steps, arm_steps)
     assert margin > 0.006
-    assert row["speedup_ci_low"] == pytest.approx(low) and row["speedup_ci_high"] == math.inf
+    assert row["speedup_interval"] == "95% bootstrap"
+    assert row["speedup_interval_low"] == pytest.approx(low) and row["speedup_interval_high"] == math.inf
     assert report.speedup_cell(row).endswith("–∞]")
+
+
+def test_with_fewer_than_5_runs_a_side_the_interval_is_the_range_and_says_so():
+    # With 3 runs a side the bootstrap's 2.5th and 97.5th percentiles are the smallest and the largest
+    # single-run ratio: the range, which the report then calls by its name.
+    base_steps, arm_steps = [600, 700, 800], [100, 150, 200]
+    low, high, _ = _exact_interval(base_steps, arm_steps)
+    assert (low, high) == (600 / 200, 800 / 100)
+    recs = [*(run("base", s, r) for s, r in enumerate(base_steps)),
+            *(run("bn", s, r) for s, r in enumerate(arm_steps))]
+    rows = rows_by_arm(recs, ["base", "bn"], "base")
+    row = rows["bn"]
+    assert (row["speedup_interval"], row["speedup_interval_low"], row["speedup_interval_high"]) == (
+        "range", 3.0, 8.0)
+    assert report.speedup_cell(row) == "4.7× [3.0–8.0]"
+    assert "speed-up [range]" in report.columns(list(rows.values()))
+    legend = " ".join(report.legend(list(rows.values())))
+    assert "[range]: with fewer than 5 runs on a side, the range of the speed-ups of single runs" in legend
+    assert "95 %" not in legend
+    # A bound widens it: a run at its first evaluation (≤ 50) could be any faster.
+    recs[3] = run("bn", 0, 50)
+    row = rows_by_arm(recs, ["base", "bn"], "base")["bn"]
+    assert (row["speedup_interval_low"], row["speedup_interval_high"]) == (3.0, math.inf)
+    # 4 runs a side: still the range; 5 on one side and 4 on the other: still the range.
+    recs = [*(run("base", s, r) for s, r in enumerate((600, 700, 800, 900, 1000))),
+            *(run("bn", s, r) for s, r in enumerate((100, 150, 200, 250)))]
+    row = rows_by_arm(recs, ["base", "bn"], "base")["bn"]
+    assert (row["speedup_interval"], row["speedup_interval_low"], row["speedup_interval_high"]) == (
+        "range", 600 / 250, 10.0)
+    # A table with both kinds names the range in its cells.
+    recs += [*(run("mix", s, r) for s, r in enumerate((100, 150, 200, 250, 300)))]
+    recs = [r for r in recs if r.arm != "bn"] + [run("bn", s, r) for s, r in enumerate((100, 150))]
+    rows = list(rows_by_arm(recs, ["base", "mix", "bn"], "base").values())
+    assert report.columns(rows)[5] == "speed-up [95% CI]"
+    cells = {r[0]: r[5] for r in report.format_rows(rows)}
+    assert cells["bn"] == "6.4× [range 4.0–10.0]" and "range" not in cells["mix"]
 
 
 def test_no_interval_from_a_single_run():
     recs = [run("base", 0, 500), run("base", 1, 600), run("bn", 0, 100)]
     row = rows_by_arm(recs, ["base", "bn"], "base")["bn"]
-    assert row["speedup"] == pytest.approx(5.5) and math.isnan(row["speedup_ci_low"])
+    assert row["speedup"] == pytest.approx(5.5) and math.isnan(row["speedup_interval_low"])
     assert report.speedup_cell(row) == "5.5×"
 
 
@@ -358,7 +396,7 @@ def test_the_table_fits_the_console_and_cuts_nothing(wide_rows, width):
             for cell in cells[1:]:
                 assert any(cell in line for line in lines), cell
     header = report.columns(wide_rows, full=False)
-    assert header == ["arm", "n", "final acc", "best acc†", "steps to 0.6", "speed-up [95% CI]", "vs", "diverged"]
+    assert header == ["arm", "n", "final acc", "best acc†", "steps to 0.6", "speed-up [range]", "vs", "diverged"]
     words = " ".join(text.split())
     assert "selected on the test set" in words and "vs the baseline of the arm's architecture" in words
 
@@ -374,7 +412,7 @@ def test_report_md_and_summary_csv_have_every_column(tmp_path, wide_rows):
     recs = [run("a", 0, 100), run("a", 1, 150), run("b", 0, 300), run("b", 1, None, diverged=500)]
     rows = report.aggregate(recs, ["a", "b"], TARGET, "b")
     text = report.to_markdown(rows, recs, "t", TARGET, "b", ["a note"], [], tmp_path)
-    assert ("| arm | n | final acc | best acc† | steps to 0.9 | speed-up [95% CI] | vs | gap acc | run-mean err | "
+    assert ("| arm | n | final acc | best acc† | steps to 0.9 | speed-up [range] | vs | gap acc | run-mean err | "
             "run-var err | wall s | diverged |") in text
     assert "selected on the test set" in text and "diverged at step 500" in text
     parsed = {r["arm"]: r for r in csv.DictReader(io.StringIO(report.to_csv(rows)))}

@@ -12,7 +12,8 @@ into report.md):
   its completed and diverged runs, with how many completed runs reached the target; a diverged run has not
   (it did not keep it), and "reached then diverged" is counted apart in summary.csv.
 - speed-up: the baseline's median steps to target over the arm's, against the baseline of the arm's own
-  architecture (`arm_baselines`), "≥"/"≤" when it is a bound, with a 95 % bootstrap interval over seeds.
+  architecture (`arm_baselines`), "≥"/"≤" when it is a bound, with how far it could be over seeds: a 95 %
+  bootstrap interval from 5 runs a side, the range of single-run speed-ups with fewer.
 - time course of each probe curve (running-statistic errors, the train/inference gap) over the completed
   runs: its value early, midway and at the end, and its mean over training after initialization.
 - runs are counted as completed, diverged, failed (raised, or a damaged run directory) and unfinished
@@ -144,7 +145,8 @@ def aggregate(records: list[RunRecord], arms: list[str], target: float | None,
         arm = row["arm"]
         row["baseline"] = bases.get(arm) or ""
         row["speedup"] = row["speedup_low"] = row["speedup_high"] = math.nan
-        row["speedup_ci_low"] = row["speedup_ci_high"] = math.nan
+        row["speedup_interval"] = ""
+        row["speedup_interval_low"] = row["speedup_interval_high"] = math.nan
         row["speedup_bound"] = ""
         base = bases.get(arm)
         if base is None or arm not in steps or base not in steps:
@@ -157,9 +159,9 @@ def aggregate(records: list[RunRecord], arms: list[str], target: float | None,
             continue
         row["speedup"], row["speedup_low"], row["speedup_high"] = ratio.point, ratio.lo, ratio.hi
         row["speedup_bound"] = {"exact": "", "upper": "<=", "lower": ">=", "unknown": "?"}[ratio.kind]
-        interval = None if arm == base else stats.speedup_interval(steps[base], steps[arm])
-        if interval is not None:
-            row["speedup_ci_low"], row["speedup_ci_high"] = interval
+        spread = None if arm == base else stats.speedup_spread(steps[base], steps[arm])
+        if spread is not None:
+            row["speedup_interval"], row["speedup_interval_low"], row["speedup_interval_high"] = spread
     return rows
 
 
@@ -200,7 +202,9 @@ def steps_cell(row: dict[str, Any]) -> str:
     return f"{value} ({row['reached']}/{finished})"
 
 
-def speedup_cell(row: dict[str, Any], interval: bool = True) -> str:
+def speedup_cell(row: dict[str, Any], interval: bool = True, name_range: bool = False) -> str:
+    """The speed-up, with its interval in brackets ("[range a–b]" when `name_range` and it is a range: a
+    table whose header cannot say which)."""
     if not math.isfinite(row["speedup"]):
         return ""
     bound = row["speedup_bound"]
@@ -208,8 +212,9 @@ def speedup_cell(row: dict[str, Any], interval: bool = True) -> str:
         value = f"{_times(row['speedup_low'])}–{_times(row['speedup_high'])}×"
     else:
         value = {">=": "≥ ", "<=": "≤ ", "": ""}[bound] + f"{_times(row['speedup'])}×"
-    if interval and math.isfinite(row["speedup_ci_low"]):
-        value += f" [{_times(row['speedup_ci_low'])}–{_times(row['speedup_ci_high'])}]"
+    if interval and row["speedup_interval"]:
+        label = "range " if name_range and row["speedup_interval"] == "range" else ""
+        value += f" [{label}{_times(row['speedup_interval_low'])}–{_times(row['speedup_interval_high'])}]"
     return value
 
 
@@ -240,7 +245,11 @@ def _columns(rows: list[dict[str, Any]], full: bool) -> list[tuple[str, Any]]:
         (f"final {metric}", lambda r: _pm(r, f"final_{col}", digits)),
         (f"best {metric}†", lambda r: _pm(r, f"best_{col}", digits))]
     if math.isfinite(target):
-        cols += [(f"steps to {target:g}", steps_cell), ("speed-up [95% CI]", speedup_cell)]
+        kinds = {r["speedup_interval"] for r in rows} - {""}
+        header = {frozenset(): "speed-up", frozenset({"range"}): "speed-up [range]"}.get(
+            frozenset(kinds), "speed-up [95% CI]")
+        cols += [(f"steps to {target:g}", steps_cell),
+                 (header, lambda r: speedup_cell(r, name_range=len(kinds) > 1))]
         if full or len({r["baseline"] for r in rows}) > 1:
             cols.append(("vs", lambda r: r["baseline"] if math.isfinite(r["speedup"]) else ""))
     gap = "gap_loss" if reg else "gap_accuracy"
@@ -275,10 +284,19 @@ def legend(rows: list[dict[str, Any]]) -> list[str]:
     if math.isfinite(target):
         bases = {r["baseline"] for r in rows if r["baseline"]}
         against = f"vs {bases.pop()}" if len(bases) == 1 else "vs the baseline of the arm's architecture"
+        kinds = {r["speedup_interval"] for r in rows}
+        spread = []
+        if "95% bootstrap" in kinds:
+            spread.append(f"[95% CI]: a 95 % bootstrap interval over seeds ({stats.BOOTSTRAP_MIN_RUNS} runs or "
+                          f"more a side)")
+        if "range" in kinds:
+            spread.append(f"[range]: with fewer than {stats.BOOTSTRAP_MIN_RUNS} runs on a side, the range of the "
+                          f"speed-ups of single runs (a baseline run's steps / an arm run's), not a confidence "
+                          f"interval")
         out.append(f"steps to {target:g}: median over completed and diverged runs (reached/runs; a diverged run "
                    f"has not reached it); ≤ reached at the first evaluation, > not reached within the budget. "
-                   f"speed-up: baseline's median steps / the arm's, {against}; ≥/≤ when bounded; [95% "
-                   f"bootstrap interval over seeds].")
+                   f"speed-up: baseline's median steps / the arm's, {against}; ≥/≤ when bounded"
+                   + "".join(f"; {x}" for x in spread) + ".")
     return out
 
 
@@ -330,7 +348,7 @@ class _Table:
         out = Table(title=self.title, caption="\n".join(self.legend), box=box.SIMPLE_HEAD,
                     caption_justify="left", show_edge=False, padding=(0, 1, 0, 0))
         for header, width in zip(self.headers, self.widths(options.max_width)):
-            if cell_len(header) > width:  # "speed-up" over "[95% CI]"
+            if cell_len(header) > width:  # "speed-up" over "[range]"
                 header = "\n".join(_BREAK.split(header))
             out.add_column(header, justify="left" if header == "arm" else "right", width=width,
                            overflow="fold", no_wrap=header in _NO_WRAP)

@@ -20,6 +20,9 @@ from bnexp.experiments.records import RunRecord
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0  # a report is a function of its runs: the same runs give the same interval
 CONFIDENCE = 0.95
+# Fewer runs than this on a side and the percentile bootstrap says no more than the range of single-run
+# ratios (with 3 its 2.5th and 97.5th percentiles are exactly the range's ends): the range is shown instead.
+BOOTSTRAP_MIN_RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,28 @@ def speedup_interval(baseline: Sequence[Bounded], arm: Sequence[Bounded]) -> tup
     low, high = np.where(np.isnan(low), 0.0, low), np.where(np.isnan(high), math.inf, high)
     return (float(np.quantile(low, alpha, method="inverted_cdf")),
             float(np.quantile(high, 1 - alpha, method="inverted_cdf")))
+
+
+def speedup_range(baseline: Sequence[Bounded], arm: Sequence[Bounded]) -> tuple[float, float] | None:
+    """The range of the speed-ups of single runs, a baseline run's steps over an arm run's: from the
+    smallest (the baseline's lowest lower end over the arm's highest upper end) to the largest (highest
+    upper end over lowest lower end); None with fewer than 2 runs a side."""
+    if len(baseline) < 2 or len(arm) < 2:
+        return None
+    low = float(_ratio(min(v.lo for v in baseline), max(v.hi for v in arm)))
+    high = float(_ratio(max(v.hi for v in baseline), min(v.lo for v in arm)))
+    return (0.0 if math.isnan(low) else low), (math.inf if math.isnan(high) else high)
+
+
+def speedup_spread(baseline: Sequence[Bounded], arm: Sequence[Bounded]) -> tuple[str, float, float] | None:
+    """How far the speed-up could be over seeds: ("95% bootstrap", low, high), speedup_interval, with at
+    least BOOTSTRAP_MIN_RUNS runs a side; ("range", low, high), speedup_range, with 2 to 4 on a side; None
+    with fewer."""
+    if min(len(baseline), len(arm)) >= BOOTSTRAP_MIN_RUNS:
+        interval = speedup_interval(baseline, arm)
+        return None if interval is None else ("95% bootstrap", *interval)
+    spread = speedup_range(baseline, arm)
+    return None if spread is None else ("range", *spread)
 
 
 # --- curves over training ---------------------------------------------------------------------------------
