@@ -288,10 +288,20 @@ def test_the_baseline_of_another_architecture_is_its_nearest_arm():
     assert {a: bases[a] for a in arms if a.startswith("resnet")} == dict.fromkeys(
         ["resnet_bs8_bnexp", "resnet_bs8_none", "resnet_bs32_bnexp", "resnet_bs32_none"], "resnet_bs32_bnexp")
     assert {bases[a] for a in arms if a.startswith("cnn")} == {"cnn_bs32_bnexp"}
-    # An architecture with no arm but itself is its own baseline; runs without a config keep the configured one.
-    assert report.arm_baselines([run("mlp", 0, 100, config=_cfg("mlp", "none")),
-                                 run("vgg", 0, 100, config=_cfg("vgg", "none"))], ["mlp", "vgg"], "mlp") == {
-        "mlp": "mlp", "vgg": "vgg"}
+    # An architecture with no arm but itself has no baseline (never itself); runs without a config keep the
+    # configured one.
+    lone = [run("mlp", s, 500 + 100 * s, config=_cfg("mlp", "none")) for s in (0, 1)] + \
+        [run("mlp_bn", s, 100 + 50 * s, config=_cfg("mlp", "bnexp")) for s in (0, 1)] + \
+        [run("vgg", s, 100, config=_cfg("vgg", "none")) for s in (0, 1)]
+    assert report.arm_baselines(lone, ["mlp", "mlp_bn", "vgg"], "mlp") == {"mlp": "mlp", "mlp_bn": "mlp", "vgg": None}
+    rows = rows_by_arm(lone, ["mlp", "mlp_bn", "vgg"], "mlp")
+    assert math.isnan(rows["vgg"]["speedup"]) and rows["vgg"]["baseline"] == ""
+    assert rows["mlp"]["speedup"] == 1.0 and rows["mlp_bn"]["speedup"] == pytest.approx(550 / 125)
+    cells = {c[0]: c for c in report.format_rows(list(rows.values()), full=False)}
+    vs = report.columns(list(rows.values()), full=False).index("vs")
+    assert (cells["vgg"][vs - 1], cells["vgg"][vs]) == ("", "—") and cells["mlp"][vs - 1] == "1.0×"
+    assert ("vs —: no other arm of its architecture (model.kind) to compare with: no speed-up."
+            in report.legend(list(rows.values())))
     assert report.arm_baselines([run("a", 0, 1), run("b", 0, 1)], ["a", "b"], "a") == {"a": "a", "b": "a"}
 
 

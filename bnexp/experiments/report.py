@@ -58,7 +58,8 @@ def arm_baselines(records: list[RunRecord], arms: list[str], baseline: str | Non
     """Each arm's baseline for its speed-up: the configured baseline when the arm's model.kind is the
     baseline's; else the arm of the arm's model.kind whose config differs from the baseline's in the fewest
     keys (seed and name aside; the first in the arm list on a tie), i.e. the baseline's settings on that
-    architecture (mnist1d: `cnn_bn` against `cnn_no_bn`, not `mlp_no_bn`); None when there is none."""
+    architecture (mnist1d: `cnn_bn` against `cnn_no_bn`, not `mlp_no_bn`); None when there is none, and for
+    an arm that is the only one of its model.kind (it would be compared with itself)."""
     configs: dict[str, RunRecord] = {}
     for rec in records:
         if rec.config and rec.arm not in configs:
@@ -79,7 +80,7 @@ def arm_baselines(records: list[RunRecord], arms: list[str], baseline: str | Non
             out[arm] = baseline
             continue
         same_kind = [a for a in arms if a in configs and configs[a].model_kind == configs[arm].model_kind]
-        out[arm] = min(same_kind, key=lambda a: (distance(a), arms.index(a))) if same_kind else None
+        out[arm] = min(same_kind, key=lambda a: (distance(a), arms.index(a))) if len(same_kind) > 1 else None
     return out
 
 
@@ -151,7 +152,7 @@ def aggregate(records: list[RunRecord], arms: list[str], target: float | None,
         base = bases.get(arm)
         if base is None or arm not in steps or base not in steps:
             continue
-        if arm == base:  # whatever its bounds, an arm is as fast as itself; a median of 0 has no ratio
+        if arm == base:  # a baseline (of its architecture): as fast as itself; a median of 0 has no ratio
             ratio = stats.Bounded.exact(1.0) if stats.median(steps[arm]).point > 0 else None
         else:
             ratio = stats.speedup(steps[base], steps[arm])
@@ -218,6 +219,13 @@ def speedup_cell(row: dict[str, Any], interval: bool = True, name_range: bool = 
     return value
 
 
+def _vs_cell(row: dict[str, Any]) -> str:
+    """The arm the speed-up is against; "—" when there is none (the only arm of its architecture)."""
+    if not row["baseline"]:
+        return "—"
+    return row["baseline"] if math.isfinite(row["speedup"]) else ""
+
+
 def diverged_cell(row: dict[str, Any]) -> str:
     others = [f"{row[k]} {k}" for k in ("failed", "unfinished") if row[k]]
     if row["reached_then_diverged"]:
@@ -251,7 +259,7 @@ def _columns(rows: list[dict[str, Any]], full: bool) -> list[tuple[str, Any]]:
         cols += [(f"steps to {target:g}", steps_cell),
                  (header, lambda r: speedup_cell(r, name_range=len(kinds) > 1))]
         if full or len({r["baseline"] for r in rows}) > 1:
-            cols.append(("vs", lambda r: r["baseline"] if math.isfinite(r["speedup"]) else ""))
+            cols.append(("vs", _vs_cell))
     gap = "gap_loss" if reg else "gap_accuracy"
     probes = [(f"gap {metric}", lambda r: _pm(r, gap, digits)),
               ("run-mean err", lambda r: _pm(r, "running_mean_err")),
@@ -297,6 +305,8 @@ def legend(rows: list[dict[str, Any]]) -> list[str]:
                    f"has not reached it); ≤ reached at the first evaluation, > not reached within the budget. "
                    f"speed-up: baseline's median steps / the arm's, {against}; ≥/≤ when bounded"
                    + "".join(f"; {x}" for x in spread) + ".")
+        if any(not r["baseline"] for r in rows):
+            out.append("vs —: no other arm of its architecture (model.kind) to compare with: no speed-up.")
     return out
 
 
