@@ -118,7 +118,8 @@ def test_sweep_series_are_means_over_seeds_per_other_factor():
     bars = [seg for c in final_ax.containers for coll in c.lines[2] for seg in coll.get_segments()
             if len(seg) and np.isfinite(seg).all()]
     assert len(bars) == 1 and bars[0][:, 0].tolist() == [2.0, 2.0]
-    assert bars[0][:, 1].tolist() == pytest.approx([0.6 - np.std([0.5, 0.7], ddof=1), 0.6 + np.std([0.5, 0.7], ddof=1)])
+    std = np.std([0.5, 0.7], ddof=1)
+    assert bars[0][:, 1].tolist() == pytest.approx([0.6 - std, 0.6 + std])
 
 
 def test_the_sweep_csv_leaves_the_std_of_one_run_blank(tmp_path):

@@ -669,10 +669,12 @@ def _report(out_dir: Path, records, title: str, target: float | None, baseline: 
 
 def _describe(cmp: CompareConfig, jobs: list[Job]) -> list[str]:
     cfg = jobs[0].cfg
+    # A linear network has no activation (model.activation is ignored there).
+    model = cfg.model.kind if cfg.model.kind == "linear" else f"{cfg.model.kind} {cfg.model.activation}"
     # The first arm's resolved settings: the other arms differ from them only by their own overrides.
     notes = [f"settings (as arm `{jobs[0].arm}` runs them; arms differ by the overrides below): data "
-             f"{cfg.data.dataset}, batch {cfg.data.batch_size}; model: {cfg.model.kind}"
-             f"{'' if cfg.model.kind == 'linear' else f' {cfg.model.activation}'}; optimizer: {cfg.optim.name}, lr {cfg.optim.lr}; "
+             f"{cfg.data.dataset}, batch {cfg.data.batch_size}; model: {model}; optimizer: {cfg.optim.name}, "
+             f"lr {cfg.optim.lr}; "
              f"{f'{cfg.train.epochs} epochs' if cfg.train.epochs else f'{cfg.train.steps} steps'}; "
              f"seeds {', '.join(map(str, cmp.seeds))}"]
     if cmp.lr_scale != "none":

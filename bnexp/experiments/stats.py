@@ -222,7 +222,7 @@ def time_course(steps: np.ndarray, values: np.ndarray) -> TimeCourse | None:
         mid = int(inner[np.argmin(np.abs(steps[inner] - steps[-1] / 2))])  # the earlier of two equally near
         if mid == early:
             mid = None
-    if last:
+    if last:  # the trapezoid rule
         average = float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(steps))) / float(steps[-1] - steps[0])
     else:
         average = float(values[0])
