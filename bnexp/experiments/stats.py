@@ -21,7 +21,8 @@ BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0  # a report is a function of its runs: the same runs give the same interval
 CONFIDENCE = 0.95
 # Fewer runs than this on a side and the percentile bootstrap says no more than the range of single-run
-# ratios (with 3 its 2.5th and 97.5th percentiles are exactly the range's ends): the range is shown instead.
+# ratios (with 3 or fewer on each side its 2.5th and 97.5th percentiles are exactly the range's ends): the
+# range is shown instead.
 BOOTSTRAP_MIN_RUNS = 5
 
 
