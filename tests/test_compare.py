@@ -322,6 +322,8 @@ def _bad(tmp_path: Path, monkeypatch, argv: list[str]) -> str:
     ({"target_accuracy": True}, "target_accuracy"),
     ({"base": {**TINY["base"], "optim": {"lr": 0}}}, "base: optim.lr"),
     ({"base": "missing.yaml"}, "base: config file not found"),
+    ({"arms": {"a": {}, "reg": {"data.dataset": "linear_regression", "model.kind": "linear"}}},
+     "target_accuracy: arm `reg` is a regression (data.dataset linear_regression, an MSE loss)"),
 ])
 def test_bad_comparison_configs(tmp_path, monkeypatch, change, expected):
     cfg = {**TINY, **change}
@@ -332,6 +334,25 @@ def test_bad_comparison_configs(tmp_path, monkeypatch, change, expected):
     write_cfg(tmp_path / "c.yaml", cfg)
     err = _bad(tmp_path, monkeypatch, ["compare", "-c", "c.yaml"])
     assert expected in err
+
+
+def test_a_regression_comparison_says_its_model_without_an_activation_and_refuses_a_target(tmp_path, monkeypatch):
+    cfg = {"name": "reg", "seeds": [0],
+           "base": {"device": "cpu", "model": {"kind": "linear", "depth": 2},
+                    "data": {"dataset": "linear_regression", "batch_size": 16,
+                             "linear_regression": {"num_samples": 64, "num_test": 16, "num_features": 4}},
+                    "train": {"steps": 4, "eval_every": 2, "log_every": 2, "checkpoint_every": 4},
+                    "probes": {"enabled": False}},
+           "arms": {"plain": {"model.norm": "none"}}}
+    write_cfg(tmp_path / "c.yaml", cfg)
+    code, out, err = run_cli(["compare", "-c", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "c"), "-q"])
+    assert code == 0, err
+    text = (tmp_path / "c" / "report.md").read_text()
+    assert "model: linear; optimizer" in text, text.splitlines()[2]
+    # A target accuracy on these runs: refused, nothing created.
+    err = _bad(tmp_path, monkeypatch, ["compare", str(tmp_path / "c" / "plain" / "s0"), "--set",
+                                       "target_accuracy=0.5"])
+    assert "target_accuracy: arm `plain` is a regression" in err
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -96,7 +96,7 @@ def test_activations_show_every_run_with_the_units_it_logged(groups):
     assert len([ax for ax in fig.axes if not ax.axison]) == 1  # the arm with one seed leaves a blank panel
     panel = next(ax for ax in fig.axes if ax.get_title().startswith("bn, seed 1"))
     assert [tuple(line.get_ydata()[:2]) for line in panel.get_lines()] == [(0.0, 0.2), (1.0, 1.2), (2.0, 2.2)]
-    assert "every run" in fig._suptitle.get_text()
+    assert "every run" in fig.get_suptitle()
     plt.close(fig)
 
 
@@ -117,6 +117,30 @@ def test_write_plots_saves_png_at_print_resolution_and_svg(tmp_path, groups):
         width, height = _png_size(png)
         assert width >= 6 * figures.DPI and height >= 4 * figures.DPI, png.name  # ≥ 6 × 4 inches at 300 dpi
         assert png.with_suffix(".svg").read_bytes().startswith(b"<?xml")
+
+
+def test_plots_are_written_in_place_of_a_planted_link_never_through_it(tmp_path, groups):
+    from bnexp.engine.files import OutputError
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"not a plot")
+    plot_dir = tmp_path / "plots"
+    plot_dir.mkdir()
+    (plot_dir / "loss.png").symlink_to(outside)
+    (plot_dir / "loss.svg").symlink_to(outside)
+    written = plots.write_plots(plot_dir, groups["bn"], ["bn"], None, "t")
+    assert plot_dir / "loss.png" in written
+    assert outside.read_bytes() == b"not a plot"  # the link's target is untouched
+    for name in ("loss.png", "loss.svg"):
+        assert not (plot_dir / name).is_symlink() and (plot_dir / name).is_file(), name
+    assert _png_size(plot_dir / "loss.png")[0] >= 6 * figures.DPI
+    # A plots folder that is itself a link: refused in one line, nothing written where it points.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "linked").symlink_to(elsewhere)
+    with pytest.raises(OutputError, match="it is a symbolic link"):
+        plots.write_plots(tmp_path / "linked", groups["bn"], ["bn"], None, "t")
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_one_colour_per_arm_in_every_plot_of_a_grid():

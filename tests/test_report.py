@@ -88,7 +88,7 @@ def test_speedup_is_marked_as_a_bound_when_it_comes_from_one():
     assert rows["slow"]["speedup"] == pytest.approx(850 / 1000) and rows["slow"]["speedup_bound"] == "<="
     assert report.steps_cell(rows["slow"]) == "> 1000 (0/3)"
     assert rows["mid"]["speedup"] == pytest.approx(850 / 300) and rows["mid"]["speedup_bound"] == ""
-    assert rows["base"]["speedup"] == 1.0 and math.isnan(rows["base"]["speedup_ci_low"])
+    assert rows["base"]["speedup"] == 1.0 and math.isnan(rows["base"]["speedup_interval_low"])
 
     # Against a baseline that never reaches the target: ≥ for an arm that does, nothing for one that doesn't.
     rows = rows_by_arm(recs, ["slow", "mid", "first"], "slow")
@@ -138,36 +138,75 @@ def test_bootstrap_interval_of_the_speedup_matches_the_exact_bootstrap_and_scipy
     assert row["speedup"] == pytest.approx(500 / 150)
     low, high, margin = _exact_interval(base_steps, arm_steps)
     assert margin > 0.006  # ~4 Monte Carlo standard errors at 10,000 resamples
-    assert (row["speedup_ci_low"], row["speedup_ci_high"]) == pytest.approx((low, high))
+    assert (row["speedup_interval_low"], row["speedup_interval_high"]) == pytest.approx((low, high))
     ref = bootstrap((np.array(base_steps, float), np.array(arm_steps, float)),
                     lambda b, a, axis: np.median(b, axis=axis) / np.median(a, axis=axis), vectorized=True,
                     paired=False, method="percentile", n_resamples=10_000, rng=np.random.default_rng(1))
-    assert (row["speedup_ci_low"], row["speedup_ci_high"]) == pytest.approx(
+    assert (row["speedup_interval_low"], row["speedup_interval_high"]) == pytest.approx(
         (ref.confidence_interval.low, ref.confidence_interval.high))
     # Deterministic: the same runs give the same interval.
     again = rows_by_arm(recs, ["base", "bn"], "base")["bn"]
-    assert (again["speedup_ci_low"], again["speedup_ci_high"]) == (row["speedup_ci_low"], row["speedup_ci_high"])
+    assert [again[k] for k in ("speedup_interval_low", "speedup_interval_high")] == \
+        [row[k] for k in ("speedup_interval_low", "speedup_interval_high")]
     assert report.speedup_cell(row) == f"{500 / 150:.1f}× [{low:.1f}–{high:.1f}]"
 
 
 def test_bootstrap_interval_is_open_where_a_resample_could_be_a_bound():
     # One run passed the target at its first evaluation (≤ 50): the median is exact (100), but a resample
-    # of it twice has a median anywhere in (0, 50], so the interval has no upper end; its lower end is the
-    # exact bootstrap's with that run at 50.
-    recs = [*(run("base", s, r) for s, r in enumerate((600, 700, 800))),
-            *(run("bn", s, r) for s, r in enumerate((50, 100, 150)))]
+    # of it three times has a median anywhere in (0, 50], so the interval has no upper end; its lower end is
+    # the exact bootstrap's with that run at 50.
+    base_steps, arm_steps = [500, 600, 700, 800, 900], [50, 100, 150, 200, 250]
+    recs = [*(run("base", s, r) for s, r in enumerate(base_steps)),
+            *(run("bn", s, r) for s, r in enumerate(arm_steps))]
     row = rows_by_arm(recs, ["base", "bn"], "base")["bn"]
-    assert row["speedup"] == pytest.approx(7.0) and row["speedup_bound"] == ""
-    low, _, margin = _exact_interval([600, 700, 800], [50, 100, 150])
+    assert row["speedup"] == pytest.approx(700 / 150) and row["speedup_bound"] == ""
+    low, _, margin = _exact_interval(base_steps, arm_steps)
     assert margin > 0.006
-    assert row["speedup_ci_low"] == pytest.approx(low) and row["speedup_ci_high"] == math.inf
+    assert row["speedup_interval"] == "95% bootstrap"
+    assert row["speedup_interval_low"] == pytest.approx(low) and row["speedup_interval_high"] == math.inf
     assert report.speedup_cell(row).endswith("–∞]")
+
+
+def test_with_fewer_than_5_runs_a_side_the_interval_is_the_range_and_says_so():
+    # With 3 runs a side the bootstrap's 2.5th and 97.5th percentiles are the smallest and the largest
+    # single-run ratio: the range, which the report then calls by its name.
+    base_steps, arm_steps = [600, 700, 800], [100, 150, 200]
+    low, high, _ = _exact_interval(base_steps, arm_steps)
+    assert (low, high) == (600 / 200, 800 / 100)
+    recs = [*(run("base", s, r) for s, r in enumerate(base_steps)),
+            *(run("bn", s, r) for s, r in enumerate(arm_steps))]
+    rows = rows_by_arm(recs, ["base", "bn"], "base")
+    row = rows["bn"]
+    assert (row["speedup_interval"], row["speedup_interval_low"], row["speedup_interval_high"]) == (
+        "range", 3.0, 8.0)
+    assert report.speedup_cell(row) == "4.7× [3.0–8.0]"
+    assert "speed-up [range]" in report.columns(list(rows.values()))
+    legend = " ".join(report.legend(list(rows.values())))
+    assert "[range]: with fewer than 5 runs on a side, the range of the speed-ups of single runs" in legend
+    assert "95 %" not in legend
+    # A bound widens it: a run at its first evaluation (≤ 50) could be any faster.
+    recs[3] = run("bn", 0, 50)
+    row = rows_by_arm(recs, ["base", "bn"], "base")["bn"]
+    assert (row["speedup_interval_low"], row["speedup_interval_high"]) == (3.0, math.inf)
+    # 4 runs a side: still the range; 5 on one side and 4 on the other: still the range.
+    recs = [*(run("base", s, r) for s, r in enumerate((600, 700, 800, 900, 1000))),
+            *(run("bn", s, r) for s, r in enumerate((100, 150, 200, 250)))]
+    row = rows_by_arm(recs, ["base", "bn"], "base")["bn"]
+    assert (row["speedup_interval"], row["speedup_interval_low"], row["speedup_interval_high"]) == (
+        "range", 600 / 250, 10.0)
+    # A table with both kinds names the range in its cells.
+    recs += [*(run("mix", s, r) for s, r in enumerate((100, 150, 200, 250, 300)))]
+    recs = [r for r in recs if r.arm != "bn"] + [run("bn", s, r) for s, r in enumerate((100, 150))]
+    rows = list(rows_by_arm(recs, ["base", "mix", "bn"], "base").values())
+    assert report.columns(rows)[5] == "speed-up [95% CI]"
+    cells = {r[0]: r[5] for r in report.format_rows(rows)}
+    assert cells["bn"] == "6.4× [range 4.0–10.0]" and "range" not in cells["mix"]
 
 
 def test_no_interval_from_a_single_run():
     recs = [run("base", 0, 500), run("base", 1, 600), run("bn", 0, 100)]
     row = rows_by_arm(recs, ["base", "bn"], "base")["bn"]
-    assert row["speedup"] == pytest.approx(5.5) and math.isnan(row["speedup_ci_low"])
+    assert row["speedup"] == pytest.approx(5.5) and math.isnan(row["speedup_interval_low"])
     assert report.speedup_cell(row) == "5.5×"
 
 
@@ -250,10 +289,21 @@ def test_the_baseline_of_another_architecture_is_its_nearest_arm():
     assert {a: bases[a] for a in arms if a.startswith("resnet")} == dict.fromkeys(
         ["resnet_bs8_bnexp", "resnet_bs8_none", "resnet_bs32_bnexp", "resnet_bs32_none"], "resnet_bs32_bnexp")
     assert {bases[a] for a in arms if a.startswith("cnn")} == {"cnn_bs32_bnexp"}
-    # An architecture with no arm but itself is its own baseline; runs without a config keep the configured one.
-    assert report.arm_baselines([run("mlp", 0, 100, config=_cfg("mlp", "none")),
-                                 run("vgg", 0, 100, config=_cfg("vgg", "none"))], ["mlp", "vgg"], "mlp") == {
-        "mlp": "mlp", "vgg": "vgg"}
+    # An architecture with no arm but itself has no baseline (never itself); runs without a config keep the
+    # configured one.
+    lone = [run("mlp", s, 500 + 100 * s, config=_cfg("mlp", "none")) for s in (0, 1)] + \
+        [run("mlp_bn", s, 100 + 50 * s, config=_cfg("mlp", "bnexp")) for s in (0, 1)] + \
+        [run("vgg", s, 100, config=_cfg("vgg", "none")) for s in (0, 1)]
+    assert report.arm_baselines(lone, ["mlp", "mlp_bn", "vgg"], "mlp") == {"mlp": "mlp", "mlp_bn": "mlp",
+                                                                           "vgg": None}
+    rows = rows_by_arm(lone, ["mlp", "mlp_bn", "vgg"], "mlp")
+    assert math.isnan(rows["vgg"]["speedup"]) and rows["vgg"]["baseline"] == ""
+    assert rows["mlp"]["speedup"] == 1.0 and rows["mlp_bn"]["speedup"] == pytest.approx(550 / 125)
+    cells = {c[0]: c for c in report.format_rows(list(rows.values()), full=False)}
+    vs = report.columns(list(rows.values()), full=False).index("vs")
+    assert (cells["vgg"][vs - 1], cells["vgg"][vs]) == ("", "—") and cells["mlp"][vs - 1] == "1.0×"
+    assert ("vs —: no other arm of its architecture (model.kind) to compare with: no speed-up."
+            in report.legend(list(rows.values())))
     assert report.arm_baselines([run("a", 0, 1), run("b", 0, 1)], ["a", "b"], "a") == {"a": "a", "b": "a"}
 
 
@@ -278,7 +328,8 @@ def test_time_course_of_the_running_statistics_errors():
     assert (row["running_mean_err_early_step"], row["running_mean_err_mid_step"]) == (50, 500)
     assert row["running_mean_err_early_mean"] == pytest.approx(np.mean([layer_mean[1.0][1], layer_mean[3.0][1]]))
     assert row["running_mean_err_mid_mean"] == pytest.approx(np.mean([layer_mean[1.0][10], layer_mean[3.0][10]]))
-    averages = [trapezoid(layer_mean[s], steps) / 1000 for s in (1.0, 3.0)]
+    # Over training after initialization: the trapezoid over the probed steps from 50 (step 0 left out).
+    averages = [trapezoid(layer_mean[s][1:], steps[1:]) / 950 for s in (1.0, 3.0)]
     assert row["running_mean_err_average_mean"] == pytest.approx(np.mean(averages))
     assert row["running_mean_err_average_std"] == pytest.approx(np.std(averages, ddof=1))
     assert row["running_var_err_average_mean"] == pytest.approx(0.5)
@@ -286,6 +337,40 @@ def test_time_course_of_the_running_statistics_errors():
     table = report.time_course_table([row])
     assert "| arm | step 50 | step 500 | final | average over training |" in table
     assert f"{row['running_mean_err_early_mean']:.3f} ± {row['running_mean_err_early_std']:.3f}" in table
+
+
+def test_time_course_average_leaves_out_step_0():
+    # The value at initialization, however large, is not part of the average over training: joined by a
+    # line to the first probe, it would weigh by the probe interval (0.104 with probes every 10 against
+    # 0.246 every 50 on one run before this was fixed).
+    steps = np.arange(0, 201, 10, dtype=float)
+    values = 0.2 + 0.1 * np.sin(steps / 40)
+    averages = []
+    for at_init in (values[0], 50.0):
+        course = stats.time_course(steps, np.concatenate([[at_init], values[1:]]))
+        averages.append(course.average)
+    assert averages[0] == averages[1]
+    assert averages[0] == pytest.approx(np.trapezoid(values[1:], steps[1:]) / 190)
+    assert (course.early_step, course.early, course.final_step) == (10, values[1], 200)
+
+
+@pytest.mark.parametrize("steps, early, mid", [
+    ([0, 50, 100], 50, None),  # the only step between 0 and the last is the early one: no mid
+    ([0, 100], None, None),  # the first probed step after 0 is the last: neither (not step 0)
+    ([0, 40, 60, 100], 40, None),  # 40 and 60 equally near 50: the earlier, which is the early one
+    ([0, 25, 50, 75, 100], 25, 50),
+])
+def test_time_course_mid_is_after_0_before_the_last_and_never_repeats(steps, early, mid):
+    steps = np.array(steps, dtype=float)
+    course = stats.time_course(steps, 1 / (1 + steps))
+    assert (course.early_step, course.mid_step, course.final_step) == (early, mid, 100)
+    assert course.mid is None if mid is None else course.mid == pytest.approx(1 / (1 + mid))
+    # report.md's table leaves out a column that would repeat another.
+    rows = {int(t): {"gap/accuracy": 1 / (1 + t)} for t in steps}
+    (row,) = report.aggregate([run("a", 0, None, budget=100, rows=rows)], ["a"], None, None)
+    header = report.time_course_table([row]).splitlines()[2]
+    assert header == "| arm | " + "".join(f"step {s} | " for s in (early, mid) if s is not None) + \
+        "final | average over training |"
 
 
 # --- the terminal table ---------------------------------------------------------------------------------------
@@ -323,7 +408,7 @@ def test_the_table_fits_the_console_and_cuts_nothing(wide_rows, width):
             for cell in cells[1:]:
                 assert any(cell in line for line in lines), cell
     header = report.columns(wide_rows, full=False)
-    assert header == ["arm", "n", "final acc", "best acc†", "steps to 0.6", "speed-up [95% CI]", "vs", "diverged"]
+    assert header == ["arm", "n", "final acc", "best acc†", "steps to 0.6", "speed-up [range]", "vs", "diverged"]
     words = " ".join(text.split())
     assert "selected on the test set" in words and "vs the baseline of the arm's architecture" in words
 
@@ -339,7 +424,7 @@ def test_report_md_and_summary_csv_have_every_column(tmp_path, wide_rows):
     recs = [run("a", 0, 100), run("a", 1, 150), run("b", 0, 300), run("b", 1, None, diverged=500)]
     rows = report.aggregate(recs, ["a", "b"], TARGET, "b")
     text = report.to_markdown(rows, recs, "t", TARGET, "b", ["a note"], [], tmp_path)
-    assert ("| arm | n | final acc | best acc† | steps to 0.9 | speed-up [95% CI] | vs | gap acc | run-mean err | "
+    assert ("| arm | n | final acc | best acc† | steps to 0.9 | speed-up [range] | vs | gap acc | run-mean err | "
             "run-var err | wall s | diverged |") in text
     assert "selected on the test set" in text and "diverged at step 500" in text
     parsed = {r["arm"]: r for r in csv.DictReader(io.StringIO(report.to_csv(rows)))}

@@ -104,8 +104,9 @@ def test_sweep_series_are_means_over_seeds_per_other_factor():
     bn = series["norm=bn"]
     assert bn.x == [2.0, 32.0]
     assert bn.final[0] == pytest.approx((0.6, np.std([0.5, 0.7], ddof=1), 2))
-    assert bn.best[1] == (0.95, 0.0, 1)
-    assert series["norm=gn"].final[1] == (0.82, 0.0, 1)
+    # One run has no spread: its std is nan (blank in the CSV, no error bar), not 0.
+    assert bn.best[1][0::2] == (0.95, 1) and math.isnan(bn.best[1][1])
+    assert series["norm=gn"].final[1][0::2] == (0.82, 1) and math.isnan(series["norm=gn"].final[1][1])
     assert log_scale(list(series.values())) and not log_scale([bn.__class__("", [2.0, 8.0], [], [])])
     fig = sweep_figure(list(series.values()), "data.batch_size", "test accuracy", "t")
     final_ax, best_ax = fig.axes[:2]
@@ -113,6 +114,24 @@ def test_sweep_series_are_means_over_seeds_per_other_factor():
     # One errorbar container per series: its data line, and the std as the bars' half-length.
     drawn = sorted((tuple(c.lines[0].get_xdata()), tuple(c.lines[0].get_ydata())) for c in final_ax.containers)
     assert drawn == [((2.0, 32.0), pytest.approx((0.6, 0.9))), ((2.0, 32.0), pytest.approx((0.8, 0.82)))]
+    # A bar only where there are two runs or more: bs2_bn's, of half-length its std.
+    bars = [seg for c in final_ax.containers for coll in c.lines[2] for seg in coll.get_segments()
+            if len(seg) and np.isfinite(seg).all()]
+    assert len(bars) == 1 and bars[0][:, 0].tolist() == [2.0, 2.0]
+    std = np.std([0.5, 0.7], ddof=1)
+    assert bars[0][:, 1].tolist() == pytest.approx([0.6 - std, 0.6 + std])
+
+
+def test_the_sweep_csv_leaves_the_std_of_one_run_blank(tmp_path):
+    from bnexp.experiments.sweeps import write_sweep_plots
+
+    points = {f"bs{m}": ("", {"data.batch_size": m}) for m in (2, 32)}
+    records = [_rec("bs2", 0, 0.5, 0.6), _rec("bs2", 1, 0.7, 0.8), _rec("bs32", 0, 0.9, 0.95)]
+    write_sweep_plots(tmp_path, records, points, "t")
+    with open(tmp_path / "sweep_batch_size.csv") as f:
+        rows = {float(r["x"]): r for r in csv.DictReader(f)}
+    assert float(rows[2.0]["final_std"]) == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert (rows[32.0]["final_std"], rows[32.0]["best_std"], rows[32.0]["n"]) == ("", "", "1")
 
 
 @pytest.mark.slow

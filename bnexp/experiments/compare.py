@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from bnexp.config import (COMPARISON_KEYS, NAME_PATTERN, Config, ConfigError, Float, Int, apply_override,
                           format_validation_error, parse_override, read_yaml, validate)
+from bnexp.data import REGRESSION
 from bnexp.errors import RunFailed, UserError
 from bnexp.engine import dashboard, files, session, signals
 from bnexp.engine.rundir import (ERROR_FILE, FINISHED, RunBusy, RunDirError, create_run_dir, find_runs, is_run_dir,
@@ -282,7 +283,19 @@ def plan(cmp: CompareConfig) -> list[Job]:
                 factor = ratio if cmp.lr_scale == "linear" else ratio ** 0.5
                 cfg = validate(apply_override(raw, "optim.lr", cfg.optim.lr * factor))
             jobs.append(Job(arm, seed, cfg))
+    if cmp.target_accuracy is not None:
+        _refuse_target_on_regression([(job.arm, job.cfg.data.dataset) for job in jobs])
     return jobs
+
+
+def _refuse_target_on_regression(arms: list[tuple[str, str]]) -> None:
+    """A target accuracy is meaningless for a regression (an MSE loss, no accuracy): a CompareError naming
+    the first (arm, dataset) that is one."""
+    for arm, dataset in arms:
+        if dataset in REGRESSION:
+            raise CompareError(f"invalid comparison config: target_accuracy: arm `{arm}` is a regression "
+                               f"(data.dataset {dataset}, an MSE loss), which has no accuracy to reach; remove "
+                               f"target_accuracy")
 
 
 def _reference_batch_size(cmp: CompareConfig) -> int:
@@ -656,10 +669,12 @@ def _report(out_dir: Path, records, title: str, target: float | None, baseline: 
 
 def _describe(cmp: CompareConfig, jobs: list[Job]) -> list[str]:
     cfg = jobs[0].cfg
+    # A linear network has no activation (model.activation is ignored there).
+    model = cfg.model.kind if cfg.model.kind == "linear" else f"{cfg.model.kind} {cfg.model.activation}"
     # The first arm's resolved settings: the other arms differ from them only by their own overrides.
     notes = [f"settings (as arm `{jobs[0].arm}` runs them; arms differ by the overrides below): data "
-             f"{cfg.data.dataset}, batch {cfg.data.batch_size}; model: {cfg.model.kind} "
-             f"{cfg.model.activation}; optimizer: {cfg.optim.name}, lr {cfg.optim.lr}; "
+             f"{cfg.data.dataset}, batch {cfg.data.batch_size}; model: {model}; optimizer: {cfg.optim.name}, "
+             f"lr {cfg.optim.lr}; "
              f"{f'{cfg.train.epochs} epochs' if cfg.train.epochs else f'{cfg.train.steps} steps'}; "
              f"seeds {', '.join(map(str, cmp.seeds))}"]
     if cmp.lr_scale != "none":
@@ -850,6 +865,9 @@ def report_runs(run_dirs: list[Path], overrides: list[str], out: Path | None) ->
     if "baseline" not in set_keys and raw.get("baseline") not in arms:
         raw.pop("baseline", None)  # the source comparison's baseline is not among these runs
     cmp = _validate_compare(raw)
+    if cmp.target_accuracy is not None:
+        _refuse_target_on_regression([(rec.arm, rec.config.get("data", {}).get("dataset")) for rec in records
+                                      if rec.regression])
     with _create_dir(cmp, out) as report_dir:
         notes = [f"report on {len(found)} existing run directories"]
         return _report(report_dir, records, cmp.name, cmp.target_accuracy, cmp.baseline, arms, notes)

@@ -10,11 +10,14 @@ and as SVG (vector, text as paths: it opens anywhere and converts to PDF with no
 
 from __future__ import annotations
 
+import io
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bnexp.engine import files
 
 DPI = 300
 _DASHES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2, 2, 2))]
@@ -111,16 +114,22 @@ def legend_outside(ax, *others) -> None:
 
 
 def save_figure(fig, path: Path) -> Path:
-    """`path` (.png) at DPI and the same figure as .svg beside it; returns the PNG's path."""
+    """`path` (.png) at DPI and the same figure as .svg beside it; returns the PNG's path. Written like a
+    run's files (bnexp.engine.files): the folder made if missing and refused if it is a symbolic link, each
+    file rendered in memory and replaced atomically, a link planted at its name replaced, never followed."""
     import matplotlib
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    files.real_dir(path.parent, create=True)
     fig.tight_layout()  # legend_outside widened the figure for its legend: the layout holds it
-    fig.savefig(path, dpi=DPI)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=DPI)
     # Text as paths (no font to embed or substitute), ids from a fixed salt and no date: the same runs
     # give the same file.
+    svg = io.BytesIO()
     with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "bnexp"}):
-        fig.savefig(path.with_suffix(".svg"), metadata={"Date": None})
+        fig.savefig(svg, format="svg", metadata={"Date": None})
     plt.close(fig)
+    files.write_atomic(path, png.getbuffer())
+    files.write_atomic(path.with_suffix(".svg"), svg.getbuffer())
     return path

@@ -12,9 +12,10 @@ into report.md):
   its completed and diverged runs, with how many completed runs reached the target; a diverged run has not
   (it did not keep it), and "reached then diverged" is counted apart in summary.csv.
 - speed-up: the baseline's median steps to target over the arm's, against the baseline of the arm's own
-  architecture (`arm_baselines`), "≥"/"≤" when it is a bound, with a 95 % bootstrap interval over seeds.
+  architecture (`arm_baselines`), "≥"/"≤" when it is a bound, with how far it could be over seeds: a 95 %
+  bootstrap interval from 5 runs a side, the range of single-run speed-ups with fewer.
 - time course of each probe curve (running-statistic errors, the train/inference gap) over the completed
-  runs: its value early, midway and at the end, and its time average.
+  runs: its value early, midway and at the end, and its mean over training after initialization.
 - runs are counted as completed, diverged, failed (raised, or a damaged run directory) and unfinished
   (interrupted, still running, or never started).
 """
@@ -57,7 +58,8 @@ def arm_baselines(records: list[RunRecord], arms: list[str], baseline: str | Non
     """Each arm's baseline for its speed-up: the configured baseline when the arm's model.kind is the
     baseline's; else the arm of the arm's model.kind whose config differs from the baseline's in the fewest
     keys (seed and name aside; the first in the arm list on a tie), i.e. the baseline's settings on that
-    architecture (mnist1d: `cnn_bn` against `cnn_no_bn`, not `mlp_no_bn`); None when there is none."""
+    architecture (mnist1d: `cnn_bn` against `cnn_no_bn`, not `mlp_no_bn`); None when there is none, and for
+    an arm that is the only one of its model.kind (it would be compared with itself)."""
     configs: dict[str, RunRecord] = {}
     for rec in records:
         if rec.config and rec.arm not in configs:
@@ -78,7 +80,7 @@ def arm_baselines(records: list[RunRecord], arms: list[str], baseline: str | Non
             out[arm] = baseline
             continue
         same_kind = [a for a in arms if a in configs and configs[a].model_kind == configs[arm].model_kind]
-        out[arm] = min(same_kind, key=lambda a: (distance(a), arms.index(a))) if same_kind else None
+        out[arm] = min(same_kind, key=lambda a: (distance(a), arms.index(a))) if len(same_kind) > 1 else None
     return out
 
 
@@ -121,8 +123,9 @@ def aggregate(records: list[RunRecord], arms: list[str], target: float | None,
         for prefix, curve in _CURVES.items():
             courses = [c for r in done if (c := stats.time_course(*_curve(r, curve))) is not None]
             for when in _WHEN:
-                if when != "average":
-                    row[f"{prefix}_{when}_step"] = _common([getattr(c, f"{when}_step") for c in courses])
+                if when != "average":  # None where it would repeat another column of that run
+                    row[f"{prefix}_{when}_step"] = _common([getattr(c, f"{when}_step") for c in courses
+                                                            if getattr(c, when) is not None])
                 _put(row, f"{prefix}_{when}", [getattr(c, when) for c in courses])
         row["target_accuracy"] = target if target is not None else math.nan
         row["reached"] = row["reached_then_diverged"] = 0
@@ -143,12 +146,13 @@ def aggregate(records: list[RunRecord], arms: list[str], target: float | None,
         arm = row["arm"]
         row["baseline"] = bases.get(arm) or ""
         row["speedup"] = row["speedup_low"] = row["speedup_high"] = math.nan
-        row["speedup_ci_low"] = row["speedup_ci_high"] = math.nan
+        row["speedup_interval"] = ""
+        row["speedup_interval_low"] = row["speedup_interval_high"] = math.nan
         row["speedup_bound"] = ""
         base = bases.get(arm)
         if base is None or arm not in steps or base not in steps:
             continue
-        if arm == base:  # whatever its bounds, an arm is as fast as itself; a median of 0 has no ratio
+        if arm == base:  # a baseline (of its architecture): as fast as itself; a median of 0 has no ratio
             ratio = stats.Bounded.exact(1.0) if stats.median(steps[arm]).point > 0 else None
         else:
             ratio = stats.speedup(steps[base], steps[arm])
@@ -156,9 +160,9 @@ def aggregate(records: list[RunRecord], arms: list[str], target: float | None,
             continue
         row["speedup"], row["speedup_low"], row["speedup_high"] = ratio.point, ratio.lo, ratio.hi
         row["speedup_bound"] = {"exact": "", "upper": "<=", "lower": ">=", "unknown": "?"}[ratio.kind]
-        interval = None if arm == base else stats.speedup_interval(steps[base], steps[arm])
-        if interval is not None:
-            row["speedup_ci_low"], row["speedup_ci_high"] = interval
+        spread = None if arm == base else stats.speedup_spread(steps[base], steps[arm])
+        if spread is not None:
+            row["speedup_interval"], row["speedup_interval_low"], row["speedup_interval_high"] = spread
     return rows
 
 
@@ -199,7 +203,9 @@ def steps_cell(row: dict[str, Any]) -> str:
     return f"{value} ({row['reached']}/{finished})"
 
 
-def speedup_cell(row: dict[str, Any], interval: bool = True) -> str:
+def speedup_cell(row: dict[str, Any], interval: bool = True, name_range: bool = False) -> str:
+    """The speed-up, with its interval in brackets ("[range a–b]" when `name_range` and it is a range: a
+    table whose header cannot say which)."""
     if not math.isfinite(row["speedup"]):
         return ""
     bound = row["speedup_bound"]
@@ -207,9 +213,17 @@ def speedup_cell(row: dict[str, Any], interval: bool = True) -> str:
         value = f"{_times(row['speedup_low'])}–{_times(row['speedup_high'])}×"
     else:
         value = {">=": "≥ ", "<=": "≤ ", "": ""}[bound] + f"{_times(row['speedup'])}×"
-    if interval and math.isfinite(row["speedup_ci_low"]):
-        value += f" [{_times(row['speedup_ci_low'])}–{_times(row['speedup_ci_high'])}]"
+    if interval and row["speedup_interval"]:
+        label = "range " if name_range and row["speedup_interval"] == "range" else ""
+        value += f" [{label}{_times(row['speedup_interval_low'])}–{_times(row['speedup_interval_high'])}]"
     return value
+
+
+def _vs_cell(row: dict[str, Any]) -> str:
+    """The arm the speed-up is against; "—" when there is none (the only arm of its architecture)."""
+    if not row["baseline"]:
+        return "—"
+    return row["baseline"] if math.isfinite(row["speedup"]) else ""
 
 
 def diverged_cell(row: dict[str, Any]) -> str:
@@ -239,9 +253,13 @@ def _columns(rows: list[dict[str, Any]], full: bool) -> list[tuple[str, Any]]:
         (f"final {metric}", lambda r: _pm(r, f"final_{col}", digits)),
         (f"best {metric}†", lambda r: _pm(r, f"best_{col}", digits))]
     if math.isfinite(target):
-        cols += [(f"steps to {target:g}", steps_cell), ("speed-up [95% CI]", speedup_cell)]
+        kinds = {r["speedup_interval"] for r in rows} - {""}
+        header = {frozenset(): "speed-up", frozenset({"range"}): "speed-up [range]"}.get(
+            frozenset(kinds), "speed-up [95% CI]")
+        cols += [(f"steps to {target:g}", steps_cell),
+                 (header, lambda r: speedup_cell(r, name_range=len(kinds) > 1))]
         if full or len({r["baseline"] for r in rows}) > 1:
-            cols.append(("vs", lambda r: r["baseline"] if math.isfinite(r["speedup"]) else ""))
+            cols.append(("vs", _vs_cell))
     gap = "gap_loss" if reg else "gap_accuracy"
     probes = [(f"gap {metric}", lambda r: _pm(r, gap, digits)),
               ("run-mean err", lambda r: _pm(r, "running_mean_err")),
@@ -274,10 +292,21 @@ def legend(rows: list[dict[str, Any]]) -> list[str]:
     if math.isfinite(target):
         bases = {r["baseline"] for r in rows if r["baseline"]}
         against = f"vs {bases.pop()}" if len(bases) == 1 else "vs the baseline of the arm's architecture"
+        kinds = {r["speedup_interval"] for r in rows}
+        spread = []
+        if "95% bootstrap" in kinds:
+            spread.append(f"[95% CI]: a 95 % bootstrap interval over seeds ({stats.BOOTSTRAP_MIN_RUNS} runs or "
+                          f"more a side)")
+        if "range" in kinds:
+            spread.append(f"[range]: with fewer than {stats.BOOTSTRAP_MIN_RUNS} runs on a side, the range of the "
+                          f"speed-ups of single runs (a baseline run's steps / an arm run's), not a confidence "
+                          f"interval")
         out.append(f"steps to {target:g}: median over completed and diverged runs (reached/runs; a diverged run "
                    f"has not reached it); ≤ reached at the first evaluation, > not reached within the budget. "
-                   f"speed-up: baseline's median steps / the arm's, {against}; ≥/≤ when bounded; [95% "
-                   f"bootstrap interval over seeds].")
+                   f"speed-up: baseline's median steps / the arm's, {against}; ≥/≤ when bounded"
+                   + "".join(f"; {x}" for x in spread) + ".")
+        if any(not r["baseline"] for r in rows):
+            out.append("vs —: no other arm of its architecture (model.kind) to compare with: no speed-up.")
     return out
 
 
@@ -329,7 +358,7 @@ class _Table:
         out = Table(title=self.title, caption="\n".join(self.legend), box=box.SIMPLE_HEAD,
                     caption_justify="left", show_edge=False, padding=(0, 1, 0, 0))
         for header, width in zip(self.headers, self.widths(options.max_width)):
-            if cell_len(header) > width:  # "speed-up" over "[95% CI]"
+            if cell_len(header) > width:  # "speed-up" over "[range]"
                 header = "\n".join(_BREAK.split(header))
             out.add_column(header, justify="left" if header == "arm" else "right", width=width,
                            overflow="fold", no_wrap=header in _NO_WRAP)
@@ -377,14 +406,16 @@ def time_course_table(rows: list[dict[str, Any]]) -> str:
         if not any(r[f"{prefix}_average_n"] for r in rows):
             continue
         digits = None if prefix == "gap_loss" else 3
-        header = ["arm"]
-        for when in ("early", "mid"):
+        header, keys = ["arm"], []
+        for when in ("early", "mid"):  # a column no run has (it would repeat another) is left out
             steps = {r[f"{prefix}_{when}_step"] for r in rows if r[f"{prefix}_{when}_n"]}
+            if not steps:
+                continue
             shared = steps.pop() if len(steps) == 1 else math.nan
             header.append(f"step {shared:.0f}" if math.isfinite(shared) else when)
+            keys.append(f"{prefix}_{when}")
         header += ["final", "average over training"]
-        body = [[r["arm"], *(_pm(r, key, digits) for key in
-                             (f"{prefix}_early", f"{prefix}_mid", prefix, f"{prefix}_average"))]
+        body = [[r["arm"], *(_pm(r, key, digits) for key in (*keys, prefix, f"{prefix}_average"))]
                 for r in rows if r[f"{prefix}_average_n"]]
         parts += [f"**{name}**", "", _md_table(header, body), ""]
     return "\n".join(parts)
@@ -430,9 +461,11 @@ def to_markdown(rows: list[dict[str, Any]], records: list[RunRecord], title: str
     if course:
         parts += ["## Over training", "",
                   "Probe curves of the completed runs (mean ± std over seeds): at the first probed step after "
-                  "initialization, at the probed step nearest half the run, at the end, and their average over "
-                  "training (area under the curve by the trapezoid rule / steps spanned). What a final value "
-                  "hides shows here: a slow running average lags early and catches up by the end.", "", course]
+                  "initialization, at the probed step nearest half the run (before the last; left out where it "
+                  "would repeat another column), at the end, and their mean over training after initialization "
+                  "(area under the curve by the trapezoid rule over the probed steps after step 0 / steps "
+                  "spanned). What a final value hides shows here: a slow running average lags early and catches "
+                  "up by the end.", "", course]
     parts += ["## Runs", ""]
     body = [_run_cells(r, target) + [str(_rel(r.run_dir, root))] for r in records]
     metric = "loss" if records and all(r.regression for r in records) else "acc"

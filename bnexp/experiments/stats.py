@@ -20,6 +20,10 @@ from bnexp.experiments.records import RunRecord
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0  # a report is a function of its runs: the same runs give the same interval
 CONFIDENCE = 0.95
+# Fewer runs than this on a side and the percentile bootstrap says no more than the range of single-run
+# ratios (with 3 or fewer on each side its 2.5th and 97.5th percentiles are exactly the range's ends): the
+# range is shown instead.
+BOOTSTRAP_MIN_RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,28 @@ def speedup_interval(baseline: Sequence[Bounded], arm: Sequence[Bounded]) -> tup
             float(np.quantile(high, 1 - alpha, method="inverted_cdf")))
 
 
+def speedup_range(baseline: Sequence[Bounded], arm: Sequence[Bounded]) -> tuple[float, float] | None:
+    """The range of the speed-ups of single runs, a baseline run's steps over an arm run's: from the
+    smallest (the baseline's lowest lower end over the arm's highest upper end) to the largest (highest
+    upper end over lowest lower end); None with fewer than 2 runs a side."""
+    if len(baseline) < 2 or len(arm) < 2:
+        return None
+    low = float(_ratio(min(v.lo for v in baseline), max(v.hi for v in arm)))
+    high = float(_ratio(max(v.hi for v in baseline), min(v.lo for v in arm)))
+    return (0.0 if math.isnan(low) else low), (math.inf if math.isnan(high) else high)
+
+
+def speedup_spread(baseline: Sequence[Bounded], arm: Sequence[Bounded]) -> tuple[str, float, float] | None:
+    """How far the speed-up could be over seeds: ("95% bootstrap", low, high), speedup_interval, with at
+    least BOOTSTRAP_MIN_RUNS runs a side; ("range", low, high), speedup_range, with 2 to 4 on a side; None
+    with fewer."""
+    if min(len(baseline), len(arm)) >= BOOTSTRAP_MIN_RUNS:
+        interval = speedup_interval(baseline, arm)
+        return None if interval is None else ("95% bootstrap", *interval)
+    spread = speedup_range(baseline, arm)
+    return None if spread is None else ("range", *spread)
+
+
 # --- curves over training ---------------------------------------------------------------------------------
 
 def layer_mean_series(rec: RunRecord, prefix: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -168,28 +194,41 @@ def series(rec: RunRecord, tag: str) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class TimeCourse:
-    """A probe curve of one run summarized: its value at the first probed step after initialization
-    (early), at the probed step nearest half the run (middle), at the last (final), and its time average
-    (the area under the curve over the probed steps by the trapezoid rule, divided by the steps spanned)."""
+    """A probe curve of one run summarized over training after initialization (step 0 left out: its value
+    joined by a line to the first probe would weigh by the probe interval, not by the run): its value at the
+    first probed step after 0 (early), at the probed step after 0 and before the last that is nearest half
+    the run (middle), at the last (final), and its time average over the probed steps after 0 (the area
+    under the curve by the trapezoid rule, divided by the steps spanned; the value itself when there is one
+    such step). early and mid are None where they would repeat another column (the same step)."""
 
-    early_step: int
-    early: float
-    mid_step: int
-    mid: float
+    early_step: int | None
+    early: float | None
+    mid_step: int | None
+    mid: float | None
     final_step: int
     final: float
     average: float
 
 
 def time_course(steps: np.ndarray, values: np.ndarray) -> TimeCourse | None:
-    keep = np.isfinite(values)
+    keep = np.isfinite(values) & (steps > 0)
     steps, values = steps[keep], values[keep]
-    if len(steps) < 2:
+    if len(steps) == 0:
         return None
-    later = np.flatnonzero(steps > steps[0])
-    early = int(later[0])
-    mid = int(np.argmin(np.abs(steps - (steps[0] + steps[-1]) / 2)))  # the earlier of two equally near
-    area = float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(steps)))  # the trapezoid rule
-    average = area / float(steps[-1] - steps[0])
-    return TimeCourse(int(steps[early]), float(values[early]), int(steps[mid]), float(values[mid]),
-                      int(steps[-1]), float(values[-1]), average)
+    last = len(steps) - 1
+    early = 0 if last > 0 else None  # the first probed step after 0, unless it is the last
+    inner = np.arange(last)  # after 0 and strictly before the last
+    mid = None
+    if len(inner):
+        mid = int(inner[np.argmin(np.abs(steps[inner] - steps[-1] / 2))])  # the earlier of two equally near
+        if mid == early:
+            mid = None
+    if last:  # the trapezoid rule
+        average = float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(steps))) / float(steps[-1] - steps[0])
+    else:
+        average = float(values[0])
+
+    def at(i):
+        return (None, None) if i is None else (int(steps[i]), float(values[i]))
+
+    return TimeCourse(*at(early), *at(mid), int(steps[-1]), float(values[-1]), average)

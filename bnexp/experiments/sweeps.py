@@ -31,16 +31,11 @@ from bnexp.experiments.stats import mean_std
 class Series:
     label: str  # the declared arm and the other axes' values; "" when there is nothing else
     x: list[float]
-    final: list[tuple[float, float, int]]  # (mean, std, n) over the completed runs at each x
+    final: list[tuple[float, float, int]]  # (mean, std, n) over the completed runs at each x; std nan for n = 1
     best: list[tuple[float, float, int]]
     # at each x, the final and best value of each diverged run (over its evaluations before it diverged)
     diverged_final: list[list[float]] = field(default_factory=list)
     diverged_best: list[list[float]] = field(default_factory=list)
-
-
-def _stats(values: list[float]) -> tuple[float, float, int]:
-    mean, std, n = mean_std(values)
-    return mean, (0.0 if n == 1 else std), n
 
 
 def _metric(records: list[RunRecord]) -> tuple[str, str]:
@@ -62,8 +57,8 @@ def sweep_series(records: list[RunRecord], points: Points, axis: str) -> list[Se
         xs = sorted(by_x)
         done = [[r for r in by_x[x] if r.status == "completed"] for x in xs]
         lost = [[r for r in by_x[x] if r.status == "diverged"] for x in xs]
-        out.append(Series(label, xs, [_stats([r.final(metric) for r in rs]) for rs in done],
-                          [_stats([r.best(metric) for r in rs]) for rs in done],
+        out.append(Series(label, xs, [mean_std([r.final(metric) for r in rs]) for rs in done],
+                          [mean_std([r.best(metric) for r in rs]) for rs in done],
                           [[r.final(metric) for r in rs] for rs in lost],
                           [[r.best(metric) for r in rs] for rs in lost]))
     return out
@@ -103,7 +98,7 @@ def sweep_figure(series: list[Series], axis: str, ylabel: str, title: str, color
         for s in series:
             stats = getattr(s, which)
             mean = np.array([m for m, _, _ in stats])
-            std = np.array([d for _, d, _ in stats])
+            std = np.array([d for _, d, _ in stats])  # nan (one run): no bar, not a bar of length 0
             counts = sorted({k for _, _, k in stats if k})
             n = "n=0" if not counts else f"n={counts[0]}" + (f"–{counts[-1]}" if len(counts) > 1 else "")
             lost = sum(map(len, s.diverged_final))
