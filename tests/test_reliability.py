@@ -1240,3 +1240,32 @@ def test_a_link_where_a_resumed_run_writes_is_refused(interrupted, capsys, tmp_p
                    f"with the file or folder itself)\n")
     assert files_of(run_dir) == before
     assert (files_of(elsewhere) if name == "checkpoints" else elsewhere.read_bytes()) == outside
+
+
+# --- issue 17 review: checkpoints through links or under another step's name, resume without one ---------
+
+@pytest.mark.parametrize("plant", ["link to another run's checkpoint", "link to /dev/zero", "fifo",
+                                   "copy under another step's name"])
+def test_a_planted_or_renamed_checkpoint_is_refused_not_resumed(interrupted, interrupted_template, capsys, plant):
+    """The newest `step-*.pt` is what resume takes: a link there (to another run's intact checkpoint, to an
+    endless device), a FIFO, or a checkpoint of another step under this name is one line naming it."""
+    run_dir = interrupted
+    planted = run_dir / "checkpoints" / "step-00009999.pt"
+    other = interrupted_template / "checkpoints" / "step-00000300.pt"
+    if plant == "link to another run's checkpoint":
+        planted.symlink_to(other)
+        why = "it is a symbolic link"
+    elif plant == "link to /dev/zero":
+        planted.symlink_to("/dev/zero")
+        why = "it is a symbolic link"
+    elif plant == "fifo":
+        os.mkfifo(planted)
+        why = "not a regular file"
+    else:
+        shutil.copyfile(other, planted)
+        why = "holds the state of step 300, not the step its name says"
+    before = files_of(run_dir)
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: ") and str(planted) in err and why in err, err
+    assert files_of(run_dir) == before and runs.read_status(run_dir) == "interrupted"
