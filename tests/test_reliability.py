@@ -1269,3 +1269,59 @@ def test_a_planted_or_renamed_checkpoint_is_refused_not_resumed(interrupted, int
     assert rc == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"error: ") and str(planted) in err and why in err, err
     assert files_of(run_dir) == before and runs.read_status(run_dir) == "interrupted"
+
+
+def _as_killed_before(run_dir: Path, step: int) -> None:
+    """Make `run_dir` look like a run SIGKILLed at `step` before any checkpoint: no checkpoints, a `running`
+    summary at step 0, metrics rows up to `step`."""
+    shutil.rmtree(run_dir / "checkpoints")
+    summary = runs.read_summary(run_dir)
+    summary.update(status="running", steps=0)
+    runs.write_summary(run_dir, summary)
+    rows = (run_dir / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (run_dir / "metrics.jsonl").write_bytes(b"".join(r for r in rows if json.loads(r)["step"] <= step))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("checkpoints removed", "but its summary.json records 350 steps trained"),
+    ("checkpoints emptied", "but its summary.json records 350 steps trained"),
+    ("killed past the second checkpoint step, checkpoints removed", "but its metrics.jsonl has rows up to step 350"),
+])
+def test_resume_without_the_checkpoints_a_run_had_is_refused(interrupted, capsys, damage, message):
+    """An interrupted run whose checkpoints are gone would silently train again from step 0 and say
+    completed: refused in one line, nothing changed."""
+    run_dir = interrupted
+    if damage == "checkpoints emptied":
+        for path in (run_dir / "checkpoints").iterdir():
+            path.unlink()
+    elif damage == "checkpoints removed":
+        shutil.rmtree(run_dir / "checkpoints")
+    else:
+        _as_killed_before(run_dir, 350)
+    before = files_of(run_dir)
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert err == (f"error: cannot resume {run_dir}: no checkpoint in {run_dir / 'checkpoints'} {message}; "
+                   f"restore the checkpoints to continue it (nothing was changed)\n")
+    assert files_of(run_dir) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_still_starts_over(interrupted, capsys, reference):
+    run_dir = interrupted
+    _as_killed_before(run_dir, 140)
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 0, err
+    assert_same_run(run_dir, reference)
+
+
+def test_a_file_where_the_checkpoints_folder_goes_is_refused_before_anything_is_written(interrupted, capsys):
+    run_dir = interrupted
+    shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / "checkpoints").write_text("not a folder")
+    before = files_of(run_dir)
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert err == (f"error: cannot resume {run_dir}: {run_dir / 'checkpoints'} is not a folder (move it away to "
+                   f"start over; nothing was changed)\n")
+    assert files_of(run_dir) == before  # metrics.jsonl not truncated
+
