@@ -1325,3 +1325,11 @@ def test_a_file_where_the_checkpoints_folder_goes_is_refused_before_anything_is_
                    f"start over; nothing was changed)\n")
     assert files_of(run_dir) == before  # metrics.jsonl not truncated
 
+
+def test_a_resume_removes_the_error_file_of_an_earlier_failure(interrupted, capsys, reference):
+    run_dir = interrupted
+    (run_dir / "error.txt").write_text("Traceback (most recent call last):\nRuntimeError: an earlier attempt\n")
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 0, err
+    assert not (run_dir / "error.txt").exists()
+    assert_same_run(run_dir, reference)

@@ -169,6 +169,7 @@ def resume(run_dir: Path, *, quiet: bool = True, callbacks=(), notify=None) -> d
             trainer.load_checkpoint(newest)
         # else: killed before its first checkpoint; the run starts over in place.
         with _continuable(run_dir):
+            files.unlink(run_dir / ERROR_FILE)  # a previous failure's traceback: this attempt replaces it
             return trainer.run(resume=True)
 
 
