@@ -829,3 +829,30 @@ def test_a_run_config_given_to_compare_says_to_use_train(tmp_path, monkeypatch):
     # Arms given with --set make it a comparison whose keys are misplaced: the error says where they go.
     err = _bad(tmp_path, monkeypatch, ["compare", "-c", str(run_cfg), "--set", "arms={a: {}}"])
     assert err == "error: invalid comparison config: device: unknown key (did you mean base.device?)\n"
+
+
+# --- issue 17 review: a run folder that trained but lost its run files; a signal during the report --------
+
+@pytest.mark.parametrize("kept", ["checkpoints", "metrics.jsonl"])
+def test_resume_refuses_to_delete_a_run_folder_that_trained(tiny_comparison, tmp_path, kept):
+    """A run folder without config.yaml and summary.json never started (resume deletes and retrains it),
+    unless it holds checkpoints or metrics: then it trained, and resume refuses in one line, deleting
+    nothing (another run's folder included)."""
+    import shutil
+
+    copy = _copy_with_a_run_to_finish(tiny_comparison, tmp_path)
+    run = copy / "no_bn" / "s1"
+    for name in ("config.yaml", "summary.json"):
+        (run / name).unlink()
+    if kept == "checkpoints":
+        (run / "metrics.jsonl").unlink()
+    else:
+        shutil.rmtree(run / "checkpoints")
+    (copy / "bnexp" / "s0" / "summary.json").unlink()  # a run that never started, listed before it: kept too
+    before = tree(copy)
+    code, out, err = run_cli(["compare", "--resume", str(copy)])
+    assert (code, out) == (2, "")
+    assert err == (f"error: {run} holds {kept} but no config.yaml and summary.json: refusing to delete a run "
+                   f"that trained (restore its files, or move it away to train it again)\n")
+    assert tree(copy) == before
+

@@ -33,8 +33,9 @@ from bnexp.config import (COMPARISON_KEYS, NAME_PATTERN, Config, ConfigError, Fl
                           format_validation_error, parse_override, read_yaml, validate)
 from bnexp.errors import RunFailed, UserError
 from bnexp.engine import dashboard, files, session, signals
-from bnexp.engine.rundir import (ERROR_FILE, FINISHED, RunBusy, RunDirError, create_run_dir, find_runs, is_run_dir,
-                                 locked, new_run_dir, read_status, read_summary, refuse_existing, write_atomic)
+from bnexp.engine.rundir import (CHECKPOINTS, ERROR_FILE, FINISHED, METRICS, RunBusy, RunDirError, create_run_dir,
+                                 find_runs, is_run_dir, locked, new_run_dir, read_status, read_summary,
+                                 refuse_existing, write_atomic)
 from bnexp.engine.signals import Interrupted
 from bnexp.experiments import report
 from bnexp.experiments.records import RunRecord, load_record
@@ -706,6 +707,18 @@ def _timing(n: int, seconds: float, jobs: int) -> str:
     return f"{n} runs trained in {seconds:.1f} s wall time (--jobs {jobs}, {_cores()} cores)"
 
 
+def _refuse_to_delete_training(run_dir: Path) -> None:
+    """A folder without config.yaml and summary.json is a run that never started, which resume deletes and
+    trains again; but one holding checkpoints or metrics trained, and lost its run files afterwards (a run
+    directory appears whole, bnexp.engine.rundir.new_run_dir): refused rather than deleted."""
+    if is_run_dir(run_dir):
+        return
+    kept = [name for name in (CHECKPOINTS, METRICS) if os.path.lexists(run_dir / name)]
+    if kept:
+        raise CompareError(f"{run_dir} holds {' and '.join(kept)} but no config.yaml and summary.json: refusing "
+                           f"to delete a run that trained (restore its files, or move it away to train it again)")
+
+
 def _remove_run(comp_dir: Path, run_dir: Path) -> None:
     """Delete a run that never started, only ever below the comparison (no symlink may lead out of it)."""
     root, target = comp_dir.resolve(), run_dir.resolve()
@@ -732,6 +745,7 @@ def _resume_locked(comp_dir: Path, jobs: int, log: Log, progress: Progress | Non
             if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
                 raise CompareError(f"{folder} is a symbolic link or a file, not a folder inside the comparison: "
                                    f"refusing to delete or write through it")
+        _refuse_to_delete_training(comp_dir / job.rel)
     todo: list[tuple[Job, str]] = []
     damaged: list[str] = []
     for job in plan_:
