@@ -856,3 +856,25 @@ def test_resume_refuses_to_delete_a_run_folder_that_trained(tiny_comparison, tmp
                    f"that trained (restore its files, or move it away to train it again)\n")
     assert tree(copy) == before
 
+
+def test_a_signal_during_the_report_is_the_commands_exit_status_once_the_report_is_written(
+        tiny_comparison, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from bnexp.experiments import report
+
+    copy = _copy_with_a_run_to_finish(tiny_comparison, tmp_path)
+    (copy / "summary.csv").unlink()
+    real = report.write_report
+
+    def interrupted_report(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the report is being written
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report, "write_report", interrupted_report)
+    code, out, err = run_cli(["compare", "--resume", str(copy), "-q"])
+    assert code == 130
+    assert err == "interrupted by SIGINT after the runs ended; the report was written in full first\n"
+    assert out == f"{copy}\n"
+    assert read_csv(copy / "summary.csv")["bnexp"]["completed"] == "2"  # the report is whole

@@ -624,6 +624,22 @@ def _saying_what_stopped(comp_dir: Path, jobs: list[Job]):
         raise ComparisonInterrupted(sig.signum, comp_dir, _run_states(comp_dir, jobs)) from None
 
 
+class ReportInterrupted(Interrupted):
+    """A signal arrived once the runs had ended, while the dashboard and report were written: they were
+    finished (a report cut in half is worse than one a moment late), then the command ends with the
+    signal's status. `run_dir` is the comparison directory, whose report is complete."""
+
+    report_written = True
+
+
+@contextlib.contextmanager
+def _signal_after_report(comp_dir: Path):
+    with signals.catch_signals() as guard:  # the command's guard: it has recorded the signal (deferred)
+        yield
+        if guard.received:
+            raise ReportInterrupted(guard.received[0], comp_dir)
+
+
 # --- collecting and reporting -----------------------------------------------------------------------------
 
 def _records_of(comp_dir: Path, jobs: list[Job]):
@@ -693,8 +709,9 @@ def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, log: Log, ye
             _run_all([(job, "fresh") for job in plan_], comp_dir, jobs, datasets, log, progress)
         _write_dashboard(comp_dir, plan_)
         notes = _describe(cmp, plan_) + [_timing(len(plan_), time.perf_counter() - t0, jobs)]
-        return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
-                       cmp.arm_names, notes, _points(cmp))
+        with _signal_after_report(comp_dir):
+            return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy,
+                           cmp.baseline, cmp.arm_names, notes, _points(cmp))
 
 
 def _write_dashboard(comp_dir: Path, plan_: list[Job]) -> None:
@@ -774,8 +791,9 @@ def _resume_locked(comp_dir: Path, jobs: int, log: Log, progress: Progress | Non
         _run_all(todo, comp_dir, jobs, datasets, log, progress)
     _write_dashboard(comp_dir, plan_)
     notes = _describe(cmp, plan_) + [f"resumed: {_timing(len(todo), time.perf_counter() - t0, jobs)}"]
-    return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
-                   cmp.arm_names, notes, _points(cmp))
+    with _signal_after_report(comp_dir):
+        return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
+                       cmp.arm_names, notes, _points(cmp))
 
 
 def _points(cmp: CompareConfig) -> dict[str, tuple[str, dict[str, Any]]] | None:
