@@ -837,7 +837,7 @@ def test_checkpoint_writer_saves_the_state_of_its_step_and_waits_for_the_file(tm
         return real_write(run_dir, step, data)
 
     monkeypatch.setattr(checkpoint, "write", slow_write)
-    state = {k: torch.zeros(3) if k == "model" else None for k in checkpoint.REQUIRED}
+    state = {**{k: torch.zeros(3) if k == "model" else None for k in checkpoint.REQUIRED}, "step": 7}
     writer = checkpoint.Writer(tmp_path)
     writer.save(7, state)
     assert started.wait(30)
