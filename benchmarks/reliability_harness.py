@@ -575,6 +575,11 @@ def damaged_files(tally: Tally, work: Path, template: Path, reference: dict, rng
         "checkpoint: another torch file": foreign,
         "checkpoint: format 99": other_format,
         "checkpoint: both damaged": lambda run: (flip(newest, 64)(run), flip(previous, 64)(run)),
+        "checkpoint: the previous step's file under the newest name": lambda run: shutil.copyfile(
+            run / previous, run / newest),
+        "checkpoints: removed (the summary records 350 steps)": lambda run: shutil.rmtree(run / "checkpoints"),
+        "checkpoints: a file, not a folder": lambda run: (shutil.rmtree(run / "checkpoints"),
+                                                          (run / "checkpoints").write_text("not a folder\n")),
         "metrics.jsonl: a garbage line": metrics_line(b"garbage\n"),
         "metrics.jsonl: a row without step": metrics_line(b'{"train/loss": 1.0}\n'),
         "metrics.jsonl: a step that is a string": metrics_line(b'{"step": "7"}\n'),
@@ -746,6 +751,21 @@ def security(tally: Tally, work: Path, template: Path, reference: dict) -> None:
             problem = "the run folder changed"
         tally.add(cat, f"{name} is a link to another folder", not problem, problem)
         shutil.rmtree(case, ignore_errors=True)
+    # Links planted as the newest checkpoint: to another run's intact checkpoint, to an endless device.
+    for name, target in (("another run's checkpoint", template / "checkpoints" / "step-00000300.pt"),
+                         ("/dev/zero", Path("/dev/zero"))):
+        case = Path(tempfile.mkdtemp(dir=work))
+        run = Path(shutil.copytree(template, case / "run"))
+        (run / "checkpoints" / "step-00009999.pt").symlink_to(target)
+        before = snapshot(run)
+        r = cli("train", "--resume", run, "-q", cwd=case)
+        problem = one_line_error(r)
+        if not problem and "step-00009999.pt" not in r.err:
+            problem = f"the error does not name the link: {r.err.strip()}"
+        elif not problem and snapshot(run) != before:
+            problem = "the run folder changed"
+        tally.add(cat, f"a checkpoint that is a link to {name}", not problem, problem)
+        shutil.rmtree(case, ignore_errors=True)
     # A comparison whose arm folder is a link.
     case = Path(tempfile.mkdtemp(dir=work))
     cmp_cfg = write_yaml(case / "tiny.yaml", {**TINY_COMPARE, "seeds": [0], "base": {
@@ -778,6 +798,16 @@ def security(tally: Tally, work: Path, template: Path, reference: dict) -> None:
             problem = f"something was written outside: {os.listdir(case)}"
         tally.add(cat, name, not problem, problem)
         shutil.rmtree(case, ignore_errors=True)
+    # A 400 KB string anchored once and aliased 280 times in a comparison's arms: few values, 112 MB of text.
+    case = Path(tempfile.mkdtemp(dir=work))
+    arms = ", ".join(f"a{i}: {{data.root: *s}}" for i in range(280))
+    (case / "c.yaml").write_text(f"base: {{data: {{root: &s {'x' * 400_000}}}}}\narms: {{{arms}}}\nseeds: [0]\n")
+    r = cli("compare", "-c", "c.yaml", "-q", cwd=case)
+    problem = one_line_error(r)
+    if not problem and os.listdir(case) != ["c.yaml"]:
+        problem = f"something was written: {os.listdir(case)}"
+    tally.add(cat, "a 400 KB string aliased 280 times in a comparison", not problem, problem)
+    shutil.rmtree(case, ignore_errors=True)
     case = Path(tempfile.mkdtemp(dir=work))
     run = Path(shutil.copytree(template, case / "run"))
 

@@ -265,6 +265,10 @@ def _say_what_stopped(sig, note: str, console) -> None:
     if comp_dir is None or not comp_dir.is_dir():
         typer.echo(note.format(signal=sig), err=True)
         return
+    if getattr(sig, "report_written", False):  # every run had ended: nothing for --resume to finish
+        typer.echo(f"interrupted by {sig} after the runs ended; the report was written in full first", err=True)
+        typer.echo(str(comp_dir))
+        return
     runs = getattr(sig, "runs", [])
     width = min(WIDTH, console.width) if console.is_terminal else WIDTH
     if runs:

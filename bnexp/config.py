@@ -442,6 +442,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 MAX_YAML_BYTES = 1 << 20
 MAX_YAML_DEPTH = 32
 MAX_YAML_VALUES = 100_000
+# Characters too: a long string anchored once and aliased a few hundred times (in a comparison grid, say) is
+# few values but hundreds of megabytes once copied into configs, messages and files.
+MAX_YAML_CHARS = 4 << 20
 
 
 class _Hostile(Exception):
@@ -450,42 +453,48 @@ class _Hostile(Exception):
 
 def _check_bounds(text: str) -> None:
     """Measure the document from the parser's events (no recursion, nothing built): its size, its nesting
-    depth and the number of values it expands to with every alias replaced by its anchored value."""
+    depth, and the number of values and of scalar characters it expands to with every alias replaced by its
+    anchored value."""
     if len(text) > MAX_YAML_BYTES:
         raise _Hostile(f"larger than {MAX_YAML_BYTES >> 20} MiB")
-    total = 0
-    stack: list[list] = []  # per open collection: [anchor, values inside, depth below]
-    anchored: dict[str, tuple[int, int]] = {}  # anchor -> (values, depth) of the anchored node
+    total = chars = 0
+    stack: list[list] = []  # per open collection: [anchor, values inside, depth below, characters inside]
+    anchored: dict[str, tuple[int, int, int]] = {}  # anchor -> (values, depth, characters) of the anchored node
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.CollectionStartEvent):
             if len(stack) >= MAX_YAML_DEPTH:
                 raise _Hostile(f"nested deeper than {MAX_YAML_DEPTH} levels")
-            stack.append([event.anchor, 1, 0])
+            stack.append([event.anchor, 1, 0, 0])
             total += 1
         elif isinstance(event, yaml.CollectionEndEvent):
-            anchor, values, depth = stack.pop()
+            anchor, values, depth, size = stack.pop()
             if anchor is not None:
-                anchored[anchor] = (values, depth + 1)
+                anchored[anchor] = (values, depth + 1, size)
             if stack:
                 stack[-1][1] += values
                 stack[-1][2] = max(stack[-1][2], depth + 1)
+                stack[-1][3] += size
         elif isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
             if isinstance(event, yaml.AliasEvent):
                 if any(entry[0] == event.anchor for entry in stack):
                     raise _Hostile(f"the alias *{event.anchor[:20]} refers to a value that contains it")
-                values, depth = anchored.get(event.anchor, (1, 0))
+                values, depth, size = anchored.get(event.anchor, (1, 0, 0))
             else:
-                values, depth = 1, 0
+                values, depth, size = 1, 0, len(event.value)
                 if event.anchor is not None:
-                    anchored[event.anchor] = (1, 0)
+                    anchored[event.anchor] = (1, 0, size)
             total += values
+            chars += size
             if stack:
                 stack[-1][1] += values
                 stack[-1][2] = max(stack[-1][2], depth)
+                stack[-1][3] += size
             if len(stack) + depth > MAX_YAML_DEPTH:
                 raise _Hostile(f"nested deeper than {MAX_YAML_DEPTH} levels (through an alias)")
         if total > MAX_YAML_VALUES:
             raise _Hostile(f"expands to more than {MAX_YAML_VALUES:,} values (through aliases)")
+        if chars > MAX_YAML_CHARS:
+            raise _Hostile(f"expands to more than {MAX_YAML_CHARS >> 20} MiB of text (through aliases)")
 
 
 def _load_yaml(text: str) -> Any:

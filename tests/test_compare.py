@@ -900,3 +900,52 @@ def test_a_signal_to_one_worker_before_its_run_starts_interrupts_the_comparison(
     # No run had started: as for a signal to the comparison itself then, it keeps no comparison directory.
     assert "interrupted by SIGINT during start-up; no comparison directory was created" in err
     assert not comp.exists()
+
+
+# --- issue 17 review: a run folder that trained but lost its run files; a signal during the report --------
+
+@pytest.mark.parametrize("kept", ["checkpoints", "metrics.jsonl"])
+def test_resume_refuses_to_delete_a_run_folder_that_trained(tiny_comparison, tmp_path, kept):
+    """A run folder without config.yaml and summary.json never started (resume deletes and retrains it),
+    unless it holds checkpoints or metrics: then it trained, and resume refuses in one line, deleting
+    nothing (another run's folder included)."""
+    import shutil
+
+    copy = _copy_with_a_run_to_finish(tiny_comparison, tmp_path)
+    run = copy / "no_bn" / "s1"
+    for name in ("config.yaml", "summary.json"):
+        (run / name).unlink()
+    if kept == "checkpoints":
+        (run / "metrics.jsonl").unlink()
+    else:
+        shutil.rmtree(run / "checkpoints")
+    (copy / "bnexp" / "s0" / "summary.json").unlink()  # a run that never started, listed before it: kept too
+    before = tree(copy)
+    code, out, err = run_cli(["compare", "--resume", str(copy)])
+    assert (code, out) == (2, "")
+    assert err == (f"error: {run} holds {kept} but no config.yaml and summary.json: refusing to delete a run "
+                   f"that trained (restore its files, or move it away to train it again)\n")
+    assert tree(copy) == before
+
+
+def test_a_signal_during_the_report_is_the_commands_exit_status_once_the_report_is_written(
+        tiny_comparison, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from bnexp.experiments import report
+
+    copy = _copy_with_a_run_to_finish(tiny_comparison, tmp_path)
+    (copy / "summary.csv").unlink()
+    real = report.write_report
+
+    def interrupted_report(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the report is being written
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report, "write_report", interrupted_report)
+    code, out, err = run_cli(["compare", "--resume", str(copy), "-q"])
+    assert code == 130
+    assert err == "interrupted by SIGINT after the runs ended; the report was written in full first\n"
+    assert out == f"{copy}\n"
+    assert read_csv(copy / "summary.csv")["bnexp"]["completed"] == "2"  # the report is whole

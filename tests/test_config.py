@@ -226,6 +226,19 @@ HOSTILE = {
 }
 
 
+def test_a_long_string_aliased_hundreds_of_times_is_refused(tmp_path):
+    """Few values, but a 400 KB string anchored once and aliased 280 times (inside a list inside a mapping,
+    so the count goes through collections and their anchors) is 112 MB of text once expanded."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"name: &s {'x' * 400_000}\nmodel: &m {{hidden: [{', '.join(['*s'] * 20)}]}}\n"
+                    f"grid: [{', '.join(['*m'] * 14)}]\n")
+    with pytest.raises(ConfigError, match=r"^refused YAML in .*c\.yaml: expands to more than 4 MiB of text "
+                                          r"\(through aliases\)$"):
+        load(path)
+    path.write_text(f"name: &s {'x' * 400_000}\nseed: 1\ndata: {{root: *s}}\n")  # 800,000 characters: fine
+    assert load(path).data.root == "x" * 400_000
+
+
 @pytest.mark.parametrize("how", ["file", "--set"])
 @pytest.mark.parametrize("key", ["model.hidden", "seed", "name"])
 @pytest.mark.parametrize("case", HOSTILE)

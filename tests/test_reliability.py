@@ -837,7 +837,7 @@ def test_checkpoint_writer_saves_the_state_of_its_step_and_waits_for_the_file(tm
         return real_write(run_dir, step, data)
 
     monkeypatch.setattr(checkpoint, "write", slow_write)
-    state = {k: torch.zeros(3) if k == "model" else None for k in checkpoint.REQUIRED}
+    state = {**{k: torch.zeros(3) if k == "model" else None for k in checkpoint.REQUIRED}, "step": 7}
     writer = checkpoint.Writer(tmp_path)
     writer.save(7, state)
     assert started.wait(30)
@@ -1240,3 +1240,96 @@ def test_a_link_where_a_resumed_run_writes_is_refused(interrupted, capsys, tmp_p
                    f"with the file or folder itself)\n")
     assert files_of(run_dir) == before
     assert (files_of(elsewhere) if name == "checkpoints" else elsewhere.read_bytes()) == outside
+
+
+# --- issue 17 review: checkpoints through links or under another step's name, resume without one ---------
+
+@pytest.mark.parametrize("plant", ["link to another run's checkpoint", "link to /dev/zero", "fifo",
+                                   "copy under another step's name"])
+def test_a_planted_or_renamed_checkpoint_is_refused_not_resumed(interrupted, interrupted_template, capsys, plant):
+    """The newest `step-*.pt` is what resume takes: a link there (to another run's intact checkpoint, to an
+    endless device), a FIFO, or a checkpoint of another step under this name is one line naming it."""
+    run_dir = interrupted
+    planted = run_dir / "checkpoints" / "step-00009999.pt"
+    other = interrupted_template / "checkpoints" / "step-00000300.pt"
+    if plant == "link to another run's checkpoint":
+        planted.symlink_to(other)
+        why = "it is a symbolic link"
+    elif plant == "link to /dev/zero":
+        planted.symlink_to("/dev/zero")
+        why = "it is a symbolic link"
+    elif plant == "fifo":
+        os.mkfifo(planted)
+        why = "not a regular file"
+    else:
+        shutil.copyfile(other, planted)
+        why = "holds the state of step 300, not the step its name says"
+    before = files_of(run_dir)
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: ") and str(planted) in err and why in err, err
+    assert files_of(run_dir) == before and runs.read_status(run_dir) == "interrupted"
+
+
+def _as_killed_before(run_dir: Path, step: int) -> None:
+    """Make `run_dir` look like a run SIGKILLed at `step` before any checkpoint: no checkpoints, a `running`
+    summary at step 0, metrics rows up to `step`."""
+    shutil.rmtree(run_dir / "checkpoints")
+    summary = runs.read_summary(run_dir)
+    summary.update(status="running", steps=0)
+    runs.write_summary(run_dir, summary)
+    rows = (run_dir / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (run_dir / "metrics.jsonl").write_bytes(b"".join(r for r in rows if json.loads(r)["step"] <= step))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("checkpoints removed", "but its summary.json records 350 steps trained"),
+    ("checkpoints emptied", "but its summary.json records 350 steps trained"),
+    ("killed past the second checkpoint step, checkpoints removed", "but its metrics.jsonl has rows up to step 350"),
+])
+def test_resume_without_the_checkpoints_a_run_had_is_refused(interrupted, capsys, damage, message):
+    """An interrupted run whose checkpoints are gone would silently train again from step 0 and say
+    completed: refused in one line, nothing changed."""
+    run_dir = interrupted
+    if damage == "checkpoints emptied":
+        for path in (run_dir / "checkpoints").iterdir():
+            path.unlink()
+    elif damage == "checkpoints removed":
+        shutil.rmtree(run_dir / "checkpoints")
+    else:
+        _as_killed_before(run_dir, 350)
+    before = files_of(run_dir)
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert err == (f"error: cannot resume {run_dir}: no checkpoint in {run_dir / 'checkpoints'} {message}; "
+                   f"restore the checkpoints to continue it (nothing was changed)\n")
+    assert files_of(run_dir) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_still_starts_over(interrupted, capsys, reference):
+    run_dir = interrupted
+    _as_killed_before(run_dir, 140)
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 0, err
+    assert_same_run(run_dir, reference)
+
+
+def test_a_file_where_the_checkpoints_folder_goes_is_refused_before_anything_is_written(interrupted, capsys):
+    run_dir = interrupted
+    shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / "checkpoints").write_text("not a folder")
+    before = files_of(run_dir)
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert err == (f"error: cannot resume {run_dir}: {run_dir / 'checkpoints'} is not a folder (move it away to "
+                   f"start over; nothing was changed)\n")
+    assert files_of(run_dir) == before  # metrics.jsonl not truncated
+
+
+def test_a_resume_removes_the_error_file_of_an_earlier_failure(interrupted, capsys, reference):
+    run_dir = interrupted
+    (run_dir / "error.txt").write_text("Traceback (most recent call last):\nRuntimeError: an earlier attempt\n")
+    rc, out, err = run_cli(capsys, "train", "--resume", run_dir, "-q")
+    assert rc == 0, err
+    assert not (run_dir / "error.txt").exists()
+    assert_same_run(run_dir, reference)

@@ -24,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import os
 import re
+import stat
 import struct
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -177,11 +179,30 @@ def check_newest(run_dir: Path) -> tuple[Path | None, str | None]:
         raise CheckpointError(f"{err}{hint}") from None
 
 
-def _load(path: Path) -> tuple[dict[str, Any], int]:
+def _read(path: Path) -> bytes:
+    """The bytes of a checkpoint file, opened without following a link (a planted `step-*.pt` link to
+    another run's checkpoint, or to /dev/zero) and only if it is a regular file."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, flags)  # O_NONBLOCK: a FIFO planted there must not block the open
+    except OSError as err:
+        if os.path.islink(path):
+            raise CheckpointError(f"cannot read checkpoint {path}: it is a symbolic link (bnexp reads "
+                                  f"checkpoints only from the run's own files)") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"cannot read checkpoint {path}: not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
     except OSError as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+
+
+def _load(path: Path) -> tuple[dict[str, Any], int]:
+    data = _read(path)
     checksum = _checksum_state(data)
     if checksum == "bad":
         raise CheckpointError(f"damaged checkpoint {path}: its contents do not match the checksum written "
@@ -205,6 +226,13 @@ def _load(path: Path) -> tuple[dict[str, Any], int]:
                               f"bnexp (this one reads formats 1 to {FORMAT})")
     if version >= CHECKSUMMED and checksum != "ok":
         raise CheckpointError(f"damaged checkpoint {path}: the checksum written with it is missing")
+    named = _NAME.match(Path(path).name)
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or (named and step != int(named.group(1))):
+        # A file copied or renamed from elsewhere (another run's, an older step's): resuming from it would
+        # continue at a step its name does not say.
+        raise CheckpointError(f"checkpoint {path} holds the state of step {excerpt(step)}, not the step its "
+                              f"name says (copied or renamed from elsewhere?)")
     if version == 1:
         try:
             state = _from_version_1(state)

@@ -147,8 +147,11 @@ def resume(run_dir: Path, *, quiet: bool = True, callbacks=(), notify=None) -> d
         except ConfigError as err:  # edited by hand, or written by a bnexp with other keys
             raise ConfigError(f"{run_dir / CONFIG}: {err}") from None
         refuse_links(run_dir, (CHECKPOINTS, METRICS, SUMMARY, ERROR_FILE))
-        read_metrics(run_dir)  # a damaged metrics.jsonl is reported here, before anything is written
+        rows = read_metrics(run_dir)  # a damaged metrics.jsonl is reported here, before anything is written
+        _refuse_checkpoints_not_a_folder(run_dir)
         newest, notice = checkpoint.check_newest(run_dir)  # so is a damaged checkpoint
+        if newest is None:
+            _refuse_lost_checkpoints(run_dir, cfg, rows)
         data = prepare(cfg)
         if notice and notify is not None and dist.env_rank() == 0:
             notify(notice)
@@ -166,7 +169,39 @@ def resume(run_dir: Path, *, quiet: bool = True, callbacks=(), notify=None) -> d
             trainer.load_checkpoint(newest)
         # else: killed before its first checkpoint; the run starts over in place.
         with _continuable(run_dir):
+            files.unlink(run_dir / ERROR_FILE)  # a previous failure's traceback: this attempt replaces it
             return trainer.run(resume=True)
+
+
+def _refuse_checkpoints_not_a_folder(run_dir: Path) -> None:
+    """A file where the checkpoints folder goes: refused before resume writes anything (it would otherwise
+    be taken for "no checkpoint yet" and the run restarted, truncating metrics.jsonl, until the first
+    checkpoint failed)."""
+    folder = run_dir / CHECKPOINTS
+    with files.reporting(folder, "check"):
+        present = os.path.lexists(folder)
+    if present and not folder.is_dir():
+        raise RunDirError(f"cannot resume {shown_path(run_dir)}: {shown_path(folder)} is not a folder "
+                          f"(move it away to start over; nothing was changed)")
+
+
+def _refuse_lost_checkpoints(run_dir: Path, cfg: Config, rows: list[dict[str, Any]]) -> None:
+    """Starting over in place is right for a run killed before its first checkpoint, not for one whose
+    checkpoints are gone: refuse when its summary records trained steps (an interrupted run's summary
+    describes its last checkpoint) or metrics.jsonl has rows past the second checkpoint step (the loop
+    waits for the first checkpoint's file before it hands over the second, so a run that logged beyond it
+    had a checkpoint on disk)."""
+    steps = read_summary(run_dir).get("steps")
+    first = min(cfg.train.checkpoint_every, cfg.train.steps)
+    last_row = max((row["step"] for row in rows), default=0)
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+        evidence = f"its summary.json records {steps} steps trained"
+    elif last_row > 2 * first:
+        evidence = f"its metrics.jsonl has rows up to step {last_row}"
+    else:
+        return
+    raise RunDirError(f"cannot resume {shown_path(run_dir)}: no checkpoint in {shown_path(run_dir / CHECKPOINTS)} "
+                      f"but {evidence}; restore the checkpoints to continue it (nothing was changed)")
 
 
 @contextlib.contextmanager

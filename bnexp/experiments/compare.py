@@ -34,8 +34,9 @@ from bnexp.config import (COMPARISON_KEYS, NAME_PATTERN, Config, ConfigError, Fl
 from bnexp.data import REGRESSION
 from bnexp.errors import RunFailed, UserError
 from bnexp.engine import dashboard, files, session, signals
-from bnexp.engine.rundir import (ERROR_FILE, FINISHED, RunBusy, RunDirError, create_run_dir, find_runs, is_run_dir,
-                                 locked, new_run_dir, read_status, read_summary, refuse_existing, write_atomic)
+from bnexp.engine.rundir import (CHECKPOINTS, ERROR_FILE, FINISHED, METRICS, RunBusy, RunDirError, create_run_dir,
+                                 find_runs, is_run_dir, locked, new_run_dir, read_status, read_summary,
+                                 refuse_existing, write_atomic)
 from bnexp.engine.signals import Interrupted
 from bnexp.experiments import report
 from bnexp.experiments.records import RunRecord, load_record
@@ -636,6 +637,22 @@ def _saying_what_stopped(comp_dir: Path, jobs: list[Job]):
         raise ComparisonInterrupted(sig.signum, comp_dir, _run_states(comp_dir, jobs)) from None
 
 
+class ReportInterrupted(Interrupted):
+    """A signal arrived once the runs had ended, while the dashboard and report were written: they were
+    finished (a report cut in half is worse than one a moment late), then the command ends with the
+    signal's status. `run_dir` is the comparison directory, whose report is complete."""
+
+    report_written = True
+
+
+@contextlib.contextmanager
+def _signal_after_report(comp_dir: Path):
+    with signals.catch_signals() as guard:  # the command's guard: it has recorded the signal (deferred)
+        yield
+        if guard.received:
+            raise ReportInterrupted(guard.received[0], comp_dir)
+
+
 # --- collecting and reporting -----------------------------------------------------------------------------
 
 def _records_of(comp_dir: Path, jobs: list[Job]):
@@ -707,8 +724,9 @@ def run_comparison(cmp: CompareConfig, out: Path | None, jobs: int, log: Log, ye
             _run_all([(job, "fresh") for job in plan_], comp_dir, jobs, datasets, log, progress)
         _write_dashboard(comp_dir, plan_)
         notes = _describe(cmp, plan_) + [_timing(len(plan_), time.perf_counter() - t0, jobs)]
-        return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
-                       cmp.arm_names, notes, _points(cmp))
+        with _signal_after_report(comp_dir):
+            return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy,
+                           cmp.baseline, cmp.arm_names, notes, _points(cmp))
 
 
 def _write_dashboard(comp_dir: Path, plan_: list[Job]) -> None:
@@ -719,6 +737,18 @@ def _write_dashboard(comp_dir: Path, plan_: list[Job]) -> None:
 
 def _timing(n: int, seconds: float, jobs: int) -> str:
     return f"{n} runs trained in {seconds:.1f} s wall time (--jobs {jobs}, {_cores()} cores)"
+
+
+def _refuse_to_delete_training(run_dir: Path) -> None:
+    """A folder without config.yaml and summary.json is a run that never started, which resume deletes and
+    trains again; but one holding checkpoints or metrics trained, and lost its run files afterwards (a run
+    directory appears whole, bnexp.engine.rundir.new_run_dir): refused rather than deleted."""
+    if is_run_dir(run_dir):
+        return
+    kept = [name for name in (CHECKPOINTS, METRICS) if os.path.lexists(run_dir / name)]
+    if kept:
+        raise CompareError(f"{run_dir} holds {' and '.join(kept)} but no config.yaml and summary.json: refusing "
+                           f"to delete a run that trained (restore its files, or move it away to train it again)")
 
 
 def _remove_run(comp_dir: Path, run_dir: Path) -> None:
@@ -747,6 +777,7 @@ def _resume_locked(comp_dir: Path, jobs: int, log: Log, progress: Progress | Non
             if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
                 raise CompareError(f"{folder} is a symbolic link or a file, not a folder inside the comparison: "
                                    f"refusing to delete or write through it")
+        _refuse_to_delete_training(comp_dir / job.rel)
     todo: list[tuple[Job, str]] = []
     damaged: list[str] = []
     for job in plan_:
@@ -775,8 +806,9 @@ def _resume_locked(comp_dir: Path, jobs: int, log: Log, progress: Progress | Non
         _run_all(todo, comp_dir, jobs, datasets, log, progress)
     _write_dashboard(comp_dir, plan_)
     notes = _describe(cmp, plan_) + [f"resumed: {_timing(len(todo), time.perf_counter() - t0, jobs)}"]
-    return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
-                   cmp.arm_names, notes, _points(cmp))
+    with _signal_after_report(comp_dir):
+        return _report(comp_dir, _records_of(comp_dir, plan_), cmp.name, cmp.target_accuracy, cmp.baseline,
+                       cmp.arm_names, notes, _points(cmp))
 
 
 def _points(cmp: CompareConfig) -> dict[str, tuple[str, dict[str, Any]]] | None:
