@@ -413,9 +413,12 @@ def run_one(cfg: Config | dict, run_dir: str | Path, action: str, data: Any = No
         def stopping() -> bool:
             return bool(guard.received) or (_STOP is not None and _STOP.is_set())
 
+        def cancelled() -> dict[str, Any]:  # the signal, if this worker got one, tells the parent why
+            return {"status": "cancelled", "signum": guard.received[0] if guard.received else None}
+
         try:
             if stopping():
-                return {"status": "cancelled"}
+                return cancelled()
             if isinstance(cfg, dict):
                 cfg = validate(cfg)
             callbacks = [] if counter is None else [counter]
@@ -428,7 +431,7 @@ def run_one(cfg: Config | dict, run_dir: str | Path, action: str, data: Any = No
                         _WORKER_DATA[key] = session.prepare(cfg)
                     data = _WORKER_DATA[key]
                 if stopping():  # the last moment before the run's directory exists
-                    return {"status": "cancelled"}
+                    return cancelled()
                 if counter is not None:
                     counter.start(cfg.train.steps)
                 _inside(run_dir.parent.parent, run_dir, create=True)
@@ -569,14 +572,17 @@ def _run_parallel(todo: list[tuple[Job, str]], comp_dir: Path, jobs: int, log: L
                     except BrokenProcessPool:
                         died = True
                         continue
-                    if outcome["status"] == "cancelled":
-                        continue
-                    done_count += 1
-                    log(_finished_line(done_count, len(todo), todo[futures[fut]][0], outcome))
-                    if outcome["status"] == "interrupted" and interrupted is None:
+                    if outcome["status"] != "cancelled":
+                        done_count += 1
+                        log(_finished_line(done_count, len(todo), todo[futures[fut]][0], outcome))
+                    if outcome["status"] in ("interrupted", "cancelled") and outcome["signum"] and interrupted is None:
                         interrupted = outcome["signum"]
                 if interrupted is None and guard.received:
                     interrupted = guard.received[0]
+                if interrupted is None and stop.is_set():
+                    # A worker got a signal (as its run ended, say) and stopped the others: the comparison
+                    # is interrupted, not done.
+                    interrupted = signal.SIGINT
                 if interrupted is None:
                     progress(_status(todo, values, ended, done_count))
                 elif time.monotonic() - told > 1.0:
