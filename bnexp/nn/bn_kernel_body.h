@@ -3,8 +3,9 @@
  * and why.
  *
  * Every entry point works channel by channel: a thread owns the channels [c0, c1) for the whole call (their
- * statistics, their coefficients and their outputs), so threads need no barrier between passes and each
- * channel's sums are added in the same order whatever the number of threads. */
+ * statistics, their coefficients and their outputs, block by block), so threads need no barrier between
+ * passes and each channel's sums are added in the same order whatever the number of threads. (N, C) data
+ * on several threads is the exception: its outputs are split by rows after one barrier (bn_kernel.c). */
 
 #define ROWS 4   /* (N, C) data: rows handled together, so each per-channel value is loaded once per 4 */
 #define LANES 16 /* NC* data: independent partial sums per plane, so the additions do not wait on each other */
