@@ -39,13 +39,6 @@
 #include <omp.h>
 #endif
 
-/* Where the CPU has AVX-512 (-march=native), GCC still prefers 256-bit vectors by default; the full width
- * converts twice as many float32 values to double per instruction, which the (N, C) loops are short of
- * (benchmarks/README.md). Results do not change: each lane is still one channel or one of LANES sums. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
-#pragma GCC target("prefer-vector-width=512")
-#endif
-
 static int64_t parallel_min = 32768;
 
 /* Inputs of fewer elements than this run on one thread (kernel.py may set it; tests force threads). */

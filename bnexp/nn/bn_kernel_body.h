@@ -100,14 +100,15 @@ static void NAME(affine)(const T *restrict x, T *restrict y, int64_t N, int64_t 
 }
 
 /* Channels per block for NC* data: as many as keep one full-size input's block (N·L values per channel)
- * within BLOCK_BYTES, at least one; all C when the whole input fits. Not for (N, C) data, where a block
- * would be a band of columns: with C a power of two its rows fall on a few cache sets and evict each
- * other before the second pass (measured slower). */
+ * within BLOCK_BYTES; all C when the whole input fits, or when not even one channel does (a block would
+ * then gain nothing, and backward's g and x blocks together would overflow L2: measured slower). Not for
+ * (N, C) data, where a block would be a band of columns: with C a power of two its rows fall on a few
+ * cache sets and evict each other before the second pass (measured slower). */
 static int64_t NAME(channel_block)(int64_t N, int64_t C, int64_t L)
 {
     if (L == 1) return C;
     const int64_t cb = BLOCK_BYTES / (N * L * (int64_t)sizeof(T));
-    return cb < 1 ? 1 : cb < C ? cb : C;
+    return cb < 1 || cb > C ? C : cb;
 }
 
 /* Training forward statistics over channels [c0, c1): the sums, mean, variance, invstd, running
