@@ -61,7 +61,6 @@ static int bn_threads(int64_t numel, int64_t C)
     int nt = omp_get_max_threads();
     return nt < C ? nt : (int)C;
 }
-#define bn_thread_count bn_threads
 
 /* Run `body` with c0, c1 bound to this thread's range of the C channels. */
 #define BN_PARALLEL_CHANNELS(numel, C, body)                                     \
@@ -105,7 +104,6 @@ static int bn_threads(int64_t numel, int64_t C)
         }                                                                        \
     } while (0)
 #else
-#define bn_thread_count(numel, C) 1
 #define BN_PARALLEL_CHANNELS_THEN_ROWS(numel, C, N, first, second) \
     do {                                                           \
         (void)(numel);                                             \

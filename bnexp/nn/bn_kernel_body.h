@@ -5,7 +5,7 @@
  * Every entry point works channel by channel: a thread owns the channels [c0, c1) for the whole call (their
  * statistics, their coefficients and their outputs, block by block), so threads need no barrier between
  * passes and each channel's sums are added in the same order whatever the number of threads. (N, C) data
- * on several threads is the exception: its outputs are split by rows after one barrier (bn_kernel.c). */
+ * is the exception: its outputs are split by rows after one barrier (bn_kernel.c). */
 
 #define ROWS 4   /* (N, C) data: rows handled together, so each per-channel value is loaded once per 4 */
 #define LANES 16 /* NC* data: independent partial sums per plane, so the additions do not wait on each other */
@@ -101,12 +101,9 @@ static void NAME(affine)(const T *restrict x, T *restrict y, int64_t N, int64_t 
 
 /* Channels per block for NC* data: as many as keep one full-size input's block (N·L values per channel)
  * within BLOCK_BYTES; all C when the whole input fits, or when not even one channel does (a block would
- * then gain nothing, and backward's g and x blocks together would overflow L2: measured slower). Not for
- * (N, C) data, where a block would be a band of columns: with C a power of two its rows fall on a few
- * cache sets and evict each other before the second pass (measured slower). */
+ * then gain nothing, and backward's g and x blocks together would overflow L2: measured slower). */
 static int64_t NAME(channel_block)(int64_t N, int64_t C, int64_t L)
 {
-    if (L == 1) return C;
     const int64_t cb = BLOCK_BYTES / (N * L * (int64_t)sizeof(T));
     return cb < 1 || cb > C ? C : cb;
 }
@@ -189,8 +186,10 @@ int NAME(bn_train_forward)(const T *restrict x, T *restrict y, int64_t N, int64_
     double *acc = malloc(sizeof(double) * 3 * (size_t)C);
     T *coef = malloc(sizeof(T) * 2 * (size_t)C);
     if (!acc || !coef) { free(acc); free(coef); return -1; }
-    if (L == 1 && bn_thread_count(N * C, C) > 1) {
-        /* (N, C) data on several threads: y by rows, once every channel's coefficients are known. */
+    if (L == 1) {
+        /* (N, C) data: y by rows, once every channel's coefficients are known. Not in blocks of channels:
+         * a block would be a band of columns, and with C a power of two its rows fall on a few cache sets
+         * and evict each other before the second pass (measured slower). */
         BN_PARALLEL_CHANNELS_THEN_ROWS(N * C, C, N,
             NAME(forward_stats)(x, N, C, L, c0, c1, w, b, eps, unbiased, stats, run_mean, run_var, factor, acc,
                                 coef),
@@ -285,7 +284,7 @@ static void NAME(train_backward_range)(const T *restrict g, const T *restrict x,
                                        int64_t C, int64_t L, int64_t c0, int64_t c1, const T *w, const T *mean,
                                        const T *invstd, int unbiased, T *grad_w, T *grad_b, double *acc, T *coef)
 {
-    const int64_t cb = dx ? NAME(channel_block)(N, C, L) : C;
+    const int64_t cb = dx && L > 1 ? NAME(channel_block)(N, C, L) : C;
     for (int64_t b0 = c0; b0 < c1; b0 += cb) {
         const int64_t b1 = b0 + cb < c1 ? b0 + cb : c1;
         NAME(backward_sums)(g, x, N, C, L, b0, b1, w, mean, invstd, unbiased, grad_w, grad_b, acc, coef, dx != NULL);
@@ -343,8 +342,9 @@ int NAME(bn_train_backward)(const T *restrict g, const T *restrict x, T *restric
     double *acc = malloc(sizeof(double) * 2 * (size_t)C);
     T *coef = malloc(sizeof(T) * 3 * (size_t)C);
     if (!acc || !coef) { free(acc); free(coef); return -1; }
-    if (L == 1 && dx && bn_thread_count(N * C, C) > 1) {
-        /* (N, C) data on several threads: dx by rows, once every channel's coefficients are known. */
+    if (L == 1 && dx) {
+        /* (N, C) data: dx by rows, once every channel's coefficients are known (not in blocks: see
+         * bn_train_forward). */
         BN_PARALLEL_CHANNELS_THEN_ROWS(N * C, C, N,
             NAME(backward_sums)(g, x, N, C, L, c0, c1, w, mean, invstd, unbiased, grad_w, grad_b, acc, coef, 1),
             NAME(backward_dx)(g + r0 * C, x + r0 * C, dx + r0 * C, r1 - r0, C, 1, 0, C, mean, coef, coef + C,
