@@ -15,6 +15,10 @@
  *
  * Loops stream memory once, in order. For L = 1 the inner loop runs over channels with one accumulator
  * per channel; for L > 1 it runs over a plane with LANES partial sums. `omp simd` asks for vector code.
+ * NC* data is processed in blocks of whole channels small enough to stay in cache (bn_kernel_body.h's
+ * BLOCK_BYTES): a block's first pass (statistics, or the backward's sums) brings its part of the inputs
+ * in, and its second pass (y, or dx) reads them from there, so large inputs come from memory once per
+ * direction rather than twice. A channel's sums are the same whatever the block.
  *
  * Threads: each entry point splits the channels into contiguous ranges, one per thread, and a thread
  * computes its channels' statistics, coefficients and outputs alone, so there is no barrier between

@@ -3,11 +3,15 @@
  * and why.
  *
  * Every entry point works channel by channel: a thread owns the channels [c0, c1) for the whole call (their
- * statistics, their coefficients and their outputs), so threads need no barrier between passes and each
- * channel's sums are added in the same order whatever the number of threads. */
+ * statistics, their coefficients and their outputs, block by block), so threads need no barrier between
+ * passes and each channel's sums are added in the same order whatever the number of threads. (N, C) data
+ * is the exception: its outputs are split by rows after one barrier (bn_kernel.c). */
 
 #define ROWS 4   /* (N, C) data: rows handled together, so each per-channel value is loaded once per 4 */
 #define LANES 16 /* NC* data: independent partial sums per plane, so the additions do not wait on each other */
+/* A pass over a block of channels leaves that block of its inputs in cache for the next pass when the
+ * block is at most this large per full-size input (backward reads two: g and x), well within L2. */
+#define BLOCK_BYTES (512 << 10)
 
 /* Σ(x−k) and Σ(x−k)² over one plane of L values, in double. */
 static inline void NAME(plane_sums)(const T *restrict p, int64_t L, double k, double *s, double *q)
@@ -95,12 +99,20 @@ static void NAME(affine)(const T *restrict x, T *restrict y, int64_t N, int64_t 
     }
 }
 
-/* Training forward over channels [c0, c1): statistics, coefficients, running statistics, and y unless the
- * caller writes it by rows (write_y = 0); acc holds 3·C doubles, coef 2·C values of T (k, then β). */
-static void NAME(train_forward_range)(const T *restrict x, T *restrict y, int64_t N, int64_t C, int64_t L,
-                                      int64_t c0, int64_t c1, const T *w, const T *b, double eps, int unbiased,
-                                      T *stats, T *run_mean, T *run_var, double factor, double *acc, T *coef,
-                                      int write_y)
+/* Channels per block for NC* data: as many as keep one full-size input's block (N·L values per channel)
+ * within BLOCK_BYTES; all C when the whole input fits, or when not even one channel does (a block would
+ * then gain nothing, and backward's g and x blocks together would overflow L2: measured slower). */
+static int64_t NAME(channel_block)(int64_t N, int64_t C, int64_t L)
+{
+    const int64_t cb = BLOCK_BYTES / (N * L * (int64_t)sizeof(T));
+    return cb < 1 || cb > C ? C : cb;
+}
+
+/* Training forward statistics over channels [c0, c1): the sums, mean, variance, invstd, running
+ * statistics and the coefficients of y; acc holds 3·C doubles, coef 2·C values of T (k, then β). */
+static void NAME(forward_stats)(const T *restrict x, int64_t N, int64_t C, int64_t L, int64_t c0, int64_t c1,
+                                const T *w, const T *b, double eps, int unbiased, T *stats, T *run_mean,
+                                T *run_var, double factor, double *acc, T *coef)
 {
     const double m = (double)N * (double)L;
     double *s = acc, *q = acc + C, *shift = acc + 2 * C;
@@ -148,7 +160,20 @@ static void NAME(train_forward_range)(const T *restrict x, T *restrict y, int64_
         k[c] = (T)((double)invstd[c] * (w ? (double)w[c] : 1.0));
         beta[c] = b ? b[c] : (T)0;
     }
-    if (write_y) NAME(affine)(x, y, N, C, L, c0, c1, mean, k, beta);
+}
+
+/* Training forward over channels [c0, c1), block by block (channel_block): a block's statistics, then its
+ * y, while its part of x is still in cache from the first pass. */
+static void NAME(train_forward_range)(const T *restrict x, T *restrict y, int64_t N, int64_t C, int64_t L,
+                                      int64_t c0, int64_t c1, const T *w, const T *b, double eps, int unbiased,
+                                      T *stats, T *run_mean, T *run_var, double factor, double *acc, T *coef)
+{
+    const int64_t cb = NAME(channel_block)(N, C, L);
+    for (int64_t b0 = c0; b0 < c1; b0 += cb) {
+        const int64_t b1 = b0 + cb < c1 ? b0 + cb : c1;
+        NAME(forward_stats)(x, N, C, L, b0, b1, w, b, eps, unbiased, stats, run_mean, run_var, factor, acc, coef);
+        NAME(affine)(x, y, N, C, L, b0, b1, stats, coef, coef + C);
+    }
 }
 
 /* Training forward. stats (3·C values of T) receives mean, biased variance and invstd; the running
@@ -162,15 +187,17 @@ int NAME(bn_train_forward)(const T *restrict x, T *restrict y, int64_t N, int64_
     T *coef = malloc(sizeof(T) * 2 * (size_t)C);
     if (!acc || !coef) { free(acc); free(coef); return -1; }
     if (L == 1) {
-        /* (N, C) data: y by rows, once every channel's coefficients are known. */
+        /* (N, C) data: y by rows, once every channel's coefficients are known. Not in blocks of channels:
+         * a block would be a band of columns, and with C a power of two its rows fall on a few cache sets
+         * and evict each other before the second pass (measured slower). */
         BN_PARALLEL_CHANNELS_THEN_ROWS(N * C, C, N,
-            NAME(train_forward_range)(x, y, N, C, L, c0, c1, w, b, eps, unbiased, stats, run_mean, run_var,
-                                      factor, acc, coef, 0),
+            NAME(forward_stats)(x, N, C, L, c0, c1, w, b, eps, unbiased, stats, run_mean, run_var, factor, acc,
+                                coef),
             NAME(affine)(x + r0 * C, y + r0 * C, r1 - r0, C, 1, 0, C, stats, coef, coef + C));
     } else {
         BN_PARALLEL_CHANNELS(N * C * L, C,
             NAME(train_forward_range)(x, y, N, C, L, c0, c1, w, b, eps, unbiased, stats, run_mean, run_var,
-                                      factor, acc, coef, 1));
+                                      factor, acc, coef));
     }
     free(acc);
     free(coef);
@@ -196,13 +223,11 @@ static void NAME(backward_dx)(const T *restrict g, const T *restrict x, T *restr
                               int64_t L, int64_t c0, int64_t c1, const T *restrict mean, const T *restrict k,
                               const T *restrict A, const T *restrict B);
 
-/* Training backward over channels [c0, c1): the two sums, ∂ℓ/∂γ and ∂ℓ/∂β, the coefficients of dx, and dx
- * unless the caller writes it by rows (write_dx = 0); acc holds 2·C doubles, coef 3·C values of T (k, A,
- * B). */
-static void NAME(train_backward_range)(const T *restrict g, const T *restrict x, T *restrict dx, int64_t N,
-                                       int64_t C, int64_t L, int64_t c0, int64_t c1, const T *w, const T *mean,
-                                       const T *invstd, int unbiased, T *grad_w, T *grad_b, double *acc, T *coef,
-                                       int write_dx)
+/* Training backward sums over channels [c0, c1): Σg and Σg·(x−μ), ∂ℓ/∂γ and ∂ℓ/∂β, and, when dx is
+ * wanted, its coefficients; acc holds 2·C doubles, coef 3·C values of T (k, A, B). */
+static void NAME(backward_sums)(const T *restrict g, const T *restrict x, int64_t N, int64_t C, int64_t L,
+                                int64_t c0, int64_t c1, const T *w, const T *mean, const T *invstd, int unbiased,
+                                T *grad_w, T *grad_b, double *acc, T *coef, int want_dx)
 {
     const double m = (double)N * (double)L;
     double *sg = acc, *sgd = acc + C;
@@ -242,7 +267,7 @@ static void NAME(train_backward_range)(const T *restrict g, const T *restrict x,
         if (grad_w) grad_w[c] = (T)(sgd[c] * (double)invstd[c]);
         if (grad_b) grad_b[c] = (T)sg[c];
     }
-    if (!dx) return;
+    if (!want_dx) return;
     const double cu = unbiased ? m / (m - 1.0) : 1.0;
     for (int64_t c = c0; c < c1; c++) {
         const double is = (double)invstd[c];
@@ -251,7 +276,20 @@ static void NAME(train_backward_range)(const T *restrict g, const T *restrict x,
         A[c] = (T)(-kc * cu * is * is * sgd[c] / m);
         B[c] = (T)(-kc * sg[c] / m);
     }
-    if (write_dx) NAME(backward_dx)(g, x, dx, N, C, L, c0, c1, mean, k, A, B);
+}
+
+/* Training backward over channels [c0, c1), block by block (channel_block): a block's sums, then its dx,
+ * while its parts of g and x are still in cache from the first pass. */
+static void NAME(train_backward_range)(const T *restrict g, const T *restrict x, T *restrict dx, int64_t N,
+                                       int64_t C, int64_t L, int64_t c0, int64_t c1, const T *w, const T *mean,
+                                       const T *invstd, int unbiased, T *grad_w, T *grad_b, double *acc, T *coef)
+{
+    const int64_t cb = dx && L > 1 ? NAME(channel_block)(N, C, L) : C;
+    for (int64_t b0 = c0; b0 < c1; b0 += cb) {
+        const int64_t b1 = b0 + cb < c1 ? b0 + cb : c1;
+        NAME(backward_sums)(g, x, N, C, L, b0, b1, w, mean, invstd, unbiased, grad_w, grad_b, acc, coef, dx != NULL);
+        if (dx) NAME(backward_dx)(g, x, dx, N, C, L, b0, b1, mean, coef, coef + C, coef + 2 * C);
+    }
 }
 
 /* dx = g·k + (x − μ)·A + B over channels [c0, c1) of (N, C, L) data. */
@@ -305,16 +343,16 @@ int NAME(bn_train_backward)(const T *restrict g, const T *restrict x, T *restric
     T *coef = malloc(sizeof(T) * 3 * (size_t)C);
     if (!acc || !coef) { free(acc); free(coef); return -1; }
     if (L == 1 && dx) {
-        /* (N, C) data: dx by rows, once every channel's coefficients are known. */
+        /* (N, C) data: dx by rows, once every channel's coefficients are known (not in blocks: see
+         * bn_train_forward). */
         BN_PARALLEL_CHANNELS_THEN_ROWS(N * C, C, N,
-            NAME(train_backward_range)(g, x, dx, N, C, L, c0, c1, w, mean, invstd, unbiased, grad_w, grad_b, acc,
-                                       coef, 0),
+            NAME(backward_sums)(g, x, N, C, L, c0, c1, w, mean, invstd, unbiased, grad_w, grad_b, acc, coef, 1),
             NAME(backward_dx)(g + r0 * C, x + r0 * C, dx + r0 * C, r1 - r0, C, 1, 0, C, mean, coef, coef + C,
                               coef + 2 * C));
     } else {
         BN_PARALLEL_CHANNELS(N * C * L, C,
             NAME(train_backward_range)(g, x, dx, N, C, L, c0, c1, w, mean, invstd, unbiased, grad_w, grad_b, acc,
-                                       coef, 1));
+                                       coef));
     }
     free(acc);
     free(coef);
@@ -343,3 +381,4 @@ int NAME(bn_eval_forward)(const T *restrict x, T *restrict y, int64_t N, int64_t
 
 #undef ROWS
 #undef LANES
+#undef BLOCK_BYTES
