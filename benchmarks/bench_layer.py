@@ -21,7 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = measure_layer(repeats=args.repeats, quick=args.quick, threads=args.threads,
                          clock="cpu" if args.cpu_clock else "wall", path=args.path)
-    console = Console()
+    console = Console() if Console().is_terminal else Console(width=160)  # a file: rows on one line
     console.print(render_table(rows))
     for line in summary_lines(rows):
         console.print(line)
