@@ -35,7 +35,7 @@ SECTIONS = {
     "signal": "4_why_bn", "rank": "4_why_bn", "ics": "4_why_bn", "landscape": "4_why_bn", "sharpness": "4_why_bn",
     "activations": "5_units",
 }
-OTHER_SECTION = "6_other"  # a key of a family not listed above: last but one, never lost
+OTHER_SECTION = "6_other"  # a key of a family not listed above: shown last, never lost
 RUNNING_ERRORS = ("mean_err", "var_err")  # running_stats/<l>/<error>, also logged as log10 (see scalars)
 
 _INT_WIDTH = 20  # an int64 in decimal with its sign: text of this width sorts as the numbers do (0 and up)
