@@ -411,6 +411,9 @@ def test_the_table_fits_the_console_and_cuts_nothing(wide_rows, width):
     assert header == ["arm", "n", "final acc", "best acc†", "steps to 0.6", "speed-up [range]", "vs", "diverged"]
     words = " ".join(text.split())
     assert "selected on the test set" in words and "vs the baseline of the arm's architecture" in words
+    # Shown as written, not read as rich markup (which dropped "[range]" from the header and the legend).
+    assert "[range]" in text.split("─")[0]  # in the header, above its rule
+    assert "[range]: with fewer than" in words
 
 
 def test_the_arm_names_wrap_but_are_whole(wide_rows):

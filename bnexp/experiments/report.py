@@ -355,12 +355,12 @@ class _Table:
         from rich.table import Table
         from rich.text import Text
 
-        out = Table(title=self.title, caption="\n".join(self.legend), box=box.SIMPLE_HEAD,
+        # Text, not str: rich would read "[range]" in a header or the legend as markup and drop it.
+        out = Table(title=self.title, caption=Text("\n".join(self.legend)), box=box.SIMPLE_HEAD,
                     caption_justify="left", show_edge=False, padding=(0, 1, 0, 0))
         for header, width in zip(self.headers, self.widths(options.max_width)):
-            if cell_len(header) > width:  # "speed-up" over "[range]"
-                header = "\n".join(_BREAK.split(header))
-            out.add_column(header, justify="left" if header == "arm" else "right", width=width,
+            shown = "\n".join(_BREAK.split(header)) if cell_len(header) > width else header  # "speed-up" over "[range]"
+            out.add_column(Text(shown), justify="left" if header == "arm" else "right", width=width,
                            overflow="fold", no_wrap=header in _NO_WRAP)
         for cells in self.body:
             out.add_row(*(Text(c) for c in cells))
