@@ -147,6 +147,16 @@ def one_line_error(r: Result, code: int = 2) -> str:
     return "Traceback in stderr" if "Traceback" in r.err else ""
 
 
+def refused_unchanged(r: Result, why: str, folder: Path, before: dict[str, str]) -> str:
+    """'' if r is the one-line user error, says `why` (the OS's reason) and left `folder` as `before`."""
+    problem = one_line_error(r)
+    if not problem and why not in r.err:
+        problem = f"the error does not say why: {r.err}"
+    if not problem and snapshot(folder) != before:
+        problem = "the folder changed"
+    return problem
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """Every file below root (links as their target), with a digest: to prove nothing changed."""
     found = {}
@@ -902,12 +912,8 @@ def output_folder(tally: Tally, work: Path, template: Path, reference: dict) -> 
         env = {**ENV, "DIR": str(case / "ro"), "DEST": str(case),
                "ARGS": args.format(cfg=cfg, dir=case / "ro")}
         subprocess.run(["unshare", "-m", "sh", "-c", READ_ONLY], env=env, cwd=case, timeout=900)
-        err = (case / "err1").read_text()
-        problem = one_line_error(Result(int((case / "rc1").read_text()), "", err))
-        if not problem and "Read-only file system" not in err:
-            problem = f"the error does not say why: {err}"
-        if not problem and snapshot(case / "ro") != before:
-            problem = "the folder changed"
+        result = Result(int((case / "rc1").read_text()), "", (case / "err1").read_text())
+        problem = refused_unchanged(result, "Read-only file system", case / "ro", before)
         tally.add(cat, name, not problem, problem)
         shutil.rmtree(case, ignore_errors=True)
     # No permission: run as nobody against folders root owns.
@@ -927,11 +933,7 @@ def output_folder(tally: Tally, work: Path, template: Path, reference: dict) -> 
         p = spawn([a.format(dir=case / "owned") if isinstance(a, str) else a for a in args], Path("/"),
                   env={"BNEXP_KERNEL": "0"}, prefix=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
         out, err = p.communicate(timeout=600)
-        problem = one_line_error(Result(p.returncode, out, err))
-        if not problem and "Permission denied" not in err:
-            problem = f"the error does not say why: {err}"
-        if not problem and snapshot(case / "owned") != before:
-            problem = "the folder changed"
+        problem = refused_unchanged(Result(p.returncode, out, err), "Permission denied", case / "owned", before)
         tally.add(cat, name, not problem, problem)
         shutil.rmtree(case, ignore_errors=True)
     for name, flags in (("a run name too long for a folder", ["--set", f"name={'n' * 300}"]),
