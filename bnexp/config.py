@@ -343,6 +343,19 @@ def _section(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: value} ({model: {norm: none}} as {model.norm: none}); an empty
+    mapping stays a value."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
 def dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     """Every key of `model`, sections and their keys, dotted (model, model.norm, ..., model.bn.eps, ...)."""
     keys = []

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bnexp.config import Config
+from bnexp.config import Config, flatten
 
 # First path segment of a metrics.jsonl key -> the TensorBoard group it is shown in.
 SECTIONS = {
@@ -65,17 +65,7 @@ def scalars(row: dict[str, float]) -> dict[str, float]:
 def config_items(cfg: Config) -> dict[str, Any]:
     """Every config key, dotted (model.bn.momentum), with its value, in the config's order; `name` as `arm`
     (a comparison names each run by its arm; the hparams view orders its columns by name)."""
-    out: dict[str, Any] = {}
-
-    def walk(d: dict[str, Any], prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[prefix + k] = v
-
-    walk(cfg.model_dump(mode="json"), "")
-    return {"arm" if key == "name" else key: value for key, value in out.items()}
+    return {"arm" if key == "name" else key: value for key, value in flatten(cfg.model_dump(mode="json")).items()}
 
 
 def hparam_value(value: Any):

@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from bnexp.config import (COMPARISON_KEYS, NAME_PATTERN, Config, ConfigError, Float, Int, apply_override,
-                          format_validation_error, parse_override, read_yaml, validate)
+                          flatten, format_validation_error, parse_override, read_yaml, validate)
 from bnexp.data import REGRESSION
 from bnexp.errors import RunFailed, UserError
 from bnexp.engine import dashboard, files, session, signals
@@ -142,18 +142,6 @@ class Job:
 
 # --- configuration ----------------------------------------------------------------------------------------
 
-def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """An arm may be written with dotted keys ({model.norm: none}) or nested ({model: {norm: none}})."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
 def _point_name(point: dict[str, Any]) -> str:
     """A grid point as a directory name: key-value pairs joined by "_", each key by its last part unless
     two keys share it (data.batch_size=2, model.norm=group: batch_size-2_norm-group)."""
@@ -190,13 +178,13 @@ def _validate_compare(raw: dict[str, Any]) -> CompareConfig:
         raise CompareError("invalid comparison config: arms: missing (name at least one arm, "
                            "e.g. no_bn: {model.norm: none}, or give a grid)")
     if isinstance(raw.get("grid"), dict):  # nested like the arms may be ({model: {depth: [..]}}, --set grid.x.y=..)
-        raw = {**raw, "grid": _flatten(raw["grid"])}
+        raw = {**raw, "grid": flatten(raw["grid"])}
     try:
         cmp = CompareConfig.model_validate(raw)
     except ValidationError as err:
         problem = format_validation_error(err, CompareConfig, under={"base": Config})
         raise CompareError(f"invalid comparison config: {problem}") from None
-    cmp.arms = {arm: _flatten(o or {}) for arm, o in cmp.arms.items()}
+    cmp.arms = {arm: flatten(o or {}) for arm, o in cmp.arms.items()}
     cmp._expanded = expand(cmp)
     names = cmp.arm_names
     for arm in cmp.expanded:
@@ -832,7 +820,7 @@ def _loose_arms(runs: list[Path]) -> dict[Path, tuple[str, int | None]]:
     A group is named by its config's name when that name is its own; otherwise (plain `bnexp train` runs
     are all "default") by the keys whose values tell the groups apart, e.g. model.norm-none.
     """
-    configs = {r: _flatten(read_yaml(r / "config.yaml")) for r in runs}
+    configs = {r: flatten(read_yaml(r / "config.yaml")) for r in runs}
     key_of = {r: json.dumps({k: v for k, v in c.items() if k not in _NOT_AN_ARM}, sort_keys=True, default=str)
               for r, c in configs.items()}
     groups: dict[str, list[Path]] = {}
